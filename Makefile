@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv test test-unit demo bench cluster-up cluster-down cluster-status lint
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -r requirements.lock
+	@$(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check ktproxy shadow_image tests benchmarks
+
+test: venv
+	bash tests/run-all.sh
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+demo: venv
+	bash tests/demo.sh
+
+bench: venv
+	$(PY) -m benchmarks
+
+cluster-up:
+	bash tests/cluster/up.sh
+
+cluster-down:
+	bash tests/cluster/down.sh
+
+cluster-status:
+	bash tests/cluster/status.sh

@@ -1,0 +1,3 @@
+from ktproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Which destinations belong to the cluster.
+
+One set of rules feeds the proxy (tunnel or direct), the PAC file (SOCKS5 or DIRECT) and the DNS stub
+(cluster DNS or upstream), so the three can never disagree about a name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def normalise_name(host: str) -> str:
+    return host.strip().rstrip(".").lower()
+
+
+@dataclass
+class ClusterRules:
+    """Names and address ranges that must be reached through the shadow pod."""
+
+    namespace: str = "default"
+    domain: str = "cluster.local"
+    cidrs: list[IPNetwork] = field(default_factory=list)
+    # Namespaces make `svc.ns` recognisable; without them a two-label name could be any public host.
+    namespaces: set[str] = field(default_factory=set)
+    route_all: bool = False
+
+    def __post_init__(self) -> None:
+        self.domain = normalise_name(self.domain)
+        self.namespaces = {normalise_name(n) for n in self.namespaces} | {self.namespace}
+        self.cidrs = [ipaddress.ip_network(c, strict=False) for c in self.cidrs]
+
+    # -- decisions -------------------------------------------------------------------------------
+    def is_cluster_ip(self, host: str) -> bool:
+        ip = parse_ip(host)
+        return ip is not None and any(ip in net for net in self.cidrs if net.version == ip.version)
+
+    def is_cluster_name(self, host: str) -> bool:
+        name = normalise_name(host)
+        if not name or parse_ip(name) is not None or name == "localhost":
+            return False
+        labels = name.split(".")
+        if len(labels) == 1:
+            return True
+        if name.endswith("." + self.domain):
+            return True
+        if labels[-1] in ("svc", "pod"):
+            return True
+        # svc.ns and pod-hostname.svc.ns
+        if len(labels) in (2, 3) and labels[-1] in self.namespaces:
+            return True
+        return False
+
+    def is_cluster(self, host: str) -> bool:
+        return self.is_cluster_ip(host) or self.is_cluster_name(host)
+
+    def via_tunnel(self, host: str) -> bool:
+        """True when a connection to `host` must be carried by the shadow pod."""
+        if self.route_all:
+            return not _is_loopback(host)
+        return self.is_cluster(host)
+
+    # -- names -----------------------------------------------------------------------------------
+    def qualify(self, host: str) -> str:
+        """The fully-qualified cluster name for `host`, as the pod's search list would resolve it."""
+        name = normalise_name(host)
+        labels = name.split(".")
+        if name.endswith("." + self.domain):
+            return name
+        if len(labels) == 1:
+            return f"{name}.{self.namespace}.svc.{self.domain}"
+        if labels[-1] in ("svc", "pod"):
+            return f"{name}.{self.domain}"
+        if labels[-1] in self.namespaces:
+            return f"{name}.svc.{self.domain}"
+        return name
+
+    def search_list(self) -> list[str]:
+        return [f"{self.namespace}.svc.{self.domain}", f"svc.{self.domain}", self.domain]
+
+    def add_namespaces(self, names: Iterable[str]) -> None:
+        self.namespaces |= {normalise_name(n) for n in names}
+
+
+def _is_loopback(host: str) -> bool:
+    ip = parse_ip(host)
+    if ip is not None:
+        return ip.is_loopback
+    return normalise_name(host) in ("localhost", "localhost.localdomain")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages the cluster, the tests and the benchmarks need. Idempotent: installs only what is missing.
+set -euo pipefail
+PKGS=(containerd runc containernetworking-plugins iptables iproute2 conntrack socat ethtool
+      dnsutils curl openssl debootstrap openssh-server openssh-client nginx-light chromium
+      procps psmisc util-linux kmod)
+missing=()
+for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "[install-deps] installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "[install-deps] Debian packages present"
