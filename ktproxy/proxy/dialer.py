@@ -1,0 +1,87 @@
+"""Where a proxied connection goes: through the shadow pod or straight from this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Any, Protocol
+
+import asyncssh
+
+from ktproxy.routing import ClusterRules
+
+log = logging.getLogger("ktproxy.proxy")
+
+
+class StreamOpener(Protocol):
+    async def open_connection(self, host: str, port: int) -> tuple[Any, Any]: ...
+
+
+class DialError(Exception):
+    """A destination could not be reached; `kind` picks the protocol's error reply."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # one of: refused, unreachable, dns, timeout, failure
+
+
+CONNECT_TIMEOUT = 15.0
+
+
+class Dialer:
+    def __init__(self, rules: ClusterRules, tunnel: StreamOpener) -> None:
+        self.rules = rules
+        self.tunnel = tunnel
+
+    def via_tunnel(self, host: str) -> bool:
+        return self.rules.via_tunnel(host)
+
+    async def dial(self, host: str, port: int) -> tuple[Any, Any]:
+        if self.via_tunnel(host):
+            target = self.rules.qualify(host) if self.rules.is_cluster_name(host) else host
+            return await self._dial_tunnel(target, port)
+        return await self._dial_direct(host, port)
+
+    async def _dial_tunnel(self, host: str, port: int) -> tuple[Any, Any]:
+        try:
+            return await asyncio.wait_for(self.tunnel.open_connection(host, port), CONNECT_TIMEOUT)
+        except asyncssh.ChannelOpenError as exc:
+            # The shadow reports the pod-side failure text; map the common ones.
+            reason = (exc.reason or "").lower()
+            if "refused" in reason:
+                raise DialError("refused", f"{host}:{port}: connection refused in the cluster") from exc
+            if "name" in reason or "not known" in reason or "resolve" in reason:
+                raise DialError("dns", f"{host}: no such name in the cluster") from exc
+            if "unreachable" in reason or "no route" in reason:
+                raise DialError("unreachable", f"{host}:{port}: unreachable from the cluster") from exc
+            raise DialError("failure", f"{host}:{port}: {exc.reason}") from exc
+        except TimeoutError as exc:
+            raise DialError("timeout", f"{host}:{port}: timed out through the cluster") from exc
+        except (OSError, asyncssh.Error) as exc:
+            raise DialError("failure", f"{host}:{port}: tunnel unavailable: {exc}") from exc
+
+    async def _dial_direct(self, host: str, port: int) -> tuple[Any, Any]:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        except TimeoutError as exc:
+            raise DialError("timeout", f"{host}:{port}: timed out") from exc
+        except socket.gaierror as exc:
+            raise DialError("dns", f"{host}: {exc.strerror}") from exc
+        except ConnectionRefusedError as exc:
+            raise DialError("refused", f"{host}:{port}: connection refused") from exc
+        except OSError as exc:
+            kind = "unreachable" if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH) else "failure"
+            raise DialError(kind, f"{host}:{port}: {exc.strerror or exc}") from exc
+        set_nodelay(writer)
+        return reader, writer
+
+
+def set_nodelay(writer: Any) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

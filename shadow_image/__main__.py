@@ -1,0 +1,3 @@
+from shadow_image.sshd import main
+
+raise SystemExit(main())
