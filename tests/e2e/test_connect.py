@@ -1,0 +1,299 @@
+"""The seed's connect walkthrough on the real local cluster, with ktctl run as an unprivileged user.
+
+Everything a user would type: the seed's kubectl commands verbatim, then curl (HTTP_PROXY and socks5h),
+dig against the DNS stub, headless Chromium with the PAC URL, Ctrl-C, SIGKILL + `ktctl clean`, and a
+shadow pod deleted mid-session.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
+KTCTL = ROOT / ".venv" / "bin" / "ktctl"
+USER = "ktproxy-e2e"
+DEMO = "kt-connect demo v1"
+
+pytestmark = pytest.mark.cluster
+
+
+def _kubectl_bin() -> str | None:
+    local = ROOT / ".cluster" / "bin" / "kubectl"
+    return str(local) if local.exists() else shutil.which("kubectl")
+
+
+def _cluster_up() -> bool:
+    kubectl = _kubectl_bin()
+    if not KUBECONFIG.exists() or kubectl is None:
+        return False
+    r = subprocess.run([kubectl, "--kubeconfig", str(KUBECONFIG), "get", "--raw", "/readyz"],
+                       capture_output=True, text=True, timeout=20)
+    return r.returncode == 0
+
+
+if not _cluster_up():
+    pytest.skip("local cluster not up (make cluster-up writes .cluster/kubeconfig)", allow_module_level=True)
+
+
+def kubectl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [_kubectl_bin() or "kubectl", "--kubeconfig", str(KUBECONFIG), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed: {r.stderr.strip()}")
+    return r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user() -> pwd.struct_passwd:
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.getuid())  # already unprivileged
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+@pytest.fixture(scope="module")
+def user_kubeconfig(unprivileged_user: pwd.struct_passwd) -> str:
+    """A copy of the admin kubeconfig the unprivileged user can read (certificates are inlined)."""
+    d = tempfile.mkdtemp(prefix="ktp-e2e-")
+    os.chmod(d, 0o755)
+    dest = Path(d) / "kubeconfig"
+    r = kubectl("config", "view", "--raw", "--flatten")
+    dest.write_text(r.stdout)
+    os.chown(dest, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    os.chmod(dest, 0o600)
+    yield str(dest)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def demo_app() -> dict[str, str]:
+    """The seed's own commands, verbatim, in the default namespace."""
+    kubectl("delete", "deployment,service", "tomcat", "--ignore-not-found", "--wait=true")
+    kubectl("create", "deployment", "tomcat", "--image=tomcat:9", "--port=8080")
+    kubectl("expose", "deployment", "tomcat", "--port=8080", "--target-port=8080")
+    kubectl("rollout", "status", "deployment/tomcat", "--timeout=120s", timeout=150)
+    kubectl("exec", "deployment/tomcat", "-c", "tomcat", "--", "/bin/bash", "-c",
+            'mkdir webapps/ROOT; echo "kt-connect demo v1" > webapps/ROOT/index.html')
+    pod_ip = kubectl("get", "pod", "--selector", "app=tomcat", "-o", "jsonpath={.items[0].status.podIP}").stdout
+    cluster_ip = kubectl("get", "svc", "tomcat", "-o", "jsonpath={.spec.clusterIP}").stdout
+    yield {"pod_ip": pod_ip, "cluster_ip": cluster_ip}
+    kubectl("delete", "deployment,service", "tomcat", "--ignore-not-found", check=False)
+
+
+class Connect:
+    """`ktctl connect` as a background process of the unprivileged user."""
+
+    def __init__(self, user: pwd.struct_passwd, kubeconfig: str, *extra: str) -> None:
+        self.proxy_port = free_port()
+        self.dns_port = free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="ktctl-", suffix=".log", delete=False)
+        os.chmod(self.log.name, 0o666)
+        cmd = [str(KTCTL), "--kubeconfig", kubeconfig, "connect", "--proxy-port", str(self.proxy_port),
+               "--dns-port", str(self.dns_port), *extra]
+        env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "LANG": "C.UTF-8"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     user=user.pw_uid, group=user.pw_gid, start_new_session=True)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "All looks good" in self.output():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ktctl connect exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.5)
+        raise AssertionError(f"ktctl connect not ready in {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def curl(self, url: str, mode: str = "http") -> subprocess.CompletedProcess[str]:
+        proxy = {"http": f"http://127.0.0.1:{self.proxy_port}",
+                 "socks5h": f"socks5h://127.0.0.1:{self.proxy_port}"}[mode]
+        return subprocess.run(["curl", "-sS", "--max-time", "20", "-x", proxy, url],
+                              capture_output=True, text=True, timeout=30)
+
+
+def kt_objects() -> list[str]:
+    """Every object ktproxy labels as its own, in any namespace."""
+    r = kubectl("get", "pods,secrets,services,configmaps", "-A", "-l", "control-by=kt", "-o", "name")
+    return [line for line in r.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def connect(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, demo_app: dict[str, str]):
+    c = Connect(unprivileged_user, user_kubeconfig)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+
+
+def test_connect_runs_without_root(connect: Connect, unprivileged_user: pwd.struct_passwd) -> None:
+    assert os.stat(f"/proc/{connect.proc.pid}").st_uid == unprivileged_user.pw_uid
+    assert "All looks good, now you can access to resources in the kubernetes cluster" in connect.output()
+    assert f"export ALL_PROXY=socks5h://127.0.0.1:{connect.proxy_port}" in connect.output()
+
+
+@pytest.mark.parametrize("mode", ["http", "socks5h"])
+@pytest.mark.parametrize("target", ["pod_ip", "cluster_ip", "tomcat", "tomcat.default",
+                                    "tomcat.default.svc.cluster.local"])
+def test_seed_curls(connect: Connect, demo_app: dict[str, str], target: str, mode: str) -> None:
+    host = demo_app.get(target, target)
+    r = connect.curl(f"http://{host}:8080", mode)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == DEMO
+
+
+@pytest.mark.parametrize("name", ["tomcat", "tomcat.default", "tomcat.default.svc.cluster.local"])
+def test_dig_against_dns_stub(connect: Connect, demo_app: dict[str, str], name: str) -> None:
+    r = subprocess.run(["dig", "@127.0.0.1", "-p", str(connect.dns_port), "+short", "+time=5", "+tries=1",
+                        name], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert demo_app["cluster_ip"] in r.stdout.split()
+
+
+@pytest.mark.chromium
+def test_chromium_with_pac(connect: Connect) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium not installed")
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}",
+             f"--proxy-pac-url=http://127.0.0.1:{connect.proxy_port}/proxy.pac",
+             "--dump-dom", "http://tomcat:8080/"],
+            capture_output=True, text=True, timeout=90)
+    assert DEMO in r.stdout, r.stderr[-2000:]
+
+
+def test_survives_shadow_pod_deletion(connect: Connect) -> None:
+    pods = kubectl("get", "pods", "-n", "default", "-l", "control-by=kt", "-o", "name").stdout.split()
+    assert pods, "no shadow pod found"
+    kubectl("delete", *pods, "-n", "default", "--wait=false")
+    deadline = time.monotonic() + 120
+    last = ""
+    while time.monotonic() < deadline:
+        r = connect.curl("http://tomcat:8080", "socks5h")
+        last = r.stdout + r.stderr
+        if r.returncode == 0 and r.stdout.strip() == DEMO:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"no recovery after deleting the shadow pod: {last}\n{connect.output()}")
+    assert "re-established" in connect.output() or "reconnect" in connect.output().lower()
+
+
+def test_ctrl_c_leaves_nothing(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
+    c = Connect(unprivileged_user, user_kubeconfig)
+    c.wait_ready()
+    assert kt_objects(), "connect created no labelled objects"
+    assert c.stop(signal.SIGINT) in (0, 130)
+    assert kt_objects() == []
+
+
+def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
+    c = Connect(unprivileged_user, user_kubeconfig)
+    c.wait_ready()
+    os.killpg(c.proc.pid, signal.SIGKILL)
+    c.proc.wait()
+    assert kt_objects(), "objects should remain after SIGKILL"
+    r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "clean", "--expire", "0"],
+                       capture_output=True, text=True, timeout=120, user=unprivileged_user.pw_uid)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 60
+    while kt_objects() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert kt_objects() == []
+
+
+def test_connect_runs_one_command(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str,
+                                  demo_app: dict[str, str]) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": unprivileged_user.pw_dir}
+    cmd = [str(KTCTL), "--kubeconfig", user_kubeconfig, "connect", "--proxy-port", str(free_port()),
+           "--dns-port", str(free_port()), "--", "curl", "-sS", "--max-time", "20", "http://tomcat:8080"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, user=unprivileged_user.pw_uid)
+    assert r.returncode == 0, r.stderr
+    assert DEMO in r.stdout
+    fail = subprocess.run(cmd[:-1] + ["http://tomcat:1"], capture_output=True, text=True, timeout=240,
+                          env=env, user=unprivileged_user.pw_uid)
+    assert fail.returncode != 0
+    assert kt_objects() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "no-such-namespace-xyz", "connect"], "no-such-namespace-xyz"),
+    (["--context", "no-such-context", "connect"], "no-such-context"),
+])
+def test_bad_input_one_line(user_kubeconfig: str, unprivileged_user: pwd.struct_passwd, args: list[str],
+                            message: str) -> None:
+    r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, *args, "--proxy-port", str(free_port())],
+                       capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if " ERR " in line]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert kt_objects() == []
+
+
+def test_proxy_port_in_use(user_kubeconfig: str, unprivileged_user: pwd.struct_passwd) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "connect", "--proxy-port", str(port)],
+                           capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
+    assert r.returncode != 0
+    assert "already in use" in r.stderr
+    assert kt_objects() == []
+
+
+def test_unreachable_api_server(tmp_path: Path, unprivileged_user: pwd.struct_passwd) -> None:
+    # A loopback port nothing listens on: an API server that is down.
+    port = free_port()
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: down, cluster: {{server: "https://127.0.0.1:{port}", insecure-skip-tls-verify: true}}}}]
+users: [{{name: u, user: {{token: x}}}}]
+contexts: [{{name: down, context: {{cluster: down, user: u}}}}]
+current-context: down
+""")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(cfg, 0o644)
+    r = subprocess.run([str(KTCTL), "--kubeconfig", str(cfg), "connect", "--proxy-port", str(free_port())],
+                       capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
+    assert r.returncode != 0
+    assert "127.0.0.1" in r.stderr and len([x for x in r.stderr.splitlines() if " ERR " in x]) == 1, r.stderr
