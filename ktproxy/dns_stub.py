@@ -54,6 +54,7 @@ _OPT = QTYPE.OPT
 # 512 is the classic limit; beyond 4096 fragmentation makes UDP answers unreliable anyway.
 _MIN_UDP, _MAX_UDP = 512, 4096
 _OUR_UDP_SIZE = 1232  # the DNS-flag-day value: fits any sane path MTU
+_WEDGED_AFTER = 0.5  # seconds without a byte from the cluster DNS while a query waits
 _ARPA4 = (b"in-addr", b"arpa")
 _ARPA6 = (b"ip6", b"arpa")
 
@@ -329,11 +330,13 @@ class _TunnelConn:
             self.writer.write(struct.pack("!H", len(packet)) + packet)
             await asyncio.wait_for(self.writer.drain(), timeout)
             return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            # Silence since we sent means the stream is wedged (e.g. the SSH channel died without a
-            # close); drop it so the next query opens a fresh one instead of waiting again.
-            if self.last_rx < sent:
-                log.debug("tunnel DNS stream silent for %.1fs; dropping it", timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            # Our own deadline may arrive as a cancellation from the caller's timeout. Silence since
+            # we sent (for longer than any healthy round trip) means the stream is wedged, e.g. the SSH
+            # channel died without a close: drop it so the next query opens a fresh one.
+            silent_for = time.monotonic() - sent
+            if self.last_rx < sent and silent_for >= _WEDGED_AFTER:
+                log.debug("tunnel DNS stream silent for %.1fs; dropping it", silent_for)
                 self.close()
             raise
         except Exception as exc:  # asyncssh raises its own types besides OSError on a dead channel
@@ -478,8 +481,7 @@ class _UDPServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # always a datagram transport here
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stub._on_datagram(self, data, addr)

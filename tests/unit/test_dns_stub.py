@@ -1,0 +1,861 @@
+"""DNS stub tests with real sockets on 127.0.0.1 only.
+
+A dnslib-based "cluster DNS" (asyncio, DNS over TCP, many queries per connection like CoreDNS) stands
+behind a tunnel that is plain asyncio.open_connection here; a dnslib DNSServer (threads, UDP+TCP) plays
+the upstream resolver. Nothing here ever reads /etc/resolv.conf's servers or leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ktproxy.dns_stub import (
+    DNSStub,
+    candidate_names,
+    label_text,
+    parse_resolv_conf,
+    reverse_name_to_ip,
+    rewrite_owner,
+)
+from ktproxy.routing import ClusterRules
+
+LOOP = "127.0.0.1"
+
+CLUSTER_ZONE = """
+tomcat.default.svc.cluster.local. 30 IN A 10.96.0.20
+tomcat.default.svc.cluster.local. 30 IN AAAA fd00:96::20
+_http._tcp.tomcat.default.svc.cluster.local. 30 IN SRV 0 100 8080 tomcat.default.svc.cluster.local.
+kubernetes.default.svc.cluster.local. 30 IN A 10.96.0.1
+web.other.svc.cluster.local. 30 IN A 10.96.0.30
+legacy.cluster.local. 30 IN A 10.96.0.40
+alias.default.svc.cluster.local. 30 IN CNAME tomcat.default.svc.cluster.local.
+tomcat.default.svc.cluster.local. 30 IN A 10.96.0.20
+20.0.96.10.in-addr.arpa. 30 IN PTR tomcat.default.svc.cluster.local.
+""" + (
+    ipaddress.ip_address("fd00:96::20").reverse_pointer + ". 30 IN PTR tomcat.default.svc.cluster.local.\n"
+)
+CLUSTER_SOA = "cluster.local. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30"
+REVERSE_SOA = "in-addr.arpa. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30"
+
+UPSTREAM_ZONE = """
+www.example.com. 60 IN A 192.0.2.10
+www.example.com. 60 IN AAAA 2001:db8::10
+""" + "".join(f'big.example.com. 60 IN TXT "{"x" * 200}{i}"\n' for i in range(6))
+UPSTREAM_SOA = "example.com. 60 IN SOA ns.example.com. root.example.com. 1 7200 1800 86400 15"
+
+
+def _zone(text: str) -> dict[tuple[str, int], list[RR]]:
+    out: dict[tuple[str, int], list[RR]] = collections.defaultdict(list)
+    for rr in RR.fromZone(text):
+        key = (str(rr.rname).lower(), rr.rtype)
+        if rr not in out[key]:
+            out[key].append(rr)
+    return out
+
+
+def _answer(request: DNSRecord, zone: dict[tuple[str, int], list[RR]], soa: list[RR]) -> DNSRecord:
+    """A tiny authoritative server: answers, CNAME chasing, NXDOMAIN/NODATA with SOA."""
+    reply = request.reply()
+    name, qtype = str(request.q.qname).lower(), request.q.qtype
+    for _ in range(8):
+        if (name, qtype) in zone:
+            reply.rr.extend(zone[(name, qtype)])
+            break
+        if (name, QTYPE.CNAME) in zone and qtype != QTYPE.CNAME:
+            cname = zone[(name, QTYPE.CNAME)][0]
+            reply.rr.append(cname)
+            name = str(cname.rdata.label).lower()
+            continue
+        if not any(k[0] == name for k in zone):
+            reply.header.rcode = RCODE.NXDOMAIN
+        reply.auth.extend(soa)
+        break
+    return reply
+
+
+# --------------------------------------------------------------------------------------------------
+# The fake cluster DNS (behind the "tunnel")
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ClusterDNS:
+    zone: dict[tuple[str, int], list[RR]] = field(default_factory=lambda: _zone(CLUSTER_ZONE))
+    queries: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    connections: int = 0
+    close_after_answer: bool = False
+    silent: bool = False  # read queries, never answer: a wedged tunnel
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, LOOP, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        me = asyncio.current_task()
+        assert me is not None
+        self.tasks.add(me)
+        me.add_done_callback(self.tasks.discard)
+        try:
+            while True:
+                (length,) = struct.unpack("!H", await reader.readexactly(2))
+                request = DNSRecord.parse(await reader.readexactly(length))
+                self.queries[(str(request.q.qname).lower(), request.q.qtype)] += 1
+                if self.silent:
+                    continue
+                name = str(request.q.qname).lower()
+                soa = _zone(REVERSE_SOA if name.endswith("arpa.") else CLUSTER_SOA)
+                reply = _answer(request, self.zone, next(iter(soa.values()))).pack()
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+                if self.close_after_answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def drop_connections(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    def total(self) -> int:
+        return sum(self.queries.values())
+
+    async def stop(self) -> None:
+        self.drop_connections()
+        if self.server is not None:
+            self.server.close()
+        # Let handlers see their closed sockets and finish, rather than be cancelled at loop teardown.
+        await asyncio.wait(self.tasks, timeout=2) if self.tasks else None
+
+
+@dataclass
+class Tunnel:
+    """Stands in for the SSH tunnel's open_connection; can be made to fail like a dead session."""
+
+    fail: bool = False
+    opens: int = 0
+    targets: list[tuple[str, int]] = field(default_factory=list)
+
+    async def open_connection(self, host: str, port: int) -> tuple[Any, Any]:
+        self.targets.append((host, port))
+        if self.fail:
+            raise ConnectionRefusedError("tunnel down")
+        self.opens += 1
+        return await asyncio.open_connection(host, port)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fake upstream resolver (dnslib's own threaded server)
+# --------------------------------------------------------------------------------------------------
+class UpstreamResolver(BaseResolver):
+    def __init__(self) -> None:
+        self.zone = _zone(UPSTREAM_ZONE)
+        self.soa = next(iter(_zone(UPSTREAM_SOA).values()))
+        self.queries: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        self.queries[(str(request.q.qname).lower(), request.q.qtype)] += 1
+        return _answer(request, self.zone, self.soa)
+
+
+class TruncatingHandler(DNSHandler):
+    udplen = 512  # so big answers come back with TC over UDP, as a real resolver's would
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[UpstreamResolver, tuple[str, int]]]:
+    resolver = UpstreamResolver()
+    udp = DNSServer(resolver, address=LOOP, port=0, handler=TruncatingHandler, logger=_QuietLogger())
+    port = udp.server.server_address[1]
+    tcp = DNSServer(resolver, address=LOOP, port=port, tcp=True, logger=_QuietLogger())
+    udp.start_thread()
+    tcp.start_thread()
+    yield resolver, (LOOP, port)
+    for server in (udp, tcp):
+        server.stop()
+        server.server.server_close()
+
+
+class _QuietLogger:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+@dataclass
+class Env:
+    stub: DNSStub
+    cluster: ClusterDNS
+    tunnel: Tunnel
+    upstream: UpstreamResolver
+    now: list[float]
+
+    @property
+    def port(self) -> int:
+        return self.stub.bound_port
+
+
+def make_rules(**kw: Any) -> ClusterRules:
+    return ClusterRules(
+        namespace="default", cidrs=["10.96.0.0/16", "fd00:96::/64"], namespaces={"other"}, **kw
+    )
+
+
+@pytest.fixture
+async def env(upstream: tuple[UpstreamResolver, tuple[str, int]]) -> AsyncIterator[Env]:
+    resolver, addr = upstream
+    resolver.queries.clear()
+    cluster = ClusterDNS()
+    await cluster.start()
+    tunnel = Tunnel()
+    now = [1000.0]
+    stub = DNSStub(
+        make_rules(),
+        tunnel.open_connection,
+        (LOOP, cluster.port),
+        upstream=[addr],
+        timeout=1.0,
+        clock=lambda: now[0],
+    )
+    await stub.start(LOOP, 0)
+    try:
+        yield Env(stub, cluster, tunnel, resolver, now)
+    finally:
+        await stub.close()
+        await cluster.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Clients
+# --------------------------------------------------------------------------------------------------
+class _Catch(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.put_nowait(data)
+
+
+async def udp_raw(port: int, data: bytes, timeout: float = 2.0) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(_Catch, remote_addr=(LOOP, port))
+    try:
+        transport.sendto(data)
+        return await asyncio.wait_for(proto.got.get(), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        transport.close()
+
+
+async def udp_query(port: int, name: str, qtype: str = "A", edns: bool = False) -> DNSRecord:
+    q = DNSRecord.question(name, qtype)
+    if edns:
+        q.add_ar(EDNS0(udp_len=4096))
+    raw = await udp_raw(port, q.pack(), timeout=5.0)
+    assert raw is not None, f"no UDP answer for {name} {qtype}"
+    reply = DNSRecord.parse(raw)
+    assert reply.header.id == q.header.id
+    return reply
+
+
+async def tcp_exchange(port: int, *packets: bytes) -> list[DNSRecord]:
+    reader, writer = await asyncio.open_connection(LOOP, port)
+    try:
+        for p in packets:
+            writer.write(struct.pack("!H", len(p)) + p)
+        await writer.drain()
+        out = []
+        for _ in packets:
+            (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))
+            out.append(DNSRecord.parse(await reader.readexactly(n)))
+        return out
+    finally:
+        writer.close()
+
+
+async def tcp_query(port: int, name: str, qtype: str = "A") -> DNSRecord:
+    q = DNSRecord.question(name, qtype)
+    (reply,) = await tcp_exchange(port, q.pack())
+    assert reply.header.id == q.header.id
+    return reply
+
+
+def addrs(reply: DNSRecord, qtype: int = QTYPE.A) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype == qtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster names
+# --------------------------------------------------------------------------------------------------
+async def test_short_name_uses_search_list_and_keeps_question(env: Env) -> None:
+    reply = await udp_query(env.port, "tomcat.")
+    assert reply.header.rcode == RCODE.NOERROR
+    assert str(reply.q.qname) == "tomcat."
+    assert addrs(reply) == ["10.96.0.20"]
+    # The owner is the name the client asked, or resolvers would discard the answer.
+    assert [str(rr.rname) for rr in reply.rr] == ["tomcat."]
+    assert env.cluster.queries[("tomcat.default.svc.cluster.local.", QTYPE.A)] == 1
+    assert env.upstream.queries == {}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tomcat.default", "tomcat.default.svc", "tomcat.default.svc.cluster.local", "TomCat.Default."],
+)
+async def test_namespace_forms_and_fqdn(env: Env, name: str) -> None:
+    for query in (udp_query, tcp_query):
+        reply = await query(env.port, name)
+        assert addrs(reply) == ["10.96.0.20"], name
+        assert reply.rr[0].rname == DNSLabel(name)
+        assert str(reply.rr[0].rname).rstrip(".") == name.rstrip(".")  # the client's own spelling
+
+
+async def test_other_namespace_and_search_fallback(env: Env) -> None:
+    assert addrs(await udp_query(env.port, "web.other")) == ["10.96.0.30"]
+    # Not in the connect namespace: found further down the search list, like in a pod.
+    reply = await udp_query(env.port, "legacy")
+    assert addrs(reply) == ["10.96.0.40"]
+    assert str(reply.rr[0].rname) == "legacy."
+
+
+async def test_aaaa_and_srv(env: Env) -> None:
+    reply = await udp_query(env.port, "tomcat", "AAAA")
+    assert addrs(reply, QTYPE.AAAA) == ["fd00:96::20"]
+    reply = await tcp_query(env.port, "_http._tcp.tomcat.default.svc.cluster.local", "SRV")
+    (srv,) = reply.rr
+    assert srv.rtype == QTYPE.SRV and srv.rdata.port == 8080
+    assert str(srv.rdata.target) == "tomcat.default.svc.cluster.local."
+
+
+async def test_cname_chain_is_kept(env: Env) -> None:
+    reply = await udp_query(env.port, "alias")
+    assert [(str(rr.rname), QTYPE.get(rr.rtype)) for rr in reply.rr] == [
+        ("alias.", "CNAME"),
+        ("tomcat.default.svc.cluster.local.", "A"),
+    ]
+    assert str(reply.rr[0].rdata.label) == "tomcat.default.svc.cluster.local."
+
+
+async def test_nxdomain_carries_cluster_soa(env: Env) -> None:
+    reply = await udp_query(env.port, "nosuchsvc")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert str(reply.q.qname) == "nosuchsvc."
+    assert not reply.rr
+    assert [QTYPE.get(rr.rtype) for rr in reply.auth] == ["SOA"]
+    assert str(reply.auth[0].rname) == "cluster.local."
+    # The whole search list was tried, and nothing leaked upstream.
+    assert env.cluster.total() == 3
+    assert env.upstream.queries == {}
+
+
+async def test_nodata_is_noerror_with_soa(env: Env) -> None:
+    reply = await udp_query(env.port, "kubernetes", "AAAA")
+    assert reply.header.rcode == RCODE.NOERROR and not reply.rr and reply.auth
+
+
+async def test_ptr_for_cluster_cidrs(env: Env) -> None:
+    reply = await udp_query(env.port, "20.0.96.10.in-addr.arpa", "PTR")
+    assert [str(rr.rdata) for rr in reply.rr] == ["tomcat.default.svc.cluster.local."]
+    v6 = ipaddress.ip_address("fd00:96::20").reverse_pointer
+    reply = await tcp_query(env.port, v6, "PTR")
+    assert [str(rr.rdata) for rr in reply.rr] == ["tomcat.default.svc.cluster.local."]
+    assert env.upstream.queries == {}
+
+
+async def test_ptr_outside_cidrs_goes_upstream(env: Env) -> None:
+    reply = await udp_query(env.port, "10.2.0.192.in-addr.arpa", "PTR")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert env.upstream.queries[("10.2.0.192.in-addr.arpa.", QTYPE.PTR)] == 1
+    assert env.cluster.total() == 0
+
+
+async def test_other_types_pass_through(env: Env) -> None:
+    reply = await udp_query(env.port, "tomcat", "TXT")
+    assert reply.header.rcode == RCODE.NOERROR
+    assert env.cluster.queries[("tomcat.default.svc.cluster.local.", QTYPE.TXT)] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Upstream
+# --------------------------------------------------------------------------------------------------
+async def test_non_cluster_names_go_upstream(env: Env) -> None:
+    reply = await udp_query(env.port, "www.example.com")
+    assert addrs(reply) == ["192.0.2.10"]
+    reply = await tcp_query(env.port, "www.example.com", "AAAA")
+    assert addrs(reply, QTYPE.AAAA) == ["2001:db8::10"]
+    reply = await udp_query(env.port, "nope.example.com")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert str(reply.auth[0].rname) == "example.com."
+    assert env.cluster.total() == 0
+    assert env.tunnel.opens == 0
+
+
+async def test_route_all_does_not_change_dns(upstream: tuple[UpstreamResolver, tuple[str, int]]) -> None:
+    resolver, addr = upstream
+    cluster = ClusterDNS()
+    await cluster.start()
+    tunnel = Tunnel()
+    stub = DNSStub(make_rules(route_all=True), tunnel.open_connection, (LOOP, cluster.port), upstream=[addr])
+    await stub.start(LOOP, 0)
+    try:
+        assert addrs(await udp_query(stub.bound_port, "www.example.com")) == ["192.0.2.10"]
+        assert addrs(await udp_query(stub.bound_port, "tomcat")) == ["10.96.0.20"]
+        assert cluster.queries[("www.example.com.", QTYPE.A)] == 0
+    finally:
+        await stub.close()
+        await cluster.stop()
+
+
+async def test_big_upstream_answer_truncates_then_tcp(env: Env) -> None:
+    # Upstream truncates at 512 over UDP; the stub retries it over TCP, then itself truncates
+    # for a plain (non-EDNS) UDP client, which gets the whole answer over TCP.
+    reply = await udp_query(env.port, "big.example.com", "TXT")
+    assert reply.header.tc == 1 and not reply.rr
+    reply = await tcp_query(env.port, "big.example.com", "TXT")
+    assert len(reply.rr) == 6
+    # An EDNS client with a big buffer gets it all over UDP.
+    reply = await udp_query(env.port, "big.example.com", "TXT", edns=True)
+    assert len(reply.rr) == 6 and reply.header.tc == 0
+    assert any(rr.rtype == QTYPE.OPT for rr in reply.ar)
+
+
+async def test_dead_upstream_gives_servfail_quickly() -> None:
+    # A loopback UDP port with nothing on it: ICMP port-unreachable or silence, either way SERVFAIL.
+    stub = DNSStub(make_rules(), Tunnel().open_connection, (LOOP, 9), upstream=[(LOOP, 9)], timeout=0.5)
+    await stub.start(LOOP, 0)
+    try:
+        t0 = time.monotonic()
+        reply = await udp_query(stub.bound_port, "www.example.com")
+        assert reply.header.rcode == RCODE.SERVFAIL
+        assert time.monotonic() - t0 < 2
+    finally:
+        await stub.close()
+
+
+async def test_no_upstream_means_servfail_not_a_guess() -> None:
+    stub = DNSStub(make_rules(), Tunnel().open_connection, (LOOP, 9), upstream=[])
+    await stub.start(LOOP, 0)
+    try:
+        assert (await udp_query(stub.bound_port, "www.example.com")).header.rcode == RCODE.SERVFAIL
+    finally:
+        await stub.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+async def test_cache_hits_skip_the_cluster_and_ttls_decrement(env: Env) -> None:
+    first = await udp_query(env.port, "tomcat")
+    assert first.rr[0].ttl == 30
+    env.now[0] += 10
+    second = await tcp_query(env.port, "TOMCAT")
+    assert second.rr[0].ttl == 20
+    assert str(second.rr[0].rname) == "TOMCAT."
+    assert env.cluster.queries[("tomcat.default.svc.cluster.local.", QTYPE.A)] == 1
+    env.now[0] += 21  # past the 30 s TTL
+    third = await udp_query(env.port, "tomcat")
+    assert third.rr[0].ttl == 30
+    assert env.cluster.queries[("tomcat.default.svc.cluster.local.", QTYPE.A)] == 2
+
+
+async def test_cache_key_includes_type(env: Env) -> None:
+    await udp_query(env.port, "tomcat", "A")
+    await udp_query(env.port, "tomcat", "AAAA")
+    await udp_query(env.port, "tomcat", "A")
+    assert env.cluster.total() == 2
+
+
+async def test_negative_cache_uses_soa_minimum(env: Env) -> None:
+    await udp_query(env.port, "nosuchsvc")
+    assert env.cluster.total() == 3
+    env.now[0] += 29
+    assert (await udp_query(env.port, "nosuchsvc")).header.rcode == RCODE.NXDOMAIN
+    assert env.cluster.total() == 3
+    env.now[0] += 2
+    await udp_query(env.port, "nosuchsvc")
+    assert env.cluster.total() == 6
+
+
+async def test_upstream_answers_are_cached_too(env: Env) -> None:
+    await udp_query(env.port, "www.example.com")
+    env.now[0] += 59
+    reply = await udp_query(env.port, "www.example.com")
+    assert reply.rr[0].ttl == 1
+    assert env.upstream.queries[("www.example.com.", QTYPE.A)] == 1
+
+
+async def test_servfail_is_not_cached(env: Env) -> None:
+    env.tunnel.fail = True
+    assert (await udp_query(env.port, "tomcat")).header.rcode == RCODE.SERVFAIL
+    env.tunnel.fail = False
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tunnel behaviour
+# --------------------------------------------------------------------------------------------------
+async def test_tunnel_streams_are_reused(env: Env) -> None:
+    for name in ["tomcat", "kubernetes", "web.other", "alias", "tomcat.default.svc"] * 2:
+        env.stub.clear_cache()
+        assert (await udp_query(env.port, name)).header.rcode == RCODE.NOERROR
+    assert env.tunnel.opens == 1
+    assert env.cluster.connections == 1
+    assert env.tunnel.targets == [(LOOP, env.cluster.port)]
+
+
+async def test_concurrent_queries_pipeline_on_few_streams(env: Env) -> None:
+    names = ["tomcat", "kubernetes", "web.other", "legacy", "alias"]
+    replies = await asyncio.gather(
+        *(udp_query(env.port, n, t) for n in names for t in ("A", "AAAA", "TXT", "SRV"))
+    )
+    assert all(r.header.rcode in (RCODE.NOERROR,) for r in replies)
+    assert addrs(replies[0]) == ["10.96.0.20"]
+    assert env.tunnel.opens <= 2
+
+
+async def test_cluster_closing_idle_streams_is_transparent(env: Env) -> None:
+    env.cluster.close_after_answer = True
+    for name in ["tomcat", "kubernetes", "web.other"]:
+        assert (await udp_query(env.port, name)).header.rcode == RCODE.NOERROR
+        await asyncio.sleep(0.05)
+    assert env.tunnel.opens == 3
+
+
+async def test_stream_dropped_under_a_query_is_retried(env: Env) -> None:
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    # Close the server side without the stub noticing yet: the next query races the close.
+    env.cluster.drop_connections()
+    assert addrs(await udp_query(env.port, "kubernetes")) == ["10.96.0.1"]
+
+
+async def test_tunnel_failure_servfail_then_recovery(env: Env) -> None:
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    env.tunnel.fail = True
+    env.cluster.drop_connections()
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    reply = await udp_query(env.port, "kubernetes")
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert time.monotonic() - t0 < 0.9  # a refused tunnel fails at once, not at the timeout
+    # Cached names keep working while the tunnel is down; upstream names are unaffected.
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    assert addrs(await udp_query(env.port, "www.example.com")) == ["192.0.2.10"]
+    env.tunnel.fail = False
+    assert addrs(await udp_query(env.port, "kubernetes")) == ["10.96.0.1"]
+
+
+async def test_wedged_tunnel_times_out_then_recovers(env: Env) -> None:
+    env.cluster.silent = True
+    t0 = time.monotonic()
+    reply = await udp_query(env.port, "tomcat")
+    elapsed = time.monotonic() - t0
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert 0.8 < elapsed < 2.0  # timeout=1.0
+    env.cluster.silent = False
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    assert env.tunnel.opens == 2  # the silent stream was abandoned, not waited on again
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed input and transports
+# --------------------------------------------------------------------------------------------------
+async def test_garbage_udp_is_dropped_and_service_continues(env: Env) -> None:
+    assert await udp_raw(env.port, b"\x01\x02\x03", timeout=0.3) is None
+    assert await udp_raw(env.port, b"", timeout=0.3) is None
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+
+
+async def test_bad_question_gets_formerr(env: Env) -> None:
+    # A header claiming one question, followed by a truncated name.
+    data = struct.pack("!6H", 0xBEEF, 0x0100, 1, 0, 0, 0) + b"\x07tomc"
+    raw = await udp_raw(env.port, data)
+    assert raw is not None
+    reply = DNSRecord.parse(raw)
+    assert reply.header.id == 0xBEEF and reply.header.rcode == RCODE.FORMERR and reply.header.qr == 1
+    # Two questions is also a format error for us.
+    two = DNSRecord(DNSHeader(id=7), questions=[DNSQuestion("a"), DNSQuestion("b")])
+    reply = DNSRecord.parse(await udp_raw(env.port, two.pack()) or b"")
+    assert reply.header.id == 7 and reply.header.rcode == RCODE.FORMERR
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+
+
+async def test_responses_are_not_answered_and_other_opcodes_notimp(env: Env) -> None:
+    resp = DNSRecord.question("tomcat")
+    resp.header.qr = 1
+    assert await udp_raw(env.port, resp.pack(), timeout=0.3) is None
+    status = DNSRecord.question("tomcat")
+    status.header.opcode = 2
+    reply = DNSRecord.parse(await udp_raw(env.port, status.pack()) or b"")
+    assert reply.header.rcode == RCODE.NOTIMP and reply.header.opcode == 2
+
+
+async def test_tcp_many_queries_per_connection(env: Env) -> None:
+    qs = [
+        DNSRecord.question(n, t) for n, t in [("tomcat", "A"), ("www.example.com", "A"), ("nosuchsvc", "A")]
+    ]
+    replies = await tcp_exchange(env.port, *(q.pack() for q in qs))
+    by_id = {r.header.id: r for r in replies}
+    assert set(by_id) == {q.header.id for q in qs}
+    assert addrs(by_id[qs[0].header.id]) == ["10.96.0.20"]
+    assert addrs(by_id[qs[1].header.id]) == ["192.0.2.10"]
+    assert by_id[qs[2].header.id].header.rcode == RCODE.NXDOMAIN
+
+
+async def test_tcp_garbage_closes_connection(env: Env) -> None:
+    reader, writer = await asyncio.open_connection(LOOP, env.port)
+    writer.write(b"\x00\x03abc")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+    # Malformed but with a header: FORMERR, then the stub closes.
+    reader, writer = await asyncio.open_connection(LOOP, env.port)
+    data = struct.pack("!6H", 0xABCD, 0x0100, 1, 0, 0, 0) + b"\x3f"
+    writer.write(struct.pack("!H", len(data)) + data)
+    await writer.drain()
+    (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 2))
+    reply = DNSRecord.parse(await reader.readexactly(n))
+    assert reply.header.id == 0xABCD and reply.header.rcode == RCODE.FORMERR
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+    assert addrs(await tcp_query(env.port, "tomcat")) == ["10.96.0.20"]
+
+
+async def test_tcp_client_vanishing_mid_message(env: Env) -> None:
+    reader, writer = await asyncio.open_connection(LOOP, env.port)
+    writer.write(b"\x00\x40\x12")  # promises 64 bytes, sends one
+    await writer.drain()
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert addrs(await tcp_query(env.port, "tomcat")) == ["10.96.0.20"]
+
+
+async def test_udp_and_tcp_share_the_port_and_close_frees_it(upstream: Any) -> None:
+    _, addr = upstream
+    stub = DNSStub(make_rules(), Tunnel().open_connection, (LOOP, 9), upstream=[addr])
+    with pytest.raises(RuntimeError):
+        _ = stub.bound_port
+    await stub.start(LOOP, 0)
+    port = stub.bound_port
+    assert addrs(await udp_query(port, "www.example.com")) == ["192.0.2.10"]
+    assert addrs(await tcp_query(port, "www.example.com")) == ["192.0.2.10"]
+    # The port is taken while running...
+    other = DNSStub(make_rules(), Tunnel().open_connection, (LOOP, 9), upstream=[addr])
+    with pytest.raises(OSError):
+        await other.start(LOOP, port)
+    await stub.close()
+    # ...and free again after close.
+    await other.start(LOOP, port)
+    await other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Real dig
+# --------------------------------------------------------------------------------------------------
+needs_dig = pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed")
+
+
+async def dig(port: int, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "dig", f"@{LOOP}", "-p", str(port), "+time=3", "+tries=1", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+@needs_dig
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_dig(env: Env, tcp: bool) -> None:
+    flags = ["+tcp"] if tcp else []
+    assert (await dig(env.port, *flags, "+short", "tomcat")).split() == ["10.96.0.20"]
+    assert (await dig(env.port, *flags, "+short", "tomcat.default.svc.cluster.local", "AAAA")).split() == [
+        "fd00:96::20"
+    ]
+    srv = await dig(env.port, *flags, "+short", "_http._tcp.tomcat.default.svc", "SRV")
+    assert srv.split() == ["0", "100", "8080", "tomcat.default.svc.cluster.local."]
+    assert (await dig(env.port, *flags, "+short", "-x", "10.96.0.20")).split() == [
+        "tomcat.default.svc.cluster.local."
+    ]
+    full = await dig(env.port, *flags, "nosuchsvc.default")
+    assert "status: NXDOMAIN" in full and "cluster.local." in full.split("AUTHORITY SECTION:")[1]
+    assert (await dig(env.port, *flags, "+short", "www.example.com")).split() == ["192.0.2.10"]
+
+
+@needs_dig
+async def test_dig_big_answer_falls_back_to_tcp(env: Env) -> None:
+    out = await dig(env.port, "+noedns", "big.example.com", "TXT")
+    assert "Truncated, retrying in TCP mode" in out
+    assert out.count("\tTXT\t") == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties of the pure helpers
+# --------------------------------------------------------------------------------------------------
+LDH = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=20)
+RULES = make_rules()
+
+
+@given(st.ip_addresses())
+def test_reverse_name_roundtrip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    name = DNSLabel(ip.reverse_pointer)
+    assert reverse_name_to_ip(name) == ip
+    assert reverse_name_to_ip(DNSLabel(ip.reverse_pointer.upper())) == ip
+
+
+@given(st.lists(st.binary(min_size=1, max_size=8), max_size=40))
+def test_reverse_name_never_raises(labels: list[bytes]) -> None:
+    result = reverse_name_to_ip(DNSLabel(labels))
+    if result is not None:
+        assert DNSLabel(result.reverse_pointer) == DNSLabel(labels)
+
+
+@given(st.lists(st.sampled_from(["10", "010", "256", "-1", "1a", "0", "255"]), min_size=4, max_size=4))
+def test_reverse_name_rejects_non_canonical_octets(octets: list[str]) -> None:
+    result = reverse_name_to_ip(DNSLabel(".".join(octets) + ".in-addr.arpa"))
+    canonical = all(o.isdigit() and str(int(o)) == o and int(o) <= 255 for o in octets)
+    assert (result is not None) == canonical
+
+
+@given(st.lists(st.binary(min_size=1, max_size=10), max_size=6))
+def test_label_text_is_lossless_or_refuses(labels: list[bytes]) -> None:
+    text = label_text(DNSLabel(labels))
+    if text is not None:
+        assert text.split(".") == [raw.decode() for raw in labels] or (not labels and text == "")
+        assert all(b"." not in raw for raw in labels)
+
+
+@given(st.lists(LDH, min_size=1, max_size=4), st.booleans())
+def test_candidate_names_follow_the_rules(labels: list[str], trailing_dot: bool) -> None:
+    name = ".".join(labels) + ("." if trailing_dot else "")
+    if not RULES.is_cluster_name(name):
+        return
+    cands = candidate_names(name, RULES)
+    assert cands[0] == RULES.qualify(name)
+    assert len(cands) == len(set(cands))
+    for c in cands:
+        assert c == "cluster.local" or c.endswith(".cluster.local")
+        assert RULES.is_cluster_name(c)
+        assert c.startswith(name.rstrip(".").lower())
+
+
+@given(st.sampled_from(["tomcat", "tomcat.default", "tomcat.other", "a.b.svc", "x.svc.cluster.local"]))
+def test_candidate_names_examples(name: str) -> None:
+    expected_first = {
+        "tomcat": "tomcat.default.svc.cluster.local",
+        "tomcat.default": "tomcat.default.svc.cluster.local",
+        "tomcat.other": "tomcat.other.svc.cluster.local",
+        "a.b.svc": "a.b.svc.cluster.local",
+        "x.svc.cluster.local": "x.svc.cluster.local",
+    }[name]
+    assert candidate_names(name, RULES)[0] == expected_first
+    if name == "x.svc.cluster.local":
+        assert candidate_names(name, RULES) == [name]  # already qualified: no search
+
+
+NAMES = st.lists(LDH, min_size=1, max_size=4).map(lambda ls: DNSLabel(".".join(ls)))
+
+
+@given(st.lists(st.tuples(NAMES, st.integers(0, 2**31 - 1)), max_size=6), NAMES, NAMES)
+def test_rewrite_owner_renames_only_the_asked_name(
+    rrs: list[tuple[DNSLabel, int]], asked: DNSLabel, original: DNSLabel
+) -> None:
+    from dnslib import A
+
+    records = [RR(name, QTYPE.A, ttl=ttl, rdata=A("10.0.0.1")) for name, ttl in rrs]
+    records.append(
+        RR(DNSLabel(tuple(raw.upper() for raw in asked.label)), QTYPE.A, ttl=5, rdata=A("10.0.0.2"))
+    )
+    owners_before = [rr.rname.label for rr in records]
+    out = rewrite_owner(records, asked, original)
+    assert len(out) == len(records)
+    for before, after in zip(records, out, strict=True):
+        assert after.rdata is before.rdata and after.ttl == before.ttl and after.rtype == before.rtype
+        if before.rname == asked:
+            assert after.rname.label == original.label
+        else:
+            assert after.rname.label == before.rname.label
+    assert [rr.rname.label for rr in records] == owners_before  # copies, the input is untouched
+
+
+@given(st.lists(st.ip_addresses(), max_size=5), st.lists(st.text(max_size=30), max_size=5))
+def test_parse_resolv_conf(servers: list[Any], noise: list[str]) -> None:
+    lines = [f"nameserver {ip}  # comment" for ip in servers]
+    lines += [f"search {n}" for n in noise] + [f"; nameserver {n}" for n in noise] + noise
+    parsed = parse_resolv_conf("\n".join(lines))
+    expected = list(dict.fromkeys((str(ip), 53) for ip in servers))
+    assert parsed[: len(expected)] == expected
+    for host, port in parsed:
+        ipaddress.ip_address(host.split("%")[0])
+        assert port == 53
+
+
+def test_parse_resolv_conf_examples() -> None:
+    text = "# generated\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\noptions edns0\nnameserver bogus\n"
+    assert parse_resolv_conf(text) == [("127.0.0.53", 53), ("fe80::1%eth0", 53)]
+    assert parse_resolv_conf("") == []
+
+
+@given(st.text())
+def test_parse_resolv_conf_never_raises(text: str) -> None:
+    parse_resolv_conf(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzzing the wire parser: never raise, never answer with a wrong id
+# --------------------------------------------------------------------------------------------------
+async def _refuse(host: str, port: int) -> tuple[Any, Any]:
+    raise ConnectionRefusedError("no tunnel in this test")
+
+
+def _valid_query_bytes() -> st.SearchStrategy[bytes]:
+    return st.builds(
+        lambda name, t, qid: DNSRecord(DNSHeader(id=qid), q=DNSQuestion(name, t)).pack(),
+        NAMES,
+        st.sampled_from([QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR, QTYPE.TXT]),
+        st.integers(0, 65535),
+    )
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.tuples(_valid_query_bytes(), st.integers(0, 200), st.integers(0, 255)).map(
+            lambda t: t[0][: t[1] % (len(t[0]) + 1)] + bytes([t[2]]) + t[0][t[1] % (len(t[0]) + 1) + 1 :]
+        ),
+    )
+)
+def test_handle_never_raises(data: bytes) -> None:
+    async def run() -> bytes | None:
+        # No upstream and a refusing tunnel: whatever parses is answered SERVFAIL without any traffic.
+        stub = DNSStub(make_rules(), _refuse, (LOOP, 9), upstream=[], timeout=0.2)
+        return await stub.handle(data)
+
+    reply = asyncio.run(run())
+    if reply is None:
+        return
+    assert len(data) >= 12
+    assert reply[:2] == data[:2]
+    parsed = DNSRecord.parse(reply)
+    assert parsed.header.qr == 1
