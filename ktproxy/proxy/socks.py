@@ -84,20 +84,29 @@ async def read_socks5_request(reader: asyncio.StreamReader) -> SocksRequest:
     elif atyp == 0x03:
         (n,) = await reader.readexactly(1)
         raw = await reader.readexactly(n)
-        try:
-            host = raw.decode("idna" if raw.isascii() else "utf-8")
-        except UnicodeError as exc:
-            raise SocksError("undecodable domain name", REP_HOST_UNREACHABLE) from exc
-        if not host or "\x00" in host:
-            raise SocksError("empty domain name", REP_HOST_UNREACHABLE)
     else:
         raise SocksError(f"address type {atyp} not supported", REP_ATYP_UNSUPPORTED)
     (port,) = struct.unpack("!H", await reader.readexactly(2))
+    if atyp == 0x03:
+        host = _decode_name(raw, REP_HOST_UNREACHABLE)
     if cmd != 0x01:
         raise SocksError(f"SOCKS5 command {cmd} not supported (CONNECT only)", REP_CMD_UNSUPPORTED)
     if port == 0:
         raise SocksError("port 0", REP_HOST_UNREACHABLE)
     return SocksRequest(5, host, port)
+
+
+def _decode_name(raw: bytes, reply: int) -> str:
+    """A destination name as sent. ASCII (including IDNA A-labels, "xn--...") is kept verbatim: it is
+    already the name DNS knows, and decoding it with Python's IDNA 2003 codec would refuse valid
+    IDNA 2008 names or change them (straße -> strasse). Raw UTF-8 is accepted as a U-label name."""
+    try:
+        host = raw.decode("ascii") if raw.isascii() else raw.decode("utf-8")
+    except UnicodeError as exc:
+        raise SocksError("undecodable domain name", reply) from exc
+    if not host or "\x00" in host:
+        raise SocksError("empty domain name", reply)
+    return host
 
 
 def socks5_reply(code: int, bind_host: str = "0.0.0.0", bind_port: int = 0) -> bytes:
@@ -122,17 +131,13 @@ async def read_socks4_request(reader: asyncio.StreamReader) -> SocksRequest:
     port, raw_ip = struct.unpack("!H4s", await reader.readexactly(6))
     await _read_cstring(reader)  # user id, unused
     if raw_ip[:3] == b"\x00\x00\x00" and raw_ip[3] != 0:
-        name = await _read_cstring(reader)
-        try:
-            host = name.decode("idna")
-        except UnicodeError as exc:
-            raise SocksError("undecodable SOCKS4a name") from exc
-        if not host:
-            raise SocksError("empty SOCKS4a name")
+        host = _decode_name(await _read_cstring(reader), REP_FAILURE)
     else:
         host = socket.inet_ntop(socket.AF_INET, raw_ip)
     if cmd != 0x01:
         raise SocksError(f"SOCKS4 command {cmd} not supported (CONNECT only)")
+    if port == 0:
+        raise SocksError("port 0")
     return SocksRequest(4, host, port)
 
 
