@@ -37,6 +37,7 @@ class DataPlaneSettings:
     dns_port: int = 10053  # negative: no DNS stub
     credentials: tuple[str, str] | None = None
     cluster_dns: tuple[str, int] | None = None
+    dns_upstream: list[tuple[str, int]] | None = None  # None: the system's resolvers
 
 
 def is_loopback_bind(host: str) -> bool:
@@ -74,7 +75,7 @@ class DataPlane:
         except OSError as exc:
             raise KtError(_bind_error("proxy", s.proxy_host, s.proxy_port, exc)) from None
         if s.dns_port >= 0 and s.cluster_dns is not None:
-            self.dns = DNSStub(self.rules, self.tunnel.open_connection, s.cluster_dns)
+            self.dns = DNSStub(self.rules, self.tunnel.open_connection, s.cluster_dns, s.dns_upstream)
             try:
                 await self.dns.start(s.dns_host, s.dns_port)
             except OSError as exc:
@@ -126,7 +127,9 @@ async def _run_local(args: argparse.Namespace) -> int:
                          namespaces=set(args.known_namespace or []), route_all=args.route == "all")
     settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=args.proxy_port,
                                  dns_port=args.dns_port, credentials=basic_credentials(args.proxy_auth),
-                                 cluster_dns=_host_port(args.cluster_dns) if args.cluster_dns else None)
+                                 cluster_dns=_host_port(args.cluster_dns) if args.cluster_dns else None,
+                                 dns_upstream=[_host_port(u) for u in args.dns_upstream]
+                                 if args.dns_upstream else None)
     try:
         await tunnel.start()
     except ConnectionError as exc:
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cidr", action="append")
     p.add_argument("--known-namespace", action="append")
     p.add_argument("--cluster-dns", help="ip:port of the cluster DNS, reached through the tunnel")
+    p.add_argument("--dns-upstream", action="append",
+                   help="ip:port of a resolver for non-cluster names (default: the system's)")
     p.add_argument("--proxy-host", default="127.0.0.1")
     p.add_argument("--proxy-port", type=int, default=2223)
     p.add_argument("--dns-port", type=int, default=10053)
