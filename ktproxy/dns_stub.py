@@ -518,7 +518,7 @@ class DNSStub:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bound: Address | None = None
-        self._tunnel_ok = True
+        self._down: set[str] = set()  # routes in an outage, so it is logged once, not per query
         self._max_inflight = 1024
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -539,9 +539,7 @@ class DNSStub:
         loop = asyncio.get_running_loop()
         # With port 0 the UDP port may already be taken on TCP; a few tries find a port free on both.
         for attempt in range(10):
-            transport, proto = await loop.create_datagram_endpoint(
-                lambda: _UDPServer(self), local_addr=(host, port)
-            )
+            transport, proto = await loop.create_datagram_endpoint(lambda: _UDPServer(self), local_addr=(host, port))
             bound = transport.get_extra_info("sockname")[1]
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, host, bound)
@@ -701,9 +699,7 @@ class DNSStub:
                 log.warning("%s query for %s failed: %r", route, q.qname, exc)
                 reply = self._reply_skeleton(query, RCODE.SERVFAIL)
             else:
-                if route == "cluster" and not self._tunnel_ok:
-                    self._tunnel_ok = True
-                    log.info("cluster DNS reachable through the tunnel again")
+                self._note_success(route)
                 self._cache.put(key, reply)
         else:
             # The cache serves all spellings of a name; answer in the spelling asked (0x20 clients).
@@ -721,15 +717,21 @@ class DNSStub:
         )
         return out
 
+    _WHERE = {"cluster": "cluster DNS (through the tunnel)", "upstream": "upstream DNS"}
+
     def _note_failure(self, route: str, exc: BaseException) -> None:
         what = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-        if route == "cluster":
-            # One line per outage, not one per query: a dead tunnel would otherwise flood the log.
-            if self._tunnel_ok:
-                log.warning("cluster DNS unreachable through the tunnel (%s); answering SERVFAIL", what)
-            self._tunnel_ok = False
+        # One line per outage, not one per query: a dead tunnel would otherwise flood the log.
+        if route not in self._down:
+            log.warning("%s unreachable (%s); answering SERVFAIL", self._WHERE[route], what)
         else:
-            log.info("upstream DNS failed (%s); answering SERVFAIL", what)
+            log.debug("%s still unreachable (%s)", self._WHERE[route], what)
+        self._down.add(route)
+
+    def _note_success(self, route: str) -> None:
+        if route in self._down:
+            self._down.discard(route)
+            log.info("%s reachable again", self._WHERE[route])
 
     def _cluster_targets(self, qname: DNSLabel, qtype: int) -> list[DNSLabel] | None:
         """Names to ask the cluster DNS for, or None when the question belongs upstream."""
@@ -838,7 +840,5 @@ class DNSStub:
                 packet = small.pack()
         except Exception as exc:  # e.g. a name that grew past 255 bytes when rewritten
             log.debug("cannot encode reply for %s: %r", query.q.qname, exc)
-            packet = _HEADER.pack(
-                query.header.id, _QR | 0x0080 | (_RD if query.header.rd else 0) | 2, 0, 0, 0, 0
-            )
+            packet = _HEADER.pack(query.header.id, _QR | 0x0080 | (_RD if query.header.rd else 0) | 2, 0, 0, 0, 0)
         return packet

@@ -45,9 +45,7 @@ legacy.cluster.local. 30 IN A 10.96.0.40
 alias.default.svc.cluster.local. 30 IN CNAME tomcat.default.svc.cluster.local.
 tomcat.default.svc.cluster.local. 30 IN A 10.96.0.20
 20.0.96.10.in-addr.arpa. 30 IN PTR tomcat.default.svc.cluster.local.
-""" + (
-    ipaddress.ip_address("fd00:96::20").reverse_pointer + ". 30 IN PTR tomcat.default.svc.cluster.local.\n"
-)
+""" + (ipaddress.ip_address("fd00:96::20").reverse_pointer + ". 30 IN PTR tomcat.default.svc.cluster.local.\n")
 CLUSTER_SOA = "cluster.local. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30"
 REVERSE_SOA = "in-addr.arpa. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30"
 
@@ -215,9 +213,7 @@ class Env:
 
 
 def make_rules(**kw: Any) -> ClusterRules:
-    return ClusterRules(
-        namespace="default", cidrs=["10.96.0.0/16", "fd00:96::/64"], namespaces={"other"}, **kw
-    )
+    return ClusterRules(namespace="default", cidrs=["10.96.0.0/16", "fd00:96::/64"], namespaces={"other"}, **kw)
 
 
 @pytest.fixture
@@ -525,9 +521,7 @@ async def test_tunnel_streams_are_reused(env: Env) -> None:
 
 async def test_concurrent_queries_pipeline_on_few_streams(env: Env) -> None:
     names = ["tomcat", "kubernetes", "web.other", "legacy", "alias"]
-    replies = await asyncio.gather(
-        *(udp_query(env.port, n, t) for n in names for t in ("A", "AAAA", "TXT", "SRV"))
-    )
+    replies = await asyncio.gather(*(udp_query(env.port, n, t) for n in names for t in ("A", "AAAA", "TXT", "SRV")))
     assert all(r.header.rcode in (RCODE.NOERROR,) for r in replies)
     assert addrs(replies[0]) == ["10.96.0.20"]
     assert env.tunnel.opens <= 2
@@ -610,9 +604,7 @@ async def test_responses_are_not_answered_and_other_opcodes_notimp(env: Env) -> 
 
 
 async def test_tcp_many_queries_per_connection(env: Env) -> None:
-    qs = [
-        DNSRecord.question(n, t) for n, t in [("tomcat", "A"), ("www.example.com", "A"), ("nosuchsvc", "A")]
-    ]
+    qs = [DNSRecord.question(n, t) for n, t in [("tomcat", "A"), ("www.example.com", "A"), ("nosuchsvc", "A")]]
     replies = await tcp_exchange(env.port, *(q.pack() for q in qs))
     by_id = {r.header.id: r for r in replies}
     assert set(by_id) == {q.header.id for q in qs}
@@ -694,9 +686,7 @@ async def test_dig(env: Env, tcp: bool) -> None:
     ]
     srv = await dig(env.port, *flags, "+short", "_http._tcp.tomcat.default.svc", "SRV")
     assert srv.split() == ["0", "100", "8080", "tomcat.default.svc.cluster.local."]
-    assert (await dig(env.port, *flags, "+short", "-x", "10.96.0.20")).split() == [
-        "tomcat.default.svc.cluster.local."
-    ]
+    assert (await dig(env.port, *flags, "+short", "-x", "10.96.0.20")).split() == ["tomcat.default.svc.cluster.local."]
     full = await dig(env.port, *flags, "nosuchsvc.default")
     assert "status: NXDOMAIN" in full and "cluster.local." in full.split("AUTHORITY SECTION:")[1]
     assert (await dig(env.port, *flags, "+short", "www.example.com")).split() == ["192.0.2.10"]
@@ -783,9 +773,7 @@ def test_rewrite_owner_renames_only_the_asked_name(
     from dnslib import A
 
     records = [RR(name, QTYPE.A, ttl=ttl, rdata=A("10.0.0.1")) for name, ttl in rrs]
-    records.append(
-        RR(DNSLabel(tuple(raw.upper() for raw in asked.label)), QTYPE.A, ttl=5, rdata=A("10.0.0.2"))
-    )
+    records.append(RR(DNSLabel(tuple(raw.upper() for raw in asked.label)), QTYPE.A, ttl=5, rdata=A("10.0.0.2")))
     owners_before = [rr.rname.label for rr in records]
     out = rewrite_owner(records, asked, original)
     assert len(out) == len(records)
@@ -859,3 +847,65 @@ def test_handle_never_raises(data: bytes) -> None:
     assert reply[:2] == data[:2]
     parsed = DNSRecord.parse(reply)
     assert parsed.header.qr == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Over a real asyncssh channel (in-process server on loopback), as connect uses it
+# --------------------------------------------------------------------------------------------------
+async def test_over_real_ssh_direct_tcpip(upstream: Any) -> None:
+    asyncssh = pytest.importorskip("asyncssh")
+    _, addr = upstream
+    cluster = ClusterDNS()
+    await cluster.start()
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: Any) -> bool:
+            return key == client_key.convert_to_public()
+
+        def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+            return True
+
+    acceptor = await asyncssh.listen(
+        LOOP, 0, server_host_keys=[host_key], authorized_client_keys=None, server_factory=Server
+    )
+    ssh_port = acceptor.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(LOOP, ssh_port, client_keys=[client_key], known_hosts=None, username="kt")
+    stub = DNSStub(make_rules(), conn.open_connection, (LOOP, cluster.port), upstream=[addr])
+    await stub.start(LOOP, 0)
+    try:
+        replies = await asyncio.gather(*(udp_query(stub.bound_port, n) for n in ["tomcat", "kubernetes", "alias"]))
+        assert addrs(replies[0]) == ["10.96.0.20"] and addrs(replies[1]) == ["10.96.0.1"]
+        assert stub.tunnel_streams_opened <= 2
+        # The cluster DNS hangs up (idle timeout): the next query reopens a channel transparently.
+        cluster.drop_connections()
+        await asyncio.sleep(0.1)
+        assert addrs(await tcp_query(stub.bound_port, "web.other")) == ["10.96.0.30"]
+        # The whole SSH session dies: SERVFAIL, not a hang.
+        conn.close()
+        await conn.wait_closed()
+        stub.clear_cache()
+        assert (await udp_query(stub.bound_port, "tomcat")).header.rcode == RCODE.SERVFAIL
+    finally:
+        await stub.close()
+        acceptor.close()
+        await cluster.stop()
+
+
+async def test_outage_is_logged_once_not_per_query(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ktproxy.dns")
+    env.tunnel.fail = True
+    for name in ["a1", "a2", "a3"]:
+        assert (await udp_query(env.port, name)).header.rcode == RCODE.SERVFAIL
+    env.tunnel.fail = False
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ktproxy.dns"]
+    assert sum("unreachable" in line for line in lines) == 1
+    assert sum("reachable again" in line for line in lines) == 1
