@@ -1,0 +1,55 @@
+# Shared settings and helpers for up.sh, down.sh and status.sh (sourced, not run).
+# Addresses: everything the cluster uses lives in ranges that `unreachable` routes cover, so a
+# mistake can never send a packet off this machine.
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+CACHE="${KTPROXY_CLUSTER_CACHE:-$HOME/.cache/ktproxy-cluster}"
+BIN="$CACHE/bin/$K8S_VERSION"
+STATE="${KTPROXY_CLUSTER_DIR:-$REPO/.cluster}"
+RUN="$STATE/run"
+LOGS="$STATE/logs"
+PKI="$STATE/pki"
+CONF="$STATE/conf"
+KUBECONFIG_ADMIN="$STATE/kubeconfig"
+
+NODE_NAME="ktproxy-node"
+NODE_IP="172.31.255.1"            # on the dummy interface; apiserver, kubelet and CoreDNS bind here
+NODE_NET="172.31.255.0/24"
+POD_CIDR="10.244.0.0/16"
+NODE_POD_CIDR="10.244.0.0/24"
+POD_GW="10.244.0.1"
+SERVICE_CIDR="10.96.0.0/16"
+SERVICE_GUARD="10.96.0.0/12"
+API_SERVICE_IP="10.96.0.1"
+DNS_IP="10.96.0.10"
+DNS_DOMAIN="cluster.local"
+DUMMY_IF="ktp0"
+BRIDGE_IF="cni0"
+GUARD_CHAIN="KTPROXY-GUARD"
+API_URL="https://$NODE_IP:6443"
+SOCK="$RUN/containerd.sock"
+
+# name -> binary, in start order; down.sh stops them in reverse order.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns)
+bin_of() {
+  case "$1" in
+    containerd) echo /usr/bin/containerd ;;
+    *) echo "$BIN/$1" ;;
+  esac
+}
+
+log() { echo "[cluster $(date +%H:%M:%S)] $*"; }
+die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
+
+# Alive only if the pid in the file runs the binary we started: a recycled pid is not ours.
+pid_of() {
+  local name=$1 pid exe
+  pid=$(cat "$RUN/$name.pid" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  [[ "${exe% (deleted)}" == "$(bin_of "$name")" ]] || return 1
+  echo "$pid"
+}
+
+kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
