@@ -96,6 +96,9 @@ class DataPlane:
 
 
 def _bind_error(what: str, host: str, port: int, exc: OSError) -> str:
+    # uvloop's create_datagram_endpoint raises a bare "could not bind" whose cause holds the errno.
+    while exc.errno is None and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
     if exc.errno == errno.EADDRINUSE:
         return f"cannot start the {what}: {host}:{port} is already in use (choose another port)"
     if exc.errno == errno.EACCES:
@@ -118,24 +121,31 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 async def _run_local(args: argparse.Namespace) -> int:
-    client_key = asyncssh.read_private_key(args.identity)
-    host_key = asyncssh.read_public_key(args.host_key_pub)
+    try:
+        client_key = asyncssh.read_private_key(args.identity)
+        host_key = asyncssh.read_public_key(args.host_key_pub)
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise KtError(f"cannot read the session keys: {exc}") from None
+    try:
+        credentials = basic_credentials(args.proxy_auth)
+    except ValueError as exc:
+        raise UsageError(f"--proxy-auth: {exc}") from None
     ssh_host, ssh_port = _host_port(args.ssh)
     options = SSHOptions(client_key, host_key)
     tunnel = SSHTunnel(lambda o: connect_tcp(ssh_host, ssh_port, o), options)
     rules = ClusterRules(namespace=args.namespace, domain=args.domain, cidrs=args.cidr or [],
                          namespaces=set(args.known_namespace or []), route_all=args.route == "all")
     settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=args.proxy_port,
-                                 dns_port=args.dns_port, credentials=basic_credentials(args.proxy_auth),
+                                 dns_port=args.dns_port, credentials=credentials,
                                  cluster_dns=_host_port(args.cluster_dns) if args.cluster_dns else None,
                                  dns_upstream=[_host_port(u) for u in args.dns_upstream]
                                  if args.dns_upstream else None)
+    plane = DataPlane(rules, tunnel, settings)  # checks the settings before anything connects
     try:
-        await tunnel.start()
-    except ConnectionError as exc:
-        raise KtError(str(exc)) from None
-    plane = DataPlane(rules, tunnel, settings)
-    try:
+        try:
+            await tunnel.start()
+        except ConnectionError as exc:
+            raise KtError(str(exc)) from None
         await plane.start()
         for line in plane.describe():
             log.info("%s", line)

@@ -108,6 +108,10 @@ class SSHTunnel:
             first = self._conn is None and self.reconnects == 0
             try:
                 self._conn = await self._connector(self._options)
+            except asyncssh.PermissionDenied as exc:
+                raise TunnelDown(f"the {self._name} refused this session's key ({exc.reason})") from exc
+            except asyncssh.HostKeyNotVerifiable as exc:
+                raise TunnelDown(f"the {self._name}'s host key is not the pinned one ({exc.reason})") from exc
             except (TimeoutError, OSError, asyncssh.Error) as exc:
                 raise TunnelDown(f"cannot reach the {self._name}: {exc}") from exc
             if not first:
