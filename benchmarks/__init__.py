@@ -1,0 +1,1 @@
+"""ktproxy benchmarks: `python -m benchmarks [--quick] [--case NAME...]` (see harness.py)."""

@@ -1,0 +1,71 @@
+"""`python -m benchmarks [--quick] [--case NAME...] [--repeat N] [--out DIR]` (what `make bench` runs).
+
+Writes DIR/latest.md, latest.json and latest.png (DIR defaults to benchmarks/results). Exit status 1
+when a case failed (skips are not failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import cases  # noqa: F401  (registers the cases)
+from benchmarks.harness import CASES, Context
+from benchmarks.report import loadavg, machine, now, write_all
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ordered() -> list[str]:
+    return [n for n, c in CASES.items() if c.group != "cluster"] + [n for n, c in CASES.items() if c.group == "cluster"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: checks the harness works")
+    p.add_argument("--case", nargs="+", metavar="NAME", help=f"only these cases: {', '.join(ordered())}")
+    p.add_argument("--repeat", type=int, help="repetitions per measurement (default 3, --quick 1)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for name in ordered():
+            print(f"{name:20} {CASES[name].title}")
+        return 0
+    names = args.case or ordered()
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s): {', '.join(unknown)} (known: {', '.join(ordered())})")
+    repeat = args.repeat or (1 if args.quick else 3)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.monotonic()
+    meta = {"date": now(), "quick": args.quick, "repeat": repeat, "machine": machine(),
+            "load_before": loadavg(),
+            "command": "python -m benchmarks" + ("" if argv is None and len(sys.argv) == 1 else " ")
+            + shlex.join(sys.argv[1:] if argv is None else argv)}
+    with tempfile.TemporaryDirectory(prefix="ktproxy-bench-") as tmp:
+        ctx = Context(Path(tmp), args.quick, repeat, log)
+        try:
+            ctx.run([CASES[n] for n in names])
+        except KeyboardInterrupt:
+            log("[bench] interrupted: writing what was measured")
+        meta["seconds"] = time.monotonic() - start
+        results = list(ctx.results.values())
+        for path in write_all(args.out, meta, results):
+            log(f"[bench] wrote {path}")
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        log(f"[bench] FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

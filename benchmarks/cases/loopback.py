@@ -1,0 +1,91 @@
+"""Loopback data plane, no Kubernetes: ktproxy (SOCKS5 and HTTP CONNECT -> asyncssh -> shadow server ->
+target) against OpenSSH `ssh -D` to our own sshd (same cipher) and against a direct connection.
+"""
+
+from __future__ import annotations
+
+from benchmarks.cases.common import DIRECT, KT_SOCKS, MB, OPENSSH, LoopbackEnv, cpu_seconds, loopback_env, run_load
+from benchmarks.harness import Context, case
+from benchmarks.procs import OPENSSH_CIPHER
+
+
+def sizes(ctx: Context) -> dict[str, float]:
+    if ctx.quick:
+        return dict(single=32 * 2**20, per_stream=1 * 2**20, duration=0.3, warmup=0.1)
+    return dict(single=2**30, per_stream=16 * 2**20, duration=2.0, warmup=0.5)
+
+
+def measure_all(ctx: Context, env: LoopbackEnv, prefix: str = "") -> None:
+    """One repetition of every metric for every yardstick, interleaved so drift hits all alike."""
+    s = sizes(ctx)
+    ys = env.yardsticks()
+    for y in ys:
+        before = cpu_seconds(y.pids)
+        r = run_load(ctx, y.via, env.target, "down", nbytes=int(s["single"]))
+        ctx.add(f"{prefix}download, 1 stream", y.name, "MB/s", r["mbps"])
+        if y.pids:
+            cost = (cpu_seconds(y.pids) - before) / (r["bytes"] / 1e9)
+            ctx.add(f"{prefix}download, 1 stream: proxy CPU", y.name, "CPU-s/GB", cost, "lower")
+    for y in ys:
+        r = run_load(ctx, y.via, env.target, "up", nbytes=int(s["single"]))
+        ctx.add(f"{prefix}upload, 1 stream", y.name, "MB/s", r["mbps"])
+    for y in ys:
+        r = run_load(ctx, y.via, env.target, "down", streams=64, nbytes=int(s["per_stream"]))
+        ctx.add(f"{prefix}download, 64 streams (aggregate)", y.name, "MB/s", r["mbps"])
+    for clients in (1, 100):
+        for mode, label, rate in (("rr", "request/response (keep-alive)", "requests/s"),
+                                  ("conn", "new connection + request", "connections/s")):
+            for y in ys:
+                r = run_load(ctx, y.via, env.target, mode, streams=clients, duration=s["duration"],
+                             warmup=s["warmup"])
+                base = f"{prefix}{label}, {clients} client{'s' if clients > 1 else ''}"
+                ctx.add(f"{base}: p50", y.name, "µs", r["p50_us"], "lower")
+                ctx.add(f"{base}: p99", y.name, "µs", r["p99_us"], "lower")
+                ctx.add(f"{base}: rate", y.name, rate, r["rps"])
+
+
+def goals(ctx: Context) -> None:
+    """The issue's goals, as ratios against OpenSSH measured in this same run."""
+
+    def med(metric: str, y: str) -> float | None:
+        row = ctx.row(metric, y)
+        return row.median if row else None
+
+    lines = []
+    one, oss = med("download, 1 stream", KT_SOCKS), med("download, 1 stream", OPENSSH)
+    many, oss_many = med("download, 64 streams (aggregate)", KT_SOCKS), med("download, 64 streams (aggregate)",
+                                                                             OPENSSH)
+    if one and oss:
+        lines.append(f"single-stream download: ktproxy {one:.0f} MB/s = {one / oss:.2f}x OpenSSH "
+                     f"({oss:.0f} MB/s); goal >= 1.0x: {'met' if one >= oss else 'NOT met'}")
+    if many and oss_many:
+        lines.append(f"64-stream aggregate: {many / oss_many:.2f}x OpenSSH; goal >= 0.8x: "
+                     f"{'met' if many >= 0.8 * oss_many else 'NOT met'}")
+    for clients in ("1 client", "100 clients"):
+        metric = f"request/response (keep-alive), {clients}: p99"
+        kt, os_, d = med(metric, KT_SOCKS), med(metric, OPENSSH), med(metric, DIRECT)
+        if kt and os_ and d is not None:
+            added_kt, added_os = kt - d, os_ - d
+            ratio = added_kt / added_os if added_os > 0 else float("inf")
+            lines.append(f"p99 added latency, {clients}: ktproxy +{added_kt:.0f} µs vs OpenSSH +{added_os:.0f} µs "
+                         f"= {ratio:.2f}x; goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'}")
+    for line in lines:
+        ctx.note("Goal: " + line)
+
+
+@case("loopback", "Loopback data plane: ktproxy vs OpenSSH ssh -D vs direct (no Kubernetes)")
+def loopback(ctx: Context) -> None:
+    env = loopback_env(ctx)
+    if env.openssh is None:
+        ctx.note(f"OpenSSH yardstick skipped: {env.openssh_skip}")
+    for _ in ctx.reps():
+        measure_all(ctx, env)
+    s = sizes(ctx)
+    ctx.note(f"Target: Python/uvloop server on 127.0.0.2; load client: a separate Python/uvloop process "
+             f"(the `direct` rows are its ceiling). Cipher {OPENSSH_CIPHER} on both SSH yardsticks. "
+             f"Bulk: {s['single'] / MB:.0f} MB per single stream, 64 x {s['per_stream'] / MB:.1f} MB aggregate. "
+             f"Request/response: HTTP/1.1 GET with a 128-byte body, closed loop, {s['duration']:.1f} s "
+             f"after {s['warmup']:.1f} s warm-up. 'proxy CPU' = user+system CPU of the proxy's own processes "
+             f"(ktproxy: data plane + shadow server; OpenSSH: ssh + its sshd session) per GB moved: it does "
+             f"not depend on what else the machine is doing.")
+    goals(ctx)

@@ -1,0 +1,68 @@
+"""Run the shadow server or the data plane with tuning knobs applied, for the tuning study.
+
+    python -m benchmarks.launch shadow|dataplane [--no-uvloop] [--cipher C] [--window N] [--pktsize N]
+                                                 [--chunk N] [--no-nodelay] [--fastpath] -- ARGS...
+
+The knobs patch the modules' tuning constants (WINDOW, MAX_PKTSIZE, CHUNK, CIPHERS) before their
+`main()` runs, so the study measures the shipped code with one thing changed and nothing edited.
+With no knobs this is exactly `python -m shadow_image ARGS` / `python -m ktproxy.dataplane ARGS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.launch")
+    p.add_argument("what", choices=["shadow", "dataplane"])
+    p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--cipher")
+    p.add_argument("--window", type=int)
+    p.add_argument("--pktsize", type=int)
+    p.add_argument("--chunk", type=int)
+    p.add_argument("--no-nodelay", action="store_true")
+    p.add_argument("--fastpath", action="store_true")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
+
+    if args.no_uvloop:
+        sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` now raises ImportError
+
+    if args.what == "shadow":
+        from shadow_image import sshd
+        if args.window:
+            sshd.WINDOW = args.window
+        if args.pktsize:
+            sshd.MAX_PKTSIZE = args.pktsize
+        return sshd.main(rest)
+
+    from ktproxy import dataplane
+    from ktproxy.proxy import dialer, relay, server
+    from ktproxy.tunnel import session
+    if args.window:
+        session.WINDOW = args.window
+    if args.pktsize:
+        session.MAX_PKTSIZE = args.pktsize
+    if args.chunk:
+        relay.CHUNK = args.chunk
+    if args.cipher:
+        session.CIPHERS = [args.cipher]
+    if args.no_nodelay:
+        def no_nodelay(writer: object) -> None:
+            import socket
+            sock = writer.get_extra_info("socket")  # type: ignore[attr-defined]
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        dialer.set_nodelay = no_nodelay
+        server.set_nodelay = no_nodelay
+    if args.fastpath:
+        from ktproxy.proxy import fastpath
+        fastpath.install_for_benchmark(server)
+    return dataplane.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
