@@ -32,6 +32,7 @@ class ProxyServer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.active = 0
+        self._closing = False
 
     async def start(self, host: str = "127.0.0.1", port: int = 2223) -> None:
         self._server = await asyncio.start_server(self._accept, host, port, limit=http.MAX_HEAD + 1024)
@@ -42,6 +43,7 @@ class ProxyServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        self._closing = True
         if self._server:
             self._server.close()
         for t in list(self._tasks):
@@ -64,6 +66,11 @@ class ProxyServer:
             pass
         except Exception:  # keep serving others whatever one connection does
             log.exception("proxy connection failed")
+        except asyncio.CancelledError:
+            # Cancelled by close(): end normally. On Python 3.11 a cancelled client-connected task
+            # makes asyncio's own done-callback (task.exception()) log a spurious traceback.
+            if not self._closing:
+                raise
         finally:
             self.active -= 1
             self._tasks.discard(task)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -79,7 +80,8 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
         (etc / "resolv.conf").write_text(
             "search default.svc.cluster.local svc.cluster.local cluster.local\n"
             f"nameserver {CLUSTER_DNS_IP}\noptions ndots:5 timeout:1 attempts:1\n")
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        # This machine's own name, so nothing in NS asks the namespace's DNS for it.
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {socket.gethostname()}\n")
         config = ns.workdir / "services.json"
         ready = ns.workdir / "services.ready"
         config.write_text(json.dumps({
@@ -168,6 +170,9 @@ def launcher(netns: NetNS, keys: Keys, fake_upstream: tuple[str, int],
     lau = Launcher(netns, keys, fake_upstream, tmp_path_factory.mktemp("dataplane"))
     yield lau
     lau.stop_all()
+    # Whatever the tests did, the data plane must never have logged a traceback.
+    broken = [p.name for p in lau.workdir.glob("dataplane-*.log") if "Traceback" in p.read_text(errors="replace")]
+    assert not broken, f"tracebacks in {broken} (under {lau.workdir})"
 
 
 

@@ -131,8 +131,11 @@ class HalfCloseHandler(StreamRequestHandler):
         while chunk := self.request.recv(65536):
             data += chunk
         reply = f"got {len(data)} bytes sha256={hashlib.sha256(data).hexdigest()}\n".encode()
-        self.request.sendall(reply)
-        self.request.shutdown(socket.SHUT_WR)
+        try:
+            self.request.sendall(reply)
+            self.request.shutdown(socket.SHUT_WR)
+        except OSError:  # the client (or the shadow carrying it) went away first
+            pass
 
 
 class Zone(BaseResolver):

@@ -91,10 +91,26 @@ def test_reconnect_after_long_outage(launcher, own_shadow):
 
 
 def test_stop_leaves_nothing_listening(launcher, shadow):
+    """SIGTERM with streams open: exit 0, no traceback, no listener left."""
     plane = launcher.start(shadow)
     ports = (plane.proxy_port, plane.dns_port)
-    plane.stop()
-    assert plane.proc.returncode == 0, plane.log_text()
-    for port in ports:
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0
+    stream, code = socks5_connect(("127.0.0.1", plane.proxy_port), "tomcat", HALFCLOSE_PORT)
+    assert code == 0
+    stream.sendall(b"open relay")
+    idle = socket.create_connection(("127.0.0.1", plane.proxy_port))
+    idle.sendall(b"GET http://tomcat:8080/whoami HTTP/1.1\r\nHost: tomcat:8080\r\n\r\n")
+    got = b""
+    while TOMCAT_MARKER.encode() not in got:  # then it is an idle keep-alive connection
+        chunk = idle.recv(4096)
+        assert chunk, got
+        got += chunk
+    half = socket.create_connection(("127.0.0.1", plane.proxy_port))
+    half.sendall(b"\x05\x01")  # a handshake in progress
+    time.sleep(0.2)
+    with stream, idle, half:
+        plane.stop()
+        assert plane.proc.returncode == 0, plane.log_text()
+        assert "Traceback" not in plane.log_text(), plane.log_text()
+        for port in ports:
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0
