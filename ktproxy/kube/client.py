@@ -1,0 +1,354 @@
+"""One place for Kubernetes access: kubeconfig loading, API objects, cluster time, one-line errors.
+
+The kubernetes package's client is synchronous; async code calls it through `KubeClient.call`, which runs
+it in a worker thread (asyncio.to_thread) and turns every failure into a KtError with one line a user can
+act on. Nothing else in ktproxy should import kubernetes.config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from ktproxy.errors import KtError
+
+log = logging.getLogger("ktproxy.kube")
+
+T = TypeVar("T")
+
+# A dead or black-holed API server must fail in seconds, not after urllib3's default retries of an
+# OS-level connect timeout (minutes). Reads stay generous: list calls on big clusters can be slow.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+
+
+class KubeError(KtError):
+    """A Kubernetes failure already phrased as one line for the user."""
+
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class _TimeoutApiClient(k8s.ApiClient):
+    """ApiClient whose calls get a short connect timeout unless the caller gives one (watches do)."""
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
+        if _request_timeout is None:
+            _request_timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        return super().call_api(method, url, header_params, body, post_params, _request_timeout)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a call needs, so a 403 can say which permission is missing."""
+
+    verb: str
+    resource: str
+    namespace: str | None = None
+
+    def describe(self) -> str:
+        where = f" in namespace {self.namespace}" if self.namespace else " (cluster scope)"
+        return f"{self.verb} {self.resource}{where}"
+
+
+_FORBIDDEN_RE = re.compile(
+    r'cannot (?P<verb>[\w-]+) resource "(?P<resource>[^"]+)"'
+    r'(?: in API group "(?P<group>[^"]*)")?(?: in the namespace "(?P<ns>[^"]+)")?'
+)
+
+
+def _status_message(body: str | None) -> str:
+    """The apiserver's Status.message if the body is a Status object, else the raw body."""
+    if not body:
+        return ""
+    try:
+        import json
+
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])
+    except ValueError:
+        pass
+    return body.strip().splitlines()[0] if body.strip() else ""
+
+
+def forbidden_message(body: str | None, access: Access | None) -> str:
+    """'no permission to VERB RESOURCE in namespace NS', taken from the apiserver's message if it says."""
+    m = _FORBIDDEN_RE.search(_status_message(body))
+    if m:
+        resource = m.group("resource")
+        if m.group("group"):
+            resource = f"{resource}.{m.group('group')}"
+        return "no permission to " + Access(m.group("verb"), resource, m.group("ns")).describe()
+    if access:
+        return "no permission to " + access.describe()
+    return "forbidden: " + (_status_message(body) or "the API server refused the request")
+
+
+def api_error(exc: BaseException, server: str, access: Access | None = None) -> KubeError:
+    """Map an exception from the kubernetes client or urllib3 to one clear line."""
+    if isinstance(exc, KubeError):
+        return exc
+    if isinstance(exc, ApiException):
+        status = exc.status or 0
+        msg = _status_message(exc.body)
+        reason = None
+        try:
+            import json
+
+            reason = json.loads(exc.body or "{}").get("reason")
+        except (ValueError, AttributeError):
+            pass
+        if status == 401:
+            return KubeError(
+                f"the API server {server} rejected the credentials (401 Unauthorized)", 401, reason
+            )
+        if status == 403:
+            return KubeError(forbidden_message(exc.body, access), 403, reason)
+        if status == 404 and access and access.namespace and re.search(r'namespaces? "', msg):
+            return KubeError(f"namespace {access.namespace} not found", 404, "NotFound")
+        return KubeError(msg or f"API server error {status} {exc.reason or ''}".strip(), status, reason)
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
+        return KubeError(f"TLS error talking to the API server {server}: {_short(exc)}")
+    if isinstance(exc, urllib3.exceptions.ProxyError):
+        return KubeError(f"cannot reach the API server {server} through the configured proxy: {_short(exc)}")
+    if isinstance(
+        exc,
+        urllib3.exceptions.NewConnectionError
+        | urllib3.exceptions.ConnectTimeoutError
+        | urllib3.exceptions.ProtocolError
+        | urllib3.exceptions.ReadTimeoutError
+        | ConnectionError
+        | TimeoutError
+        | socket.gaierror
+        | OSError,
+    ):
+        return KubeError(f"cannot reach the Kubernetes API server at {server}: {_short(exc)}")
+    return KubeError(f"Kubernetes API call failed: {_short(exc)}")
+
+
+def _short(exc: BaseException) -> str:
+    """The most telling part of a urllib3/OS error, without the nested reprs."""
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if m:
+        return m.group(1).strip()
+    if "timed out" in text.lower():
+        return f"connection timed out after {CONNECT_TIMEOUT:g}s"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _kubeconfig_paths(explicit: str | None) -> str:
+    """The kubeconfig search string the loader takes (KUBECONFIG may list several files)."""
+    if explicit:
+        return os.path.expanduser(explicit)
+    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+class KubeClient:
+    """A loaded kubeconfig plus the API objects built from it.
+
+    `configuration` is the kubernetes Configuration exactly as the loader built it (certs, CA, token with
+    its refresh hook for exec plugins); the port-forward reuses it for its WebSocket.
+    """
+
+    def __init__(
+        self,
+        configuration: k8s.Configuration,
+        namespace: str,
+        context: str | None = None,
+        in_cluster: bool = False,
+    ) -> None:
+        self.configuration = configuration
+        self.namespace = namespace
+        self.context = context
+        self.in_cluster = in_cluster
+        # The loader writes a 60 s connect/read default nowhere; urllib3 would retry 3 times. One retry
+        # hides a transient reset without making an unreachable server take long.
+        if configuration.retries is None:
+            configuration.retries = urllib3.util.Retry(total=1, connect=1, read=0, redirect=3, status=0)
+        self.api = _TimeoutApiClient(configuration)
+        self.core = k8s.CoreV1Api(self.api)
+        self.apps = k8s.AppsV1Api(self.api)
+        self.version_api = k8s.VersionApi(self.api)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        namespace: str | None = None,
+    ) -> KubeClient:
+        """Load kubeconfig (explicit path, else $KUBECONFIG, else ~/.kube/config; in-cluster as fallback)."""
+        paths = _kubeconfig_paths(kubeconfig)
+        existing = [p for p in paths.split(os.pathsep) if p and os.path.exists(os.path.expanduser(p))]
+        if not existing:
+            if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                return cls._load_in_cluster(namespace)
+            raise KubeError(f"kubeconfig {paths} not found (use --kubeconfig or set KUBECONFIG)")
+        try:
+            contexts, active = k8s_config.list_kube_config_contexts(config_file=paths)
+        except ConfigException as exc:
+            raise KubeError(f"cannot read kubeconfig {paths}: {exc}") from None
+        except Exception as exc:  # yaml errors, permission errors
+            raise KubeError(f"cannot read kubeconfig {paths}: {_short(exc)}") from None
+        if context:
+            chosen = next((c for c in contexts or [] if c.get("name") == context), None)
+            if chosen is None:
+                names = ", ".join(sorted(c.get("name", "?") for c in contexts or [])) or "none"
+                raise KubeError(f"context {context} not found in kubeconfig {paths} (available: {names})")
+        else:
+            chosen = active
+            if not chosen:
+                raise KubeError(f"kubeconfig {paths} has no current-context; pass --context")
+        cfg = k8s.Configuration()
+        try:
+            k8s_config.load_kube_config(
+                config_file=paths, context=chosen["name"], client_configuration=cfg, persist_config=False
+            )
+        except ConfigException as exc:
+            raise KubeError(f"kubeconfig context {chosen['name']}: {exc}") from None
+        except Exception as exc:  # exec plugin failures surface as plain exceptions
+            raise KubeError(f"kubeconfig context {chosen['name']}: {_short(exc)}") from None
+        ns = namespace or (chosen.get("context") or {}).get("namespace") or "default"
+        return cls(cfg, ns, context=chosen["name"])
+
+    @classmethod
+    def _load_in_cluster(cls, namespace: str | None) -> KubeClient:
+        cfg = k8s.Configuration()
+        try:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        except ConfigException as exc:
+            raise KubeError(f"no kubeconfig and in-cluster config failed: {exc}") from None
+        ns = namespace
+        if not ns:
+            try:
+                with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                    ns = f.read().strip()
+            except OSError:
+                ns = None
+        return cls(cfg, ns or "default", context=None, in_cluster=True)
+
+    @classmethod
+    def from_args(cls, args: Any) -> KubeClient:
+        """Build from the CLI's global flags (--kubeconfig, --context, -n)."""
+        return cls.load(
+            kubeconfig=getattr(args, "kubeconfig", None),
+            context=getattr(args, "context", None),
+            namespace=getattr(args, "namespace", None),
+        )
+
+    # ---------------------------------------------------------------- calls
+    @property
+    def server(self) -> str:
+        return self.configuration.host
+
+    def error(self, exc: BaseException, access: Access | None = None) -> KubeError:
+        return api_error(exc, self.server, access)
+
+    async def call(self, fn: Callable[..., T], *args: Any, access: Access | None = None, **kwargs: Any) -> T:
+        """Run a sync client call in a thread; failures become KubeError (one line)."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError, ssl.SSLError) as exc:
+            raise self.error(exc, access) from None
+
+    async def cluster_time(self) -> datetime:
+        """The API server's clock, from a response's Date header (no pod needed; laptop clocks drift)."""
+        _, _, headers = await self.call(self.version_api.get_code_with_http_info)
+        date = headers.get("Date") or headers.get("date") if headers else None
+        if not date:
+            log.debug("API response has no Date header; using local time")
+            return datetime.now(UTC)
+        return parsedate_to_datetime(date).astimezone(UTC)
+
+    async def check_namespace(self, namespace: str | None = None) -> None:
+        """Fail with 'namespace X not found' before creating anything in it.
+
+        A user who may not `get namespaces` still passes: we then learn about the namespace when we
+        create the first object in it.
+        """
+        ns = namespace or self.namespace
+        try:
+            await asyncio.to_thread(self.core.read_namespace, ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise KubeError(f"namespace {ns} not found", 404, "NotFound") from None
+            if exc.status == 403:
+                return
+            raise self.error(exc, Access("get", "namespaces", None)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self.error(exc) from None
+
+    async def can_i(self, verb: str, resource: str, namespace: str | None = None) -> bool:
+        """SelfSubjectAccessReview: lets connect fail early, before creating a pod it could not reach."""
+        group = ""
+        sub = None
+        if "/" in resource:
+            resource, sub = resource.split("/", 1)
+        if "." in resource:
+            resource, group = resource.split(".", 1)
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "verb": verb,
+                    "resource": resource,
+                    "group": group,
+                    **({"subresource": sub} if sub else {}),
+                    **({"namespace": namespace} if namespace else {}),
+                }
+            },
+        }
+        authz = k8s.AuthorizationV1Api(self.api)
+        try:
+            review = await self.call(authz.create_self_subject_access_review, body)
+        except KubeError as exc:
+            if exc.status == 403:  # cannot even ask: assume yes, the real call will say
+                return True
+            raise
+        return bool(review.status and review.status.allowed)
+
+    async def require(self, accesses: list[Access]) -> None:
+        """Raise 'no permission to ...' for the first access the user lacks."""
+        for a in accesses:
+            if not await self.can_i(a.verb, a.resource, a.namespace):
+                raise KubeError("no permission to " + a.describe(), 403, "Forbidden")
+
+    async def open_stream(self, namespace: str, pod: str, port: int):
+        """(reader, writer) to POD:PORT over a WebSocket port-forward."""
+        from ktproxy.kube.portforward import open_stream
+
+        return await open_stream(self, namespace, pod, port)
+
+    def close(self) -> None:
+        try:
+            self.api.close()
+        except Exception:  # closing a pool that never opened must not mask the real error
+            pass
+
+    def __repr__(self) -> str:
+        host = urlparse(self.server).netloc or self.server
+        return f"KubeClient(context={self.context!r}, server={host!r}, namespace={self.namespace!r})"
