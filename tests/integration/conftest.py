@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from itlib import (
+    CLUSTER_CIDR6,
     CLUSTER_DNS_IP,
     DEMO_IP,
     DEMO_MARKER,
@@ -26,7 +27,9 @@ from itlib import (
     OUTSIDE_MARKER,
     PY,
     SHADOW_PORT,
+    STALL_PORT,
     TOMCAT_IP,
+    TOMCAT_IP6,
     TOMCAT_MARKER,
     ZONE,
     DataPlane,
@@ -59,7 +62,7 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
     ns = NetNS(name, f"10.250.{x}.1", f"10.250.{x}.2", tmp_path_factory.mktemp("netns"))
     veth_host, veth_ns = f"ktpit{pid}h"[:15], f"ktpit{pid}n"[:15]
     etc = Path("/etc/netns") / name
-    added_guard = False
+    added_guard = added_guard6 = False
     services: subprocess.Popen[bytes] | None = None
     try:
         # The guard first: from here on nothing in 10.250.0.0/15 can leave through the default route.
@@ -67,6 +70,10 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
         if res.returncode != 0 and "File exists" not in res.stderr:
             raise RuntimeError(f"cannot add the guard route: {res.stderr.strip()}")
         added_guard = res.returncode == 0
+        res = sh("ip", "-6", "route", "add", "unreachable", CLUSTER_CIDR6, check=False)
+        if res.returncode != 0 and "File exists" not in res.stderr:
+            raise RuntimeError(f"cannot add the IPv6 guard route: {res.stderr.strip()}")
+        added_guard6 = res.returncode == 0
         sh("ip", "netns", "add", name)
         sh("ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns, "netns", name)
         sh("ip", "addr", "add", f"{ns.host_ip}/24", "dev", veth_host)
@@ -76,6 +83,7 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
         sh(*ns.exec("ip", "link", "set", veth_ns, "up"))
         for ip in (TOMCAT_IP, DEMO_IP, CLUSTER_DNS_IP, OUTSIDE_IP):
             sh(*ns.exec("ip", "addr", "add", f"{ip}/32", "dev", "lo"))
+        sh(*ns.exec("ip", "-6", "addr", "add", f"{TOMCAT_IP6}/128", "dev", "lo", "nodad"))
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
             "search default.svc.cluster.local svc.cluster.local cluster.local\n"
@@ -89,7 +97,9 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
                 {"addr": TOMCAT_IP, "port": 8080, "marker": TOMCAT_MARKER},
                 {"addr": DEMO_IP, "port": 80, "marker": DEMO_MARKER},
                 {"addr": OUTSIDE_IP, "port": 8080, "marker": OUTSIDE_MARKER},
+                {"addr": TOMCAT_IP6, "port": 8080, "marker": TOMCAT_MARKER},
             ],
+            "stall": [[TOMCAT_IP, STALL_PORT]],
             "halfclose": [[TOMCAT_IP, HALFCLOSE_PORT]],
             "dns": [CLUSTER_DNS_IP, 53],
             "records": ZONE,
@@ -112,6 +122,8 @@ def netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetNS]:
             etc.parent.rmdir()  # only if empty
         if added_guard or not other_runs_alive(name):
             sh("ip", "route", "del", "unreachable", GUARD_ROUTE, check=False)
+        if added_guard6 or not other_runs_alive(name):
+            sh("ip", "-6", "route", "del", "unreachable", CLUSTER_CIDR6, check=False)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ DEMO_IP = "10.251.0.11"
 CLUSTER_DNS_IP = "10.251.0.53"
 OUTSIDE_IP = "10.250.200.10"  # only the namespace has it, but it is NOT in the cluster CIDRs
 CLUSTER_CIDR = "10.251.0.0/16"
+TOMCAT_IP6 = "fd7b:7072:6f78::10"  # a ULA prefix of our own, behind an unreachable route on the host
+CLUSTER_CIDR6 = "fd7b:7072:6f78::/48"
 GUARD_ROUTE = "10.250.0.0/15"
 TOMCAT_MARKER = "ktproxy-it-tomcat-page"
 DEMO_MARKER = "ktproxy-it-demo-page"
@@ -46,12 +48,14 @@ OUTSIDE_MARKER = "ktproxy-it-outside-page"
 LOCAL_MARKER = "ktproxy-it-loopback-page"
 SHADOW_PORT = 2222
 HALFCLOSE_PORT = 7000
+STALL_PORT = 7001
 
 ZONE = [
     ["tomcat.default.svc.cluster.local.", "5", "IN", "A", TOMCAT_IP],
     ["demo.demo.svc.cluster.local.", "5", "IN", "A", DEMO_IP],
     ["_http._tcp.tomcat.default.svc.cluster.local.", "5", "IN", "SRV", "0", "100", "8080",
      "tomcat.default.svc.cluster.local."],
+    ["tomcat.default.svc.cluster.local.", "5", "IN", "AAAA", TOMCAT_IP6],
     ["10.0.251.10.in-addr.arpa.", "5", "IN", "PTR", "tomcat.default.svc.cluster.local."],
 ]
 
@@ -228,6 +232,7 @@ class Launcher:
         argv = [PY, "-m", "ktproxy.dataplane", "--ssh", shadow.address,
                 "--identity", str(identity or self.keys.identity), "--host-key-pub", str(self.keys.host_key_pub),
                 "--namespace", "default", "--known-namespace", "demo", "--cidr", CLUSTER_CIDR,
+                "--cidr", CLUSTER_CIDR6,
                 "--cluster-dns", f"{CLUSTER_DNS_IP}:53", "--dns-upstream", f"{self.upstream[0]}:{self.upstream[1]}",
                 "--proxy-port", str(proxy_port), "--dns-port", str(dns_port), "--ready-file", str(ready), *extra]
         return argv, ready, log

@@ -51,6 +51,26 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, f"{self.marker} path={self.path} host={self.headers.get('Host')}\n".encode())
         elif url.path == "/bulk":
             self._bulk(int(query.get("mb", ["1"])[0]))
+        elif url.path == "/until-close":
+            # HTTP/1.1 without a length: the body ends when the connection does.
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"".join(b"line %d\n" % i for i in range(int(query.get("n", ["1000"])[0]))))
+            self.wfile.write(f"{self.marker} end\n".encode())
+            self.close_connection = True
+        elif url.path == "/nocontent":
+            self.send_response(204)
+            self.end_headers()
+        elif url.path == "/upgrade" and (self.headers.get("Upgrade") or "").lower() == "ktecho":
+            self.send_response(101)
+            self.send_header("Upgrade", "ktecho")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while data := self.connection.recv(65536):
+                self.connection.sendall(data.upper())
+            self.close_connection = True
         elif url.path == "/progress":
             with _lock:
                 self._send(200, json.dumps(BULK_SENT).encode(), "application/json")
@@ -117,8 +137,9 @@ class Handler(BaseHTTPRequestHandler):
 
 def http_server(addr: str, port: int, marker: str) -> ThreadingHTTPServer:
     handler = type(f"Handler_{marker}", (Handler,), {"marker": marker})
-    ThreadingHTTPServer.daemon_threads = True
-    server = ThreadingHTTPServer((addr, port), handler)
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    server_class = type("Server", (ThreadingHTTPServer,), {"daemon_threads": True, "address_family": family})
+    server = server_class((addr, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -136,6 +157,16 @@ class HalfCloseHandler(StreamRequestHandler):
             self.request.shutdown(socket.SHUT_WR)
         except OSError:  # the client (or the shadow carrying it) went away first
             pass
+
+
+class StallHandler(StreamRequestHandler):
+    """Accepts and never reads: the sender must be held back by flow control, not buffered."""
+
+    def handle(self) -> None:
+        time.sleep(float(STALL_SECONDS))
+
+
+STALL_SECONDS = 20
 
 
 class Zone(BaseResolver):
@@ -173,6 +204,9 @@ def main() -> int:
     ThreadingTCPServer.daemon_threads = True
     for addr, port in config["halfclose"]:
         tcp = ThreadingTCPServer((addr, port), HalfCloseHandler)
+        threading.Thread(target=tcp.serve_forever, daemon=True).start()
+    for addr, port in config["stall"]:
+        tcp = ThreadingTCPServer((addr, port), StallHandler)
         threading.Thread(target=tcp.serve_forever, daemon=True).start()
     dns_addr, dns_port = config["dns"]
     zone = Zone(config["records"])

@@ -165,3 +165,75 @@ def test_run_command_exit_status(launcher, shadow):
                          'curl -sSf --max-time 15 -x "$ALL_PROXY" http://tomcat.default:8080/ && exit 7')
     assert socks.returncode == 7, socks.stderr
     assert TOMCAT_MARKER in socks.stdout
+
+
+# -- HTTP framing through the absolute-URI proxy --------------------------------------------------
+def test_body_until_close_then_new_connection(dataplane):
+    """A response without a length ends at EOF: the proxy must not keep that client connection."""
+    r = curl("-v", "-x", dataplane.http_proxy, "http://tomcat:8080/until-close?n=20000",
+             "http://tomcat:8080/whoami")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 20000 + 2
+    assert f"{TOMCAT_MARKER} end" in r.stdout and "path=/whoami" in r.stdout
+
+
+def test_head_204_and_get_on_one_connection(dataplane):
+    r = curl("-v", "-x", dataplane.http_proxy, "-I", "http://tomcat:8080/whoami", "--next",
+             "-x", dataplane.http_proxy, "http://tomcat:8080/nocontent", "--next",
+             "-x", dataplane.http_proxy, "http://tomcat:8080/whoami?after")
+    assert r.returncode == 0, r.stderr
+    assert "path=/whoami?after" in r.stdout
+    assert r.stderr.count("Re-using existing connection") >= 2, r.stderr
+
+
+def test_large_download_intact(dataplane):
+    for flags in (["-x", dataplane.http_proxy], ["--socks5-hostname", dataplane.socks]):
+        r = curl(*flags, "-o", "/dev/null", "-w", "%{size_download} %{http_code}", "http://tomcat:8080/bulk?mb=64")
+        assert r.stdout == f"{64 * 1024 * 1024} 200", r.stderr
+
+
+def test_upgrade_through_absolute_uri_proxy(dataplane):
+    """101 Switching Protocols (what WebSockets use) becomes a raw two-way stream."""
+    import socket
+
+    from itlib import recv_all
+
+    with socket.create_connection(("127.0.0.1", dataplane.proxy_port), timeout=10) as s:
+        s.sendall(b"GET http://tomcat:8080/upgrade HTTP/1.1\r\nHost: tomcat:8080\r\n"
+                  b"Connection: Upgrade\r\nUpgrade: ktecho\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert b"upgrade: ktecho" in head.lower()
+        s.sendall(b"hello over the tunnel")
+        got = b""
+        while len(got) < 21:
+            got += s.recv(100)
+        assert got == b"HELLO OVER THE TUNNEL"
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""
+
+
+# -- address literals -----------------------------------------------------------------------------
+def test_socks5_ipv4_literal(dataplane):
+    r = curl("--socks5", dataplane.socks, f"http://{TOMCAT_IP}:8080/")  # atyp 1
+    assert TOMCAT_MARKER in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--socks5", "--socks5-hostname", "-x"])
+def test_ipv6_cluster_literal(dataplane, flag):
+    from itlib import TOMCAT_IP6
+
+    proxy = dataplane.http_proxy if flag == "-x" else dataplane.socks
+    r = curl("-g", flag, proxy, f"http://[{TOMCAT_IP6}]:8080/whoami")
+    assert r.returncode == 0, r.stderr
+    assert TOMCAT_MARKER in r.stdout
+    assert f"host=[{TOMCAT_IP6}]:8080" in r.stdout
+
+
+def test_ipv6_connect(dataplane):
+    from itlib import TOMCAT_IP6
+
+    r = curl("-g", "-p", "-x", dataplane.http_proxy, f"http://[{TOMCAT_IP6}]:8080/")
+    assert TOMCAT_MARKER in r.stdout, r.stderr

@@ -97,3 +97,20 @@ def test_malformed_query_then_still_serving(dataplane):
         while data and (more := s.recv(4096)):
             data += more
     assert short(dataplane, "tomcat", "A") == [TOMCAT_IP]
+
+
+@TRANSPORTS
+def test_aaaa(dataplane, tcp):
+    from itlib import TOMCAT_IP6
+
+    assert short(dataplane, "tomcat", "AAAA", tcp=tcp) == [TOMCAT_IP6]
+
+
+def test_many_concurrent_queries(dataplane, tmp_path):
+    batch = tmp_path / "batch"
+    names = ["tomcat", "tomcat.default", "demo.demo", "nosuchsvc", "outside.example.test"] * 40
+    batch.write_text("".join(f"{n} A\n" for n in names))
+    r = dig(dataplane, "+short", "-f", str(batch))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines.count(TOMCAT_IP) == 80 and lines.count(DEMO_IP) == 40 and lines.count("127.0.0.9") == 40

@@ -114,3 +114,29 @@ def test_many_parallel_streams(dataplane):
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(one, range(40)))
     assert len(results) == 40
+
+
+@pytest.mark.parametrize("how", ["socks5", "connect"])
+def test_stalled_upload_back_pressure(dataplane, how):
+    """Uploading to a server that never reads: the sender is held back, the data plane stays flat."""
+    from itlib import STALL_PORT
+
+    base = rss_kb(dataplane.pid)
+    s = open_stream(dataplane, how, "tomcat", STALL_PORT)
+    block = b"u" * 65536
+    pushed = 0
+    peak = base
+    with s:
+        s.setblocking(False)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                pushed += s.send(block)
+            except BlockingIOError:
+                time.sleep(0.01)
+            peak = max(peak, rss_kb(dataplane.pid))
+    growth_mb = (peak - base) / 1024
+    assert pushed < 48 * MB, f"{pushed / MB:.1f} MB accepted by a server that reads nothing"
+    assert growth_mb < 60, f"data plane RSS grew by {growth_mb:.1f} MB"
+    # The proxy still serves others.
+    assert server_progress(dataplane) is not None
