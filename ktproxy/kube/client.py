@@ -8,6 +8,7 @@ act on. Nothing else in ktproxy should import kubernetes.config.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -276,8 +277,13 @@ class KubeClient:
 
     async def cluster_time(self) -> datetime:
         """The API server's clock, from a response's Date header (no pod needed; laptop clocks drift)."""
-        _, _, headers = await self.call(self.version_api.get_code_with_http_info)
-        date = headers.get("Date") or headers.get("date") if headers else None
+        # Raw response: only the header matters, and strict model validation of /version must not be
+        # able to break heartbeats on a cluster whose build leaves version fields empty.
+        resp = await self.call(self.version_api.get_code, _preload_content=False)
+        headers = getattr(resp, "headers", None) or {}
+        with contextlib.suppress(Exception):
+            resp.release_conn()
+        date = headers.get("Date")
         if not date:
             log.debug("API response has no Date header; using local time")
             return datetime.now(UTC)

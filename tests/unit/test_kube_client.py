@@ -1,0 +1,137 @@
+"""KubeClient loading and the one-line error messages (no cluster needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import urllib3
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from ktproxy.kube.client import Access, KubeClient, KubeError, api_error, forbidden_message
+
+
+def _kubeconfig(tmp_path, server="https://127.0.0.1:1", ns=None, name="kubeconfig"):
+    ctx = {"cluster": "c", "user": "u"}
+    if ns:
+        ctx["namespace"] = ns
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "abc"}}],
+        "contexts": [
+            {"name": "dev", "context": ctx},
+            {"name": "other", "context": {"cluster": "c", "user": "u"}},
+        ],
+        "current-context": "dev",
+    }
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_namespace_from_context_flag_and_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    p = _kubeconfig(tmp_path, ns="team")
+    k = KubeClient.load(str(p))
+    assert (k.context, k.namespace) == ("dev", "team")
+    assert KubeClient.load(str(p), namespace="x").namespace == "x"
+    assert KubeClient.load(str(p), context="other").namespace == "default"
+    monkeypatch.setenv("KUBECONFIG", str(p))
+    assert KubeClient.load().context == "dev"
+
+
+def test_token_is_used(tmp_path):
+    k = KubeClient.load(str(_kubeconfig(tmp_path)))
+    assert k.configuration.get_api_key_with_prefix("BearerToken", alias="authorization") == "Bearer abc"
+
+
+def test_unknown_context_is_one_line(tmp_path):
+    p = _kubeconfig(tmp_path)
+    with pytest.raises(KubeError) as ei:
+        KubeClient.load(str(p), context="nope")
+    assert str(ei.value) == f"context nope not found in kubeconfig {p} (available: dev, other)"
+
+
+def test_missing_kubeconfig(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(
+        KubeError, match=r"kubeconfig .*/missing not found \(use --kubeconfig or set KUBECONFIG\)"
+    ):
+        KubeClient.load(str(tmp_path / "missing"))
+
+
+def test_forbidden_names_verb_resource_namespace():
+    body = json.dumps(
+        {
+            "kind": "Status",
+            "code": 403,
+            "reason": "Forbidden",
+            "message": 'pods is forbidden: User "dev" cannot create resource "pods" in API group "" '
+            'in the namespace "team"',
+        }
+    )
+    assert forbidden_message(body, None) == "no permission to create pods in namespace team"
+    body2 = json.dumps({"message": 'deployments.apps "x" is forbidden: User "dev" cannot patch resource '
+                        '"deployments" in API group "apps" in the namespace "t"'})  # fmt: skip
+    assert forbidden_message(body2, None) == "no permission to patch deployments.apps in namespace t"
+    body3 = json.dumps(
+        {"message": 'nodes is forbidden: User "dev" cannot list resource "nodes" in API group ""'}
+    )
+    assert forbidden_message(body3, None) == "no permission to list nodes (cluster scope)"
+    # no parseable message: fall back to what the caller said it needed
+    assert forbidden_message("", Access("create", "pods/portforward", "x")) == (
+        "no permission to create pods/portforward in namespace x"
+    )
+
+
+def test_api_error_mapping():
+    exc = ApiException(status=404, reason="Not Found")
+    exc.body = json.dumps(
+        {"kind": "Status", "code": 404, "reason": "NotFound", "message": 'namespaces "nope" not found'}
+    )
+    err = api_error(exc, "https://h", Access("create", "pods", "nope"))
+    assert str(err) == "namespace nope not found"
+    exc = ApiException(status=401, reason="Unauthorized")
+    assert "rejected the credentials" in str(api_error(exc, "https://h"))
+    e = urllib3.exceptions.MaxRetryError(
+        None, "/version", urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused")
+    )
+    assert str(api_error(e, "https://h:6443")) == (
+        "cannot reach the Kubernetes API server at https://h:6443: Connection refused"
+    )
+
+
+async def test_unreachable_api_server_is_fast(tmp_path):
+    k = KubeClient.load(str(_kubeconfig(tmp_path, server="https://127.0.0.1:1")))
+    t0 = time.monotonic()
+    with pytest.raises(KubeError, match=r"^cannot reach the Kubernetes API server at https://127.0.0.1:1: "):
+        await k.cluster_time()
+    assert time.monotonic() - t0 < 5
+
+
+async def test_cluster_time_from_date_header(tmp_path):
+    """A loopback HTTP server with a fixed Date header stands in for the API server's /version."""
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"major":"1","minor":"34","gitVersion":"v1.34.4"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nDate: Tue, 02 Jan 2024 03:04:05 GMT\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    k = KubeClient.load(str(_kubeconfig(tmp_path, server=f"http://127.0.0.1:{port}")))
+    k.configuration.proxy = None
+    t = await k.cluster_time()
+    assert t.isoformat() == "2024-01-02T03:04:05+00:00"
+    server.close()
