@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from itlib import TOMCAT_IP, TOMCAT_MARKER, clean_env
+from itlib import DEMO_MARKER, TOMCAT_IP, TOMCAT_MARKER, clean_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -28,7 +28,9 @@ def dump_dom(plane, url: str, profile) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("url", ["http://tomcat:8080/", "http://tomcat.default.svc.cluster.local:8080/",
+                                 "http://demo.demo/",
                                  f"http://{TOMCAT_IP}:8080/"])
 def test_chromium_pac_loads_namespace_page(dataplane, tmp_path, url):
     r = dump_dom(dataplane, url, tmp_path / "profile")
-    assert TOMCAT_MARKER in r.stdout, f"stdout={r.stdout[-1000:]!r}\nstderr={r.stderr[-3000:]}"
+    marker = DEMO_MARKER if "demo" in url else TOMCAT_MARKER
+    assert marker in r.stdout, f"stdout={r.stdout[-1000:]!r}\nstderr={r.stderr[-3000:]}"

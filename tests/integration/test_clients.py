@@ -237,3 +237,29 @@ def test_ipv6_connect(dataplane):
 
     r = curl("-g", "-p", "-x", dataplane.http_proxy, f"http://[{TOMCAT_IP6}]:8080/")
     assert TOMCAT_MARKER in r.stdout, r.stderr
+
+
+def test_pipelined_requests_answered_in_order(dataplane):
+    import socket
+
+    from itlib import recv_all
+
+    reqs = b"".join(b"GET http://tomcat:8080/whoami?n=%d HTTP/1.1\r\nHost: tomcat:8080\r\n\r\n" % i
+                    for i in range(5))
+    reqs += b"POST http://tomcat:8080/echo HTTP/1.1\r\nHost: tomcat:8080\r\nContent-Length: 5\r\n\r\nhello"
+    reqs += b"GET http://demo.demo/whoami HTTP/1.1\r\nHost: demo.demo\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", dataplane.proxy_port), timeout=15) as s:
+        s.sendall(reqs)
+        answer = recv_all(s).decode()
+    assert answer.count("HTTP/1.1 200") == 7, answer
+    order = [answer.index(f"path=/whoami?n={i}") for i in range(5)]
+    assert order == sorted(order)
+    assert order[-1] < answer.index("got 5 bytes") < answer.index(DEMO_MARKER)
+
+
+def test_post_then_get_keep_alive(dataplane):
+    r = curl("-v", "-x", dataplane.http_proxy, "--data-binary", "abc", "http://tomcat:8080/echo", "--next",
+             "-x", dataplane.http_proxy, "http://tomcat:8080/whoami?next")
+    assert r.returncode == 0, r.stderr
+    assert "got 3 bytes" in r.stdout and "path=/whoami?next" in r.stdout
+    assert "Re-using existing connection" in r.stderr

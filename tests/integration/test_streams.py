@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import struct
 import time
 
 import pytest
@@ -140,3 +142,47 @@ def test_stalled_upload_back_pressure(dataplane, how):
     assert growth_mb < 60, f"data plane RSS grew by {growth_mb:.1f} MB"
     # The proxy still serves others.
     assert server_progress(dataplane) is not None
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_nothing_leaks_after_aborted_streams(dataplane, shadow):
+    """Clients that vanish mid-response, refused targets and finished streams release every socket
+    and channel, on the data plane and on the shadow."""
+    def settle() -> tuple[int, int]:
+        time.sleep(0.3)
+        return fd_count(dataplane.pid), fd_count(shadow.proc.pid)
+
+    base = settle()
+    for i in range(15):
+        # a download abandoned after its first bytes
+        s = open_stream(dataplane, "socks5" if i % 2 else "connect", "tomcat", 8080)
+        s.sendall(b"GET /bulk?mb=50 HTTP/1.1\r\nHost: tomcat\r\n\r\n")
+        s.recv(1000)
+        s.close()
+        # the same through the absolute-URI proxy
+        p = socket.create_connection(("127.0.0.1", dataplane.proxy_port))
+        p.sendall(b"GET http://tomcat:8080/bulk?mb=50 HTTP/1.1\r\nHost: tomcat:8080\r\n\r\n")
+        p.recv(1000)
+        p.close()
+        # a refused target
+        s, code = socks5_connect(("127.0.0.1", dataplane.proxy_port), "tomcat", 1)
+        assert code == 5
+        s.close()
+        # an upload aborted (RST) while the server is not reading and the windows are full. (A
+        # plain close() would be a half-close: the stream then rightly lives until the server ends.)
+        s = open_stream(dataplane, "connect" if i % 2 else "socks5", "tomcat", 7001)
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(1000):
+                s.send(b"x" * 65536)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.monotonic() + 10
+    now = settle()
+    while time.monotonic() < deadline and (now[0] > base[0] + 2 or now[1] > base[1] + 2):
+        now = settle()
+    assert now[0] <= base[0] + 2, f"data plane fds {base[0]} -> {now[0]}"
+    assert now[1] <= base[1] + 2, f"shadow fds {base[1]} -> {now[1]}"
