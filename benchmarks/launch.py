@@ -14,6 +14,23 @@ import argparse
 import sys
 
 
+def drop_ignore_packets() -> None:
+    """asyncssh (2.24) sends an empty SSH_MSG_IGNORE before every post-kex packet (a traffic-analysis
+    countermeasure), doubling the packet count; this measures what that costs."""
+    from asyncssh import connection
+    from asyncssh.constants import MSG_IGNORE
+
+    orig = connection.SSHConnection.send_packet
+    empty = (b"\0\0\0\0",)
+
+    def send_packet(self, pkttype, *args, handler=None):  # type: ignore[no-untyped-def]
+        if pkttype == MSG_IGNORE and args == empty:
+            return
+        orig(self, pkttype, *args, handler=handler)
+
+    connection.SSHConnection.send_packet = send_packet
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.launch")
     p.add_argument("what", choices=["shadow", "dataplane"])
@@ -24,12 +41,17 @@ def main() -> int:
     p.add_argument("--chunk", type=int)
     p.add_argument("--no-nodelay", action="store_true")
     p.add_argument("--fastpath", action="store_true")
+    p.add_argument("--no-ignore", action="store_true",
+                   help="experiment: drop the empty SSH_MSG_IGNORE asyncssh sends before every packet")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
 
     if args.no_uvloop:
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` now raises ImportError
+
+    if args.no_ignore:
+        drop_ignore_packets()
 
     if args.what == "shadow":
         from shadow_image import sshd
@@ -59,7 +81,7 @@ def main() -> int:
         dialer.set_nodelay = no_nodelay
         server.set_nodelay = no_nodelay
     if args.fastpath:
-        from ktproxy.proxy import fastpath
+        from benchmarks import fastpath
         fastpath.install_for_benchmark(server)
     return dataplane.main(rest)
 

@@ -151,6 +151,7 @@ class Tuning:
     chunk: int | None = None
     nodelay: bool = True
     fastpath: bool = False
+    no_ignore: bool = False
 
     def argv(self) -> list[str]:
         a: list[str] = []
@@ -168,6 +169,8 @@ class Tuning:
             a.append("--no-nodelay")
         if self.fastpath:
             a.append("--fastpath")
+        if self.no_ignore:
+            a.append("--no-ignore")
         return a
 
 
@@ -182,13 +185,15 @@ def start_ktproxy(procs: Procs, keys: Keys, tuning: Tuning | None = None) -> KtP
     tuning = tuning or Tuning()
     tag = str(next(_serial))
     port_file = procs.workdir / f"shadow{tag}.port"
+    ready = procs.workdir / f"dataplane{tag}.ready"
+    port_file.unlink(missing_ok=True)
+    ready.unlink(missing_ok=True)
     shadow = procs.spawn(f"shadow{tag}", [
         PY, "-m", "benchmarks.launch", "shadow", *tuning.argv(), "--",
         "--listen", "127.0.0.1:0", "--authorized-keys", str(keys.client_pub), "--host-key", str(keys.host),
         "--port-file", str(port_file)])
     wait_for(lambda: port_file.exists() and port_file.read_text().strip() != "", 20, "shadow server", shadow)
     ssh_port = int(port_file.read_text())
-    ready = procs.workdir / f"dataplane{tag}.ready"
     dataplane = procs.spawn(f"dataplane{tag}", [
         PY, "-m", "benchmarks.launch", "dataplane", *tuning.argv(), "--",
         "--ssh", f"127.0.0.1:{ssh_port}", "--identity", str(keys.client), "--host-key-pub", str(keys.host_pub),
@@ -198,6 +203,23 @@ def start_ktproxy(procs: Procs, keys: Keys, tuning: Tuning | None = None) -> KtP
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\n{procs.tail(f'dataplane{tag}')}") from None
     return KtProxy(shadow, dataplane, int(ready.read_text().split()[0]))
+
+
+def start_asyncssh_socks(procs: Procs, keys: Keys) -> KtProxy:
+    """asyncssh forward_socks, both ends at asyncssh's defaults (window 2 MB, packets 32 KB)."""
+    tag = str(next(_serial))
+    port_file = procs.workdir / f"shadow{tag}.port"
+    ready = procs.workdir / f"asyncssh{tag}.port"
+    shadow = procs.spawn(f"shadow{tag}", [
+        PY, "-m", "benchmarks.launch", "shadow", "--window", str(2 * 1024 * 1024), "--pktsize", "32768", "--",
+        "--listen", "127.0.0.1:0", "--authorized-keys", str(keys.client_pub), "--host-key", str(keys.host),
+        "--port-file", str(port_file)])
+    wait_for(lambda: port_file.exists() and port_file.read_text().strip() != "", 20, "shadow server", shadow)
+    client = procs.spawn(f"asyncssh{tag}", [
+        PY, "-m", "benchmarks.asyncssh_socks", "--ssh", f"127.0.0.1:{port_file.read_text()}",
+        "--identity", str(keys.client), "--host-key-pub", str(keys.host_pub), "--port-file", str(ready)])
+    wait_for(ready.exists, 20, "asyncssh forward_socks", client)
+    return KtProxy(shadow, client, int(ready.read_text()))
 
 
 @dataclass

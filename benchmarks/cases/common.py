@@ -17,6 +17,7 @@ from benchmarks.procs import (
     Tuning,
     make_keys,
     session_pids,
+    start_asyncssh_socks,
     start_ktproxy,
     start_openssh,
     start_target,
@@ -27,6 +28,7 @@ DIRECT = "direct"
 KT_SOCKS = "ktproxy SOCKS5"
 KT_HTTP = "ktproxy HTTP CONNECT"
 OPENSSH = "OpenSSH ssh -D"
+ASYNCSSH = "asyncssh forward_socks (defaults)"
 
 
 def run_load(ctx: Context, via: str, target: str, mode: str, *, streams: int = 1, nbytes: int = 0,
@@ -69,6 +71,7 @@ class LoopbackEnv:
     target: str
     ktproxy: KtProxy
     openssh: OpenSSH | None
+    asyncssh: KtProxy | None = None
     openssh_skip: str = ""
 
     def yardsticks(self, http: bool = True) -> list[Yardstick]:
@@ -77,6 +80,9 @@ class LoopbackEnv:
               Yardstick(KT_SOCKS, f"socks5:127.0.0.1:{self.ktproxy.proxy_port}", kt)]
         if http:
             ys.append(Yardstick(KT_HTTP, f"http:127.0.0.1:{self.ktproxy.proxy_port}", kt))
+        if self.asyncssh is not None:
+            ys.append(Yardstick(ASYNCSSH, f"socks5:127.0.0.1:{self.asyncssh.proxy_port}",
+                                [self.asyncssh.dataplane.pid, self.asyncssh.shadow.pid]))
         if self.openssh is not None:
             ys.append(Yardstick(OPENSSH, f"socks5:127.0.0.1:{self.openssh.socks_port}",
                                 [self.openssh.client.pid, *session_pids(self.openssh)]))
@@ -103,5 +109,5 @@ def loopback_env(ctx: Context) -> LoopbackEnv:
             ossh, why = start_openssh(ctx.procs, keys), ""
         except Skip as exc:
             ossh, why = None, str(exc)
-        return LoopbackEnv(ctx, target, kt, ossh, why)
+        return LoopbackEnv(ctx, target, kt, ossh, start_asyncssh_socks(ctx.procs, keys), why)
     return ctx.fixture("loopback-env", start)

@@ -4,8 +4,6 @@ baseline measured in the same run (fresh shadow + data plane per step, interleav
 
 from __future__ import annotations
 
-import importlib.util
-
 from benchmarks.cases.common import cpu_seconds, keys_fixture, run_load, target_fixture
 from benchmarks.harness import Context, case
 from benchmarks.procs import Tuning, start_ktproxy
@@ -31,9 +29,9 @@ def steps(ctx: Context) -> list[tuple[str, Tuning]]:
         ("read chunk 64 KB", Tuning(chunk=64 * KB)),
         ("read chunk 1 MB", Tuning(chunk=2**20)),
         ("TCP_NODELAY off (proxy sockets)", Tuning(nodelay=False)),
+        ("Protocol-level relay (benchmarks/fastpath.py)", Tuning(fastpath=True)),
+        ("experiment: no SSH_MSG_IGNORE per packet (asyncssh patch)", Tuning(no_ignore=True)),
     ]
-    if importlib.util.find_spec("ktproxy.proxy.fastpath") is not None:
-        s.append(("Protocol fast path (fastpath.py)", Tuning(fastpath=True)))
     return s
 
 
