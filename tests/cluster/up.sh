@@ -33,7 +33,10 @@ sysctl_set() {
   echo "$val" > "$f"
 }
 log "setting up $DUMMY_IF ($NODE_IP, $DNS_IP), $BRIDGE_IF ($POD_GW/24) and unreachable guard routes"
-ip link show "$DUMMY_IF" >/dev/null 2>&1 || ip link add "$DUMMY_IF" type dummy
+# A portless bridge stands in where the kernel has no dummy driver (this VM's kernel lacks CONFIG_DUMMY):
+# either way the addresses are local and nothing can leave through it.
+ip link show "$DUMMY_IF" >/dev/null 2>&1 || ip link add "$DUMMY_IF" type dummy 2>/dev/null \
+  || ip link add "$DUMMY_IF" type bridge || die "cannot create interface $DUMMY_IF"
 ip addr replace "$NODE_IP/32" dev "$DUMMY_IF"
 ip addr replace "$DNS_IP/32" dev "$DUMMY_IF"
 ip link set "$DUMMY_IF" up
@@ -66,9 +69,20 @@ mount --make-rshared /
 log "certificates and kubeconfigs"
 bash "$HERE/certs.sh"
 
+# Config files are rewritten only when their content changes: kube-proxy exits whenever its file is
+# written, and a component whose config did change must be restarted to pick it up.
+declare -A RESTART=()
+conf() {
+  local comp=$1 file=$2 tmp
+  tmp=$(mktemp "$file.XXXXXX")
+  cat > "$tmp"
+  if cmp -s "$tmp" "$file"; then rm -f "$tmp"; else mv "$tmp" "$file"; [[ -n $comp ]] && RESTART[$comp]=1; fi
+  return 0
+}
+
 mkdir -p "$STATE/cni/net.d" "$STATE/cni/networks" "$STATE/containerd" "$STATE/kubelet" "$STATE/etcd"
 # Pods get routes to the cluster's own ranges only, no default route: they cannot reach the internet.
-cat > "$STATE/cni/net.d/10-ktproxy.conflist" <<JSON
+conf "" "$STATE/cni/net.d/10-ktproxy.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "ktproxy",
@@ -92,7 +106,7 @@ cat > "$STATE/cni/net.d/10-ktproxy.conflist" <<JSON
 }
 JSON
 
-cat > "$CONF/containerd.toml" <<TOML
+conf containerd "$CONF/containerd.toml" <<TOML
 version = 2
 root = "$STATE/containerd/root"
 state = "$STATE/containerd/state"
@@ -107,6 +121,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.k8s.io/pause:3.10"
   disable_apparmor = true
+  # This machine withholds CAP_SYS_RESOURCE even from root, so runc cannot lower oom_score_adj to the
+  # kubelet's -998 for sandboxes ("can't get final child's PID from pipe"); clamp to our own instead.
+  restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -124,8 +141,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     config_path = "$STATE/containerd/certs.d"
 TOML
 
-echo "nameserver $DNS_IP" > "$CONF/resolv.conf"
-cat > "$CONF/kubelet.yaml" <<YAML
+echo "nameserver $DNS_IP" | conf kubelet "$CONF/resolv.conf"
+conf kubelet "$CONF/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -159,7 +176,7 @@ maxPods: 110
 shutdownGracePeriod: 0s
 YAML
 
-cat > "$CONF/kube-proxy.yaml" <<YAML
+conf kube-proxy "$CONF/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: iptables
@@ -175,7 +192,7 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 YAML
 
 # Only cluster.local and the cluster's reverse zones: any other name gets REFUSED, never forwarded.
-cat > "$CONF/Corefile" <<COREFILE
+conf coredns "$CONF/Corefile" <<COREFILE
 $DNS_DOMAIN:53 244.10.in-addr.arpa:53 96.10.in-addr.arpa:53 {
     bind $DNS_IP $NODE_IP
     errors
@@ -192,11 +209,20 @@ COREFILE
 # --- processes ------------------------------------------------------------------------------------
 start() {
   local name=$1; shift
-  if pid=$(pid_of "$name"); then log "$name already running (pid $pid)"; return 0; fi
+  local args_id; args_id=$(printf '%s\n' "$(bin_of "$name")" "$@" | sha256sum | cut -c1-16)
+  [[ "$(cat "$RUN/$name.args" 2>/dev/null)" == "$args_id" ]] || RESTART[$name]=1
+  if pid=$(pid_of "$name"); then
+    if [[ -z ${RESTART[$name]:-} ]]; then log "$name already running (pid $pid)"; return 0; fi
+    log "restarting $name (its flags or configuration changed)"
+    kill -TERM "$pid"
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; sleep 0.2; }
+  fi
   log "starting $name..."
   echo "=== $(date -Is) starting $name" >> "$LOGS/$name.log"
   setsid nohup "$(bin_of "$name")" "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
+  echo "$args_id" > "$RUN/$name.args"
 }
 
 # wait_for WHAT SECONDS COMPONENT CMD...: polls CMD, prints progress, fails with the component's log tail.
@@ -238,6 +264,9 @@ start kube-apiserver --etcd-servers http://127.0.0.1:2379 \
   --kubelet-certificate-authority "$PKI/ca.crt" --kubelet-preferred-address-types InternalIP \
   --service-account-issuer "https://kubernetes.default.svc.$DNS_DOMAIN" \
   --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+  --requestheader-client-ca-file "$PKI/ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
   --profiling=false --v=1
 wait_for "kube-apiserver /readyz" 120 kube-apiserver api_get /readyz
 

@@ -115,7 +115,7 @@ for img in pause:registry.k8s.io/pause:3.10 base:docker.io/ktproxy/base:0.1.0 \
            tomcat:docker.io/library/tomcat:9 shadow:docker.io/ktproxy/shadow:0.1.0; do
   f="${img%%:*}"; name="${img#*:}"
   # The archive's manifest names its config by content hash, so the config file name is the identity.
-  id=$(tar -tf "$OUT/$f.tar" | grep -m1 '\.json$' | grep -v manifest)
+  id=$(cat "$OUT/$f.tar.config")
   if grep -qxF "$name" <<<"$present" && [[ "$(cat "$STATE/images/$f.id" 2>/dev/null)" == "$id" ]]; then
     continue
   fi

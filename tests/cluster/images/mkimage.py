@@ -81,6 +81,15 @@ def main() -> None:
         "RepoTags": args.tag,
         "Layers": [f"{d}/layer.tar" for d in digests],
     }]
+    # The config names every layer digest and setting, so an unchanged name means an unchanged archive.
+    stamp = args.out + ".config"
+    try:
+        with open(stamp) as f:
+            unchanged = f.read().strip() == config_name and os.path.exists(args.out)
+    except OSError:
+        unchanged = False
+    if unchanged:
+        return
     tmp = args.out + ".tmp"
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         add_bytes(tar, config_name, config_bytes)
@@ -93,6 +102,8 @@ def main() -> None:
                     filter=_normalise)
         add_bytes(tar, "manifest.json", json.dumps(manifest).encode())
     os.replace(tmp, args.out)
+    with open(stamp, "w") as f:
+        f.write(config_name + "\n")
     print(f"[images {time.strftime('%H:%M:%S')}] assembled {', '.join(args.tag)} -> {args.out}")
 
 
