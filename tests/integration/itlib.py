@@ -223,6 +223,7 @@ class Launcher:
     workdir: Path
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     counter: int = 0
+    known_tracebacks: set[str] = field(default_factory=set)  # logs of xfail tests for reported bugs
 
     def argv(self, shadow: Shadow, *extra: str, proxy_port: int = 0, dns_port: int = 0,
              identity: Path | None = None) -> tuple[list[str], Path, Path]:
