@@ -23,6 +23,10 @@ from ktproxy.kube.client import Access, KubeClient, KubeError
 log = logging.getLogger("ktproxy.kube.shadow")
 
 DEFAULT_IMAGE = "docker.io/ktproxy/shadow:0.1.0"
+# Our image's layout is our contract, so for it the command is pinned: the pod then works whether the
+# image was assembled with ENTRYPOINT (shadow_image/Dockerfile) or only CMD (tests/cluster's importer).
+# A custom --image keeps its own entrypoint.
+DEFAULT_COMMAND = ["/opt/ktproxy/bin/python", "-m", "shadow_image"]
 SSH_PORT = 2222
 MOUNT_PATH = "/etc/ktproxy"
 NOBODY = 65534  # the shadow only forwards ports; listening on 2222 needs no root
@@ -56,6 +60,7 @@ class ShadowOptions:
     user: str = field(default_factory=meta.local_user)
     role: str = meta.ROLE_CONNECT_SHADOW
     ready_timeout: float = READY_TIMEOUT
+    command: list[str] | None = None  # None: DEFAULT_COMMAND for DEFAULT_IMAGE, else the image's own
 
     @classmethod
     def from_args(cls, args: Any, namespace: str) -> ShadowOptions:
@@ -150,6 +155,9 @@ def build_pod(name: str, secret: str, opts: ShadowOptions, heartbeat: int) -> di
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    command = opts.command or (DEFAULT_COMMAND if opts.image == DEFAULT_IMAGE else None)
+    if command:
+        container["command"] = list(command)
     if opts.quota:
         container["resources"] = {"requests": dict(opts.quota), "limits": dict(opts.quota)}
     spec: dict[str, Any] = {

@@ -88,6 +88,7 @@ def test_default_pod_spec():
     assert c["name"] == "shadow"
     assert c["image"] == DEFAULT_IMAGE == "docker.io/ktproxy/shadow:0.1.0"
     assert c["imagePullPolicy"] == "IfNotPresent"
+    assert c["command"] == ["/opt/ktproxy/bin/python", "-m", "shadow_image"]
     assert c["args"] == [
         "--listen", "0.0.0.0:2222",
         "--authorized-keys", "/etc/ktproxy/authorized_keys",
@@ -122,6 +123,7 @@ def test_pod_spec_honours_flags():
     pod = build_pod("n", "n", opts, 1)
     spec, c = pod["spec"], pod["spec"]["containers"][0]
     assert c["image"] == "registry.local/shadow:dev"
+    assert "command" not in c  # a custom image keeps its own entrypoint
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["serviceAccountName"] == "kt-sa"
     assert spec["automountServiceAccountToken"] is True

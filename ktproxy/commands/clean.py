@@ -1,0 +1,66 @@
+"""`ktctl clean`: remove what a killed or crashed ktctl left in the cluster (stale heartbeat)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, clean, fmt_age
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "clean",
+        parents=[common],
+        help="delete kt objects whose heartbeat is stale",
+        description="Delete the pods, secrets, services and configmaps (label control-by=kt) that no "
+        "running ktctl keeps alive, i.e. whose kt-last-heart-beat is older than the threshold.",
+    )
+    p.add_argument("--dry-run", "--dryRun", dest="dry_run", action="store_true",
+                   help="only print what would be deleted")  # fmt: skip
+    p.add_argument("-A", "--all-namespaces", dest="all_namespaces", action="store_true",
+                   help="look in every namespace (default: the current one)")  # fmt: skip
+    p.add_argument("--threshold-in-minutes", "--thresholdInMinus", dest="threshold", type=float,
+                   default=DEFAULT_THRESHOLD / 60,
+                   help="minutes without heartbeat before an object counts as left behind (default 5)")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from ktproxy.kube.client import KubeClient
+
+    kube = KubeClient.from_args(args)
+    try:
+        namespace = None if args.all_namespaces else kube.namespace
+        if namespace:
+            await kube.check_namespace(namespace)
+        result = await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run)
+    finally:
+        kube.close()
+    verb = "Would delete" if args.dry_run else "Deleted"
+    for obj in result.removed:
+        idle = obj.heartbeat_age(result.now)
+        why = (
+            f"last heartbeat {fmt_age(idle)} ago"
+            if idle is not None
+            else f"no heartbeat, age {fmt_age(obj.age(result.now))}"
+        )
+        print(f"{verb} {obj.kind} {obj.namespace}/{obj.name} (user {obj.user or 'unknown'}, {why})")
+    for line in result.recovered:
+        print(line)
+    for obj, err in result.failed:
+        print(f"Could not delete {obj.kind} {obj.namespace}/{obj.name}: {err}")
+    where = "in all namespaces" if namespace is None else f"in namespace {namespace}"
+    if not result.removed and not result.recovered and not result.failed:
+        active = f" ({len(result.kept)} kt object(s) still active)" if result.kept else ""
+        print(f"Nothing to clean {where}{active}")
+    elif args.dry_run:
+        print(
+            f"{len(result.removed)} object(s) would be deleted {where}; run without --dry-run to delete them"
+        )
+    return 1 if result.failed else 0

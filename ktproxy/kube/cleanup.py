@@ -1,0 +1,209 @@
+"""Finding what ktproxy left in the cluster (label control-by=kt) and removing what is stale.
+
+No local state: an object is stale when its kt-last-heart-beat (cluster time) is older than the
+threshold; an object without one (created by an older tool, or a crash before the first stamp) counts
+from its creationTimestamp. Objects ktproxy changed but does not own (a service whose selector exchange
+rewrote, a deployment scale mode set to 0) are restored by hooks the commands that changed them register.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from ktproxy.kube import meta
+from ktproxy.kube.client import Access, KubeClient, KubeError
+
+log = logging.getLogger("ktproxy.kube.cleanup")
+
+DEFAULT_THRESHOLD = 300.0  # seconds; kt-connect's clean threshold, 5 heartbeats of margin
+# Deletion order: what routes traffic first, then pods, then what pods mount.
+KINDS = ("service", "configmap", "pod", "deployment", "secret")
+
+
+@dataclass
+class KtObject:
+    kind: str
+    namespace: str
+    name: str
+    role: str | None = None
+    user: str | None = None
+    created: datetime | None = None
+    heartbeat: int | None = None  # epoch seconds, cluster time
+    owned_by_pod: bool = False  # a Secret its pod owns goes away with the pod (garbage collector)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    def age(self, now: datetime) -> float | None:
+        return (now - self.created).total_seconds() if self.created else None
+
+    def heartbeat_age(self, now: datetime) -> float | None:
+        return now.timestamp() - self.heartbeat if self.heartbeat is not None else None
+
+    def idle(self, now: datetime) -> float | None:
+        """Seconds since the last sign of life: the heartbeat, else the creation."""
+        hb = self.heartbeat_age(now)
+        return hb if hb is not None else self.age(now)
+
+
+def _parse_heartbeat(value: str | None) -> int | None:
+    try:
+        return int(str(value).strip()) if value else None
+    except ValueError:
+        return None
+
+
+def _to_object(kind: str, item) -> KtObject:
+    md = item.metadata
+    ann = md.annotations or {}
+    labels = md.labels or {}
+    owners = md.owner_references or []
+    return KtObject(
+        kind=kind,
+        namespace=md.namespace,
+        name=md.name,
+        role=labels.get(meta.KT_ROLE),
+        user=ann.get(meta.KT_USER),
+        created=md.creation_timestamp,
+        heartbeat=_parse_heartbeat(ann.get(meta.KT_LAST_HEART_BEAT)),
+        owned_by_pod=any(o.kind == "Pod" for o in owners),
+    )
+
+
+def _listers(kube: KubeClient, kind: str) -> tuple[Callable, Callable]:
+    c, a = kube.core, kube.apps
+    return {
+        "pod": (c.list_namespaced_pod, c.list_pod_for_all_namespaces),
+        "secret": (c.list_namespaced_secret, c.list_secret_for_all_namespaces),
+        "service": (c.list_namespaced_service, c.list_service_for_all_namespaces),
+        "configmap": (c.list_namespaced_config_map, c.list_config_map_for_all_namespaces),
+        "deployment": (a.list_namespaced_deployment, a.list_deployment_for_all_namespaces),
+    }[kind]
+
+
+def _deleter(kube: KubeClient, kind: str) -> Callable:
+    c, a = kube.core, kube.apps
+    return {
+        "pod": c.delete_namespaced_pod,
+        "secret": c.delete_namespaced_secret,
+        "service": c.delete_namespaced_service,
+        "configmap": c.delete_namespaced_config_map,
+        "deployment": a.delete_namespaced_deployment,
+    }[kind]
+
+
+async def list_objects(
+    kube: KubeClient, namespace: str | None, kinds: tuple[str, ...] = KINDS
+) -> list[KtObject]:
+    """Every control-by=kt object of `kinds` in `namespace` (None: all namespaces)."""
+
+    async def one(kind: str) -> list[KtObject]:
+        namespaced, everywhere = _listers(kube, kind)
+        plural = "deployments.apps" if kind == "deployment" else f"{kind}s"
+        if namespace is None:
+            resp = await kube.call(everywhere, label_selector=meta.SELECTOR, access=Access("list", plural))
+        else:
+            resp = await kube.call(
+                namespaced, namespace, label_selector=meta.SELECTOR, access=Access("list", plural, namespace)
+            )
+        return [_to_object(kind, item) for item in resp.items or []]
+
+    results = await asyncio.gather(*(one(k) for k in kinds))
+    objs = [o for group in results for o in group]
+    order = {k: i for i, k in enumerate(KINDS)}
+    objs.sort(key=lambda o: (o.namespace, order.get(o.kind, 99), o.name))
+    return objs
+
+
+def stale(objs: list[KtObject], now: datetime, threshold: float = DEFAULT_THRESHOLD) -> list[KtObject]:
+    """Objects idle for longer than `threshold` seconds."""
+    return [o for o in objs if (o.idle(now) or 0) > threshold]
+
+
+# A recover hook undoes a change to an object ktproxy does not own (exchange's selector rewrite,
+# scale mode's replicas=0). It gets (kube, namespace or None, now, threshold, dry_run) and returns one
+# human-readable line per action it took (or would take).
+RecoverHook = Callable[[KubeClient, str | None, datetime, float, bool], Awaitable[list[str]]]
+RECOVER_HOOKS: list[RecoverHook] = []
+
+
+def register_recover_hook(hook: RecoverHook) -> None:
+    if hook not in RECOVER_HOOKS:
+        RECOVER_HOOKS.append(hook)
+
+
+async def delete_object(kube: KubeClient, obj: KtObject) -> bool:
+    """Delete one object; False if it was already gone."""
+    plural = "deployments.apps" if obj.kind == "deployment" else f"{obj.kind}s"
+    try:
+        await kube.call(
+            _deleter(kube, obj.kind),
+            obj.name,
+            obj.namespace,
+            grace_period_seconds=0,
+            access=Access("delete", plural, obj.namespace),
+        )
+        return True
+    except KubeError as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+@dataclass
+class CleanResult:
+    now: datetime
+    removed: list[KtObject]
+    kept: list[KtObject]
+    recovered: list[str]
+    failed: list[tuple[KtObject, str]]
+
+
+async def clean(
+    kube: KubeClient,
+    namespace: str | None,
+    threshold: float = DEFAULT_THRESHOLD,
+    dry_run: bool = False,
+) -> CleanResult:
+    """Delete (or, with dry_run, only list) stale kt objects, then run the recover hooks."""
+    now = await kube.cluster_time()
+    objs = await list_objects(kube, namespace)
+    doomed = stale(objs, now, threshold)
+    kept = [o for o in objs if o not in doomed]
+    removed: list[KtObject] = []
+    failed: list[tuple[KtObject, str]] = []
+    for obj in doomed:
+        if dry_run:
+            removed.append(obj)
+            continue
+        try:
+            await delete_object(kube, obj)
+            removed.append(obj)
+        except KubeError as exc:
+            failed.append((obj, str(exc)))
+    recovered: list[str] = []
+    for hook in RECOVER_HOOKS:
+        recovered += await hook(kube, namespace, now, threshold, dry_run)
+    return CleanResult(now, removed, kept, recovered, failed)
+
+
+def fmt_age(seconds: float | None) -> str:
+    """kubectl-style short age: 45s, 7m, 2h13m, 3d4h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    m = s // 60
+    if m < 60:
+        return f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if h else f"{d}d"

@@ -1,0 +1,73 @@
+"""Heartbeats: the kt-last-heart-beat annotation (epoch seconds, cluster time) on every object we keep.
+
+`clean` deletes objects whose heartbeat is older than its threshold, so a killed ktctl is swept up while
+a live one never is. Cluster time (an API response's Date header) makes this immune to laptop clock skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from ktproxy.kube import meta
+from ktproxy.kube.client import Access, KubeClient, KubeError
+
+log = logging.getLogger("ktproxy.kube.heartbeat")
+
+INTERVAL = 60.0  # clean's default threshold is 5 minutes: several missed beats before a sweep
+
+# (kind, namespace, name); kind is one of KINDS
+ObjectRef = tuple[str, str, str]
+KINDS = ("pod", "secret", "service", "configmap", "deployment")
+
+
+def _patcher(kube: KubeClient, kind: str) -> Callable[..., object]:
+    return {
+        "pod": kube.core.patch_namespaced_pod,
+        "secret": kube.core.patch_namespaced_secret,
+        "service": kube.core.patch_namespaced_service,
+        "configmap": kube.core.patch_namespaced_config_map,
+        "deployment": kube.apps.patch_namespaced_deployment,
+    }[kind]
+
+
+def heartbeat_patch(epoch: int) -> dict:
+    return {"metadata": {"annotations": {meta.KT_LAST_HEART_BEAT: str(epoch)}}}
+
+
+async def beat_once(kube: KubeClient, objects: Iterable[ObjectRef]) -> int:
+    """Stamp every object with the current cluster time; returns how many were stamped.
+
+    Failures are logged, not raised: a missed beat is harmless, killing connect over one is not.
+    A 404 means the object is gone (the session's reconnect logic deals with that).
+    """
+    objects = list(objects)
+    if not objects:
+        return 0
+    now = int((await kube.cluster_time()).timestamp())
+    body = heartbeat_patch(now)
+    done = 0
+    for kind, ns, name in objects:
+        try:
+            await kube.call(_patcher(kube, kind), name, ns, body, access=Access("patch", f"{kind}s", ns))
+            done += 1
+        except KubeError as exc:
+            if exc.status == 404:
+                log.debug("heartbeat: %s %s/%s is gone", kind, ns, name)
+            else:
+                log.warning("heartbeat for %s %s/%s failed: %s", kind, ns, name, exc)
+    return done
+
+
+async def heartbeat_loop(
+    kube: KubeClient, objects: Callable[[], Iterable[ObjectRef]], interval: float = INTERVAL
+) -> None:
+    """Beat every `interval` seconds until cancelled; `objects()` is re-read each time (pods get replaced)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            n = await beat_once(kube, objects())
+            log.debug("heartbeat: %d object(s) stamped", n)
+        except KubeError as exc:  # API server briefly unreachable: try again next round
+            log.warning("heartbeat failed: %s", exc)
