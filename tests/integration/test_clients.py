@@ -263,3 +263,11 @@ def test_post_then_get_keep_alive(dataplane):
     assert r.returncode == 0, r.stderr
     assert "got 3 bytes" in r.stdout and "path=/whoami?next" in r.stdout
     assert "Re-using existing connection" in r.stderr
+
+
+def test_run_command_not_found(launcher, shadow):
+    res = launcher.run(shadow, "--dns-port", "-1", "--", "no-such-command-ktproxy")
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if " ERR " in line]
+    assert len(errors) == 1 and "no-such-command-ktproxy" in errors[0], res.stderr

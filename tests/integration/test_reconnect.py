@@ -52,6 +52,11 @@ def test_shadow_restart_recovers(launcher, own_shadow, sig):
                  "http://tomcat:8080/")
         assert r.stdout == "502", (r.stdout, r.stderr)
         assert time.monotonic() - started < 10
+        # ...and the DNS stub answers SERVFAIL for cluster names rather than timing out.
+        import subprocess
+        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(plane.dns_port), "+time=8", "+tries=1",
+                              "demo.demo"], capture_output=True, text=True, timeout=30).stdout
+        assert "status: SERVFAIL" in out, out
 
         own_shadow.start()  # same address, same keys
         restarted = time.monotonic()
@@ -64,7 +69,6 @@ def test_shadow_restart_recovers(launcher, own_shadow, sig):
         assert time.monotonic() - restarted < 5, f"took {time.monotonic() - restarted:.1f} s"
         assert TOMCAT_MARKER in get(plane, "--socks5-hostname", plane.socks)
         # The DNS stub's tunnel streams recover too.
-        import subprocess
         out = subprocess.run(["dig", "@127.0.0.1", "-p", str(plane.dns_port), "+short", "+time=5", "+tries=2",
                               "tomcat"], capture_output=True, text=True, timeout=30).stdout
         assert out.strip() == "10.251.0.10", plane.log_text()[-3000:]

@@ -186,3 +186,22 @@ def test_nothing_leaks_after_aborted_streams(dataplane, shadow):
         now = settle()
     assert now[0] <= base[0] + 2, f"data plane fds {base[0]} -> {now[0]}"
     assert now[1] <= base[1] + 2, f"shadow fds {base[1]} -> {now[1]}"
+
+
+def test_optimistic_clients(dataplane):
+    """Clients that send their data without waiting for the proxy's replies (one write)."""
+    payload = b"early data"
+    with socket.create_connection(("127.0.0.1", dataplane.proxy_port), timeout=15) as s:
+        s.sendall(b"CONNECT tomcat:%d HTTP/1.1\r\nHost: tomcat\r\n\r\n" % HALFCLOSE_PORT + payload)
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(f"got {len(payload)} bytes sha256={hashlib.sha256(payload).hexdigest()}\n".encode())
+    name = b"tomcat"
+    with socket.create_connection(("127.0.0.1", dataplane.proxy_port), timeout=15) as s:
+        s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name
+                  + HALFCLOSE_PORT.to_bytes(2, "big") + payload)
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)
+    assert answer[:4] == b"\x05\x00\x05\x00"
+    assert answer.endswith(f"got {len(payload)} bytes sha256={hashlib.sha256(payload).hexdigest()}\n".encode())
