@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -20,6 +21,18 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorizati
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            407: "Proxy Authentication Required", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 504: "Gateway Timeout", 501: "Not Implemented"}
+
+
+# RFC 9110 5.1: a field name is a token
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# Bare CR/LF or NUL inside a line: a lenient origin would see a line break we did not (smuggling).
+_BAD_IN_LINE = re.compile(r"[\r\n\x00]")
+
+
+def _is_digits(s: str) -> bool:
+    """ASCII decimal digits only: str.isdigit() also accepts latin-1 superscripts int() refuses."""
+    return s.isascii() and s.isdigit()
 
 
 class HTTPError(Exception):
@@ -78,26 +91,23 @@ class Response(Message):
         return int(self.start[1])
 
 
-def _parse_head(data: bytes) -> tuple[tuple[str, str, str], list[tuple[str, str]]]:
-    try:
-        text = data.decode("latin-1")
-    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes anything
-        raise HTTPError(400, "undecodable head") from exc
+def _parse_head(data: bytes, status: int = 400) -> tuple[str, list[tuple[str, str]]]:
+    """The start line and the header fields of a head; malformed input raises HTTPError(status)."""
+    text = data.decode("latin-1")  # decodes any byte string
     lines = text.split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) != 3 or not all(parts[:2]):
-        raise HTTPError(400, f"malformed start line {lines[0][:80]!r}")
+    if _BAD_IN_LINE.search(lines[0]):
+        raise HTTPError(status, f"malformed start line {lines[0][:80]!r}")
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         if line[0] in " \t":
-            raise HTTPError(400, "obsolete header folding")
+            raise HTTPError(status, "obsolete header folding")
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or any(c in name for c in " \t"):
-            raise HTTPError(400, f"malformed header line {line[:80]!r}")
-        headers.append((name, value.strip()))
-    return (parts[0], parts[1], parts[2]), headers
+        if not sep or not _TOKEN.fullmatch(name) or _BAD_IN_LINE.search(value):
+            raise HTTPError(status, f"malformed header line {line[:80]!r}")
+        headers.append((name, value.strip(" \t")))
+    return lines[0], headers
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
@@ -121,23 +131,29 @@ async def read_request(reader: asyncio.StreamReader, first: bytes = b"") -> Requ
         if first:
             raise HTTPError(400, "connection closed mid-request")
         return None
-    start, headers = _parse_head(first + head)
-    method, target, version = start
+    line, headers = _parse_head(first + head, 400)
+    parts = line.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise HTTPError(400, f"malformed start line {line[:80]!r}")
+    method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         raise HTTPError(400, f"unsupported version {version[:20]!r}")
-    if not method.isalpha() or not method.isupper():
+    if not (method.isascii() and method.isalpha() and method.isupper()):
         raise HTTPError(400, f"bad method {method[:20]!r}")
-    return Request(start, headers)
+    return Request((method, target, version), headers)
 
 
 async def read_response(reader: asyncio.StreamReader) -> Response:
     head = await _read_head(reader)
     if head is None:
         raise HTTPError(502, "upstream closed without a response")
-    start, headers = _parse_head(head)
-    if not start[0].startswith("HTTP/1.") or not start[1].isdigit() or len(start[1]) != 3:
-        raise HTTPError(502, "malformed upstream status line")
-    return Response(start, headers)
+    line, headers = _parse_head(head, 502)
+    # status-line = HTTP-version SP 3DIGIT SP [reason]; "HTTP/1.1 200" without the SP is common
+    parts = line.split(" ", 2)
+    if (len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not _is_digits(parts[1])
+            or len(parts[1]) != 3):
+        raise HTTPError(502, f"malformed upstream status line {line[:80]!r}")
+    return Response((parts[0], parts[1], parts[2] if len(parts) == 3 else ""), headers)
 
 
 def split_authority(authority: str, default_port: int) -> tuple[str, int]:
@@ -155,7 +171,7 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
         raise HTTPError(400, f"bad authority {authority!r}")
     if not port_s:
         return host, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    if not _is_digits(port_s) or len(port_s) > 5 or not 0 < int(port_s) < 65536:
         raise HTTPError(400, f"bad port in {authority!r}")
     return host, int(port_s)
 
@@ -199,24 +215,32 @@ def simple_response(status: int, body: str = "", headers: list[tuple[str, str]] 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
 
+def host_header(host: str, port: int) -> str:
+    """The Host value for host:port (IPv6 literals in brackets, the default port left out)."""
+    h = f"[{host}]" if ":" in host else host
+    return h if port == 80 else f"{h}:{port}"
+
+
 def upstream_head(req: Request, path: str, host: str, port: int) -> bytes:
-    """The request as the origin server sees it: origin-form, no proxy hop-by-hop headers."""
+    """The request as the origin server sees it: origin-form, no proxy hop-by-hop headers.
+
+    Host is rebuilt from the absolute-form target (RFC 9112 3.2.2: a proxy MUST ignore a received
+    Host and use the target's authority), so the origin never sees a Host the proxy did not route.
+    """
     upgrade = req.get("upgrade") if "upgrade" in req.tokens("connection") else None
     listed = req.tokens("connection") - {"upgrade", "keep-alive", "close"}
-    lines = [f"{req.method} {path} {req.version}"]
-    has_host = False
+    lines = [f"{req.method} {path} {req.version}", f"Host: {host_header(host, port)}"]
     for k, v in req.headers:
         lk = k.lower()
-        if lk in HOP_BY_HOP or lk in listed:
+        if lk in HOP_BY_HOP or lk in listed or lk == "host":
             continue
-        has_host |= lk == "host"
         lines.append(f"{k}: {v}")
-    if not has_host:
-        lines.append(f"Host: {host}" + ("" if port == 80 else f":{port}"))
     if upgrade:
         lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
     elif not req.keep_alive():
         lines.append("Connection: close")
+    elif req.version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")  # HTTP/1.0 closes unless asked not to
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -242,17 +266,19 @@ def body_length(msg: Message, *, is_response: bool, request_method: str = "") ->
         status = msg.start[1]
         if request_method == "HEAD" or status.startswith("1") or status in ("204", "304"):
             return 0
-    te = msg.tokens("transfer-encoding")
-    if te:
-        if "chunked" in te:
-            return -1
-        if not is_response:
-            raise HTTPError(400, "unsupported transfer-encoding")
-        return None
+    codings = [t.strip().lower() for v in msg.get_all("transfer-encoding") for t in v.split(",") if t.strip()]
     cl = msg.get_all("content-length")
+    if codings:
+        if is_response:  # chunked only counts as the final coding; otherwise the body ends at close
+            return -1 if codings[-1] == "chunked" else None
+        if codings[-1] != "chunked":
+            raise HTTPError(400, "unsupported transfer-encoding (chunked must come last)")
+        if cl:  # RFC 9112 6.3: both framings at once is how requests are smuggled
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        return -1
     if cl:
         values = {v.strip() for v in cl}
-        if len(values) != 1 or not next(iter(values)).isdigit():
+        if len(values) != 1 or not _is_digits(next(iter(values))):
             raise HTTPError(400 if not is_response else 502, "bad Content-Length")
         return int(next(iter(values)))
     return None if is_response else 0
@@ -277,21 +303,35 @@ async def copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
             await writer.drain()
         return
     while True:
-        line = await reader.readuntil(b"\r\n")
+        line = await _read_line(reader)
         writer.write(line)
-        size_s = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_s, 16)
-        except ValueError as exc:
-            raise HTTPError(400, "bad chunk size") from exc
+        size_s = line[:-2].split(b";", 1)[0].strip(b" \t")
+        if not _HEX.fullmatch(size_s):
+            raise HTTPError(400, f"bad chunk size {size_s[:20]!r}")
+        size = int(size_s, 16)
         if size == 0:
             while True:  # trailers, then the empty line
-                trailer = await reader.readuntil(b"\r\n")
+                trailer = await _read_line(reader)
                 writer.write(trailer)
                 if trailer == b"\r\n":
                     await writer.drain()
                     return
-        await copy_body(reader, writer, size + 2, chunk)
+        await copy_body(reader, writer, size, chunk)
+        end = await reader.readexactly(2)
+        if end != b"\r\n":
+            raise HTTPError(400, "chunk data not followed by CRLF")
+        writer.write(end)
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    """One CRLF-terminated line of chunked framing, without bare CR/LF inside it."""
+    try:
+        line = await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError as exc:
+        raise HTTPError(400, "chunk line too long") from exc
+    if b"\n" in line[:-2] or b"\r" in line[:-2]:
+        raise HTTPError(400, "bare CR or LF in chunked framing")
+    return line
 
 
 def basic_credentials(value: str | None) -> tuple[str, str] | None:
