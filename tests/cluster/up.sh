@@ -223,6 +223,7 @@ start() {
   setsid nohup "$(bin_of "$name")" "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
   echo "$args_id" > "$RUN/$name.args"
+  date +%s > "$RUN/$name.started"
 }
 
 # wait_for WHAT SECONDS COMPONENT CMD...: polls CMD, prints progress, fails with the component's log tail.
@@ -326,7 +327,13 @@ subsets:
   - {name: dns-tcp, port: 53, protocol: TCP}
 YAML
 
-node_ready() { [[ $(kc get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == True ]]; }
+# The Node object keeps Ready=True from before a cluster-down: only a heartbeat from this kubelet counts.
+node_ready() {
+  local st hb
+  read -r st hb < <(kc get node "$NODE_NAME" \
+    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}')
+  [[ $st == True ]] && (( $(date -d "$hb" +%s) >= $(cat "$RUN/kubelet.started" 2>/dev/null || echo 0) ))
+}
 wait_for "node $NODE_NAME Ready" 120 kubelet node_ready
 dns_ok() { [[ -n $(dig +short +time=2 +tries=1 "@$DNS_IP" "kubernetes.default.svc.$DNS_DOMAIN") ]]; }
 wait_for "CoreDNS answering on $DNS_IP" 60 coredns dns_ok
