@@ -65,15 +65,18 @@ class ClusterRules:
         return self.is_cluster_ip(host) or self.is_cluster_name(host)
 
     def via_tunnel(self, host: str) -> bool:
-        """True when a connection to `host` must be carried by the shadow pod."""
-        if self.route_all:
-            return not _is_loopback(host)
-        return self.is_cluster(host)
+        """True when a connection to `host` must be carried by the shadow pod (never loopback: the
+        user's own machine, even if a CIDR given on the command line happens to cover it)."""
+        if _is_loopback(host):
+            return False
+        return self.route_all or self.is_cluster(host)
 
     # -- names -----------------------------------------------------------------------------------
     def qualify(self, host: str) -> str:
         """The fully-qualified cluster name for `host`, as the pod's search list would resolve it."""
         name = normalise_name(host)
+        if parse_ip(name) is not None:
+            return host
         labels = name.split(".")
         if name.endswith("." + self.domain):
             return name
