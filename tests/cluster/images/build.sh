@@ -5,7 +5,9 @@
 #   registry.k8s.io/pause:3.10        static pause binary (the pod sandbox)
 #   docker.io/ktproxy/base:0.1.0      Debian bookworm minbase + python3 (for test pods)
 #   docker.io/library/tomcat:9        demo-http, a STAND-IN for the quickstart's tomcat (not Tomcat)
-#   docker.io/ktproxy/shadow:0.1.0    base + /opt/ktproxy venv (asyncssh, uvloop, dnslib) + shadow_image
+#   docker.io/ktproxy/shadow:0.1.0    base + /opt/ktproxy venv (asyncssh, uvloop, dnslib) + shadow_image;
+#                                     ENTRYPOINT python -m shadow_image, so a pod's `args` are its flags
+#                                     and a pod's `command` still replaces it entirely
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../../.." && pwd)"
@@ -103,7 +105,7 @@ mk --tag docker.io/library/tomcat:9 --layer "$ROOT/../base-layer.tar" --layer "$
    --cmd '["/usr/bin/python3", "/usr/local/bin/demo-http"]' --out "$OUT/tomcat.tar" >/dev/null
 mk --tag docker.io/ktproxy/shadow:0.1.0 --layer "$ROOT/../base-layer.tar" --layer "$OUT/venv-layer.tar" \
    --layer "$OUT/app-layer.tar" --env LANG=C.UTF-8 --env PYTHONUNBUFFERED=1 \
-   --cmd '["/opt/ktproxy/bin/python", "-m", "shadow_image"]' --out "$OUT/shadow.tar" >/dev/null
+   --entrypoint '["/opt/ktproxy/bin/python", "-m", "shadow_image"]' --out "$OUT/shadow.tar" >/dev/null
 
 # --- import -------------------------------------------------------------------------------------
 if [[ ! -S "$SOCK" ]] || ! ctr -a "$SOCK" version >/dev/null 2>&1; then

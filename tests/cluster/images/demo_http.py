@@ -8,6 +8,7 @@ Anything missing is a 404, as it is before ROOT exists.
 import mimetypes
 import os
 import posixpath
+import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -63,6 +64,8 @@ class Server(ThreadingHTTPServer):
 
 
 def main():
+    # As PID 1 Python gets no default SIGTERM action; without this every pod delete waits out its grace.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     srv = Server(("0.0.0.0", PORT), Handler)
     sys.stderr.write(f"demo-http: serving {DOCROOT} on :{PORT}\n")
     srv.serve_forever()
