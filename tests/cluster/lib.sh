@@ -40,7 +40,8 @@ bin_of() {
 }
 
 log() { echo "[cluster $(date +%H:%M:%S)] $*"; }
-die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
+DIED=0
+die() { echo "[cluster] ERROR: $*" >&2; DIED=1; exit 1; }
 
 # Alive only if the pid in the file runs the binary we started: a recycled pid is not ours.
 pid_of() {

@@ -6,11 +6,16 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 T0=$SECONDS
-trap 'rc=$?; [[ $rc == 0 ]] || echo "[cluster] ERROR: cluster-up failed (exit $rc); logs in $LOGS" >&2' EXIT
+# die() already printed its one line; anything else that stops the script gets one here.
+trap 'rc=$?; [[ $rc == 0 || $DIED == 1 ]] || echo "[cluster] ERROR: cluster-up failed (exit $rc); logs in $LOGS" >&2' EXIT
 
 [[ $(id -u) == 0 ]] || die "cluster-up needs root (interfaces, routes, iptables, mounts)"
 [[ $(uname -s) == Linux ]] || die "the local cluster runs on Linux only"
-mkdir -p "$RUN" "$LOGS" "$CONF" "$STATE/images"
+mkdir -p "$RUN" "$LOGS" "$CONF" "$STATE/images" "$CACHE"
+for d in "$STATE" "$CACHE"; do
+  free_mb=$(( $(df -Pk "$d" | awk 'NR==2{print $4}') / 1024 ))
+  (( free_mb >= 2048 )) || die "only $free_mb MB free under $d; the cluster needs at least 2 GB (8 GB for a cold build)"
+done
 
 # --- prerequisites --------------------------------------------------------------------------------
 log "checking Debian packages"
