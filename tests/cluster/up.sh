@@ -54,16 +54,20 @@ for net in "$POD_CIDR" "$SERVICE_GUARD" "$NODE_NET"; do ip route replace unreach
 ip route replace "$SERVICE_CIDR" dev "$BRIDGE_IF" src "$POD_GW"
 sysctl_set net.bridge.bridge-nf-call-iptables 1
 prev_fwd=$(awk -F= '$1=="net.ipv4.ip_forward"{print $2}' "$RUN/sysctl.saved" 2>/dev/null || true)
+prev_fwd=${prev_fwd:-$(cat /proc/sys/net/ipv4/ip_forward)}
 sysctl_set net.ipv4.ip_forward 1
-# Forwarding is on for pod<->service traffic only. If the host did not forward before, forward nothing
-# else; otherwise at least keep the bridge from talking to any other interface.
+# Forwarding is on for pod<->service traffic only: the bridge forwards to itself and nowhere else.
+# If the host did not forward before, it also must not start routing for its uplinks because of us.
+# (Other bridges/veths on the host, e.g. test network namespaces, are left alone.)
 iptables -t mangle -N "$GUARD_CHAIN" 2>/dev/null || iptables -t mangle -F "$GUARD_CHAIN"
 iptables -t mangle -A "$GUARD_CHAIN" -i "$BRIDGE_IF" -o "$BRIDGE_IF" -j RETURN
-if [[ "${prev_fwd:-0}" == 0 ]]; then
-  iptables -t mangle -A "$GUARD_CHAIN" -j DROP
-else
-  iptables -t mangle -A "$GUARD_CHAIN" -i "$BRIDGE_IF" -j DROP
-  iptables -t mangle -A "$GUARD_CHAIN" -o "$BRIDGE_IF" -j DROP
+iptables -t mangle -A "$GUARD_CHAIN" -i "$BRIDGE_IF" -j DROP
+iptables -t mangle -A "$GUARD_CHAIN" -o "$BRIDGE_IF" -j DROP
+if [[ "$prev_fwd" == 0 ]]; then
+  for up in $(ip -o route show default | awk '{for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1)}' | sort -u); do
+    iptables -t mangle -A "$GUARD_CHAIN" -i "$up" -j DROP
+    iptables -t mangle -A "$GUARD_CHAIN" -o "$up" -j DROP
+  done
 fi
 iptables -t mangle -C FORWARD -j "$GUARD_CHAIN" 2>/dev/null || iptables -t mangle -I FORWARD 1 -j "$GUARD_CHAIN"
 # The kubelet needs shared mount propagation for its volume mounts, and /dev/kmsg for its OOM watcher.
