@@ -250,21 +250,19 @@ def pod_state(pod: V1Pod) -> PodState:
 
 
 async def _last_log_line(kube: KubeClient, ns: str, name: str) -> str | None:
-    for previous in (True, False):
+    """The container's last log line: the current container (terminated: Error), else the previous one
+    (waiting: CrashLoopBackOff). The kubelet answers "unable to retrieve container logs ..." with 200
+    when a container is already gone; that is not the container's output."""
+    for previous in (False, True):
         try:
             text = await kube.call(
-                kube.core.read_namespaced_pod_log,
-                name,
-                ns,
-                container="shadow",
-                tail_lines=5,
-                previous=previous,
+                kube.core.read_namespaced_pod_log, name, ns, container="shadow", tail_lines=5, previous=previous
             )
         except KtError:
             continue
-        lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1].strip()
+        lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+        if lines and not lines[-1].startswith("unable to retrieve container logs"):
+            return lines[-1]
     return None
 
 
