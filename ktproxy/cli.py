@@ -15,8 +15,13 @@ from ktproxy.log import setup_logging
 COMMANDS = ["connect", "clean", "status"]
 
 
-def _common_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """Global flags, accepted before and after the command name.
+
+    The copy given to sub-commands uses SUPPRESS defaults: otherwise argparse would overwrite a flag
+    given before the command (`ktctl -n ns connect`) with the sub-parser's default.
+    """
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if suppress else None)
     g = common.add_argument_group("global options")
     g.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's, else default)")
     g.add_argument("--kubeconfig", help="path to the kubeconfig file")
@@ -33,13 +38,13 @@ def _common_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_parser()
     parser = argparse.ArgumentParser(
-        prog="ktctl", parents=[common],
+        prog="ktctl", parents=[_common_parser()],
         description="Reach a Kubernetes cluster from your laptop without root (kt-connect compatible).",
     )
     parser.add_argument("--version", action="version", version=f"ktctl (ktproxy) {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    common = _common_parser(suppress=True)
     for name in COMMANDS:
         importlib.import_module(f"ktproxy.commands.{name}").register(sub, common)
     return parser
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
+    if not getattr(args, "subcommand", None):
         parser.print_help()
         return 2
     setup_logging(args.debug)

@@ -108,7 +108,7 @@ async def _main(args: argparse.Namespace, credentials: tuple[str, str] | None) -
         rules.domain = found.domain
         rules.cidrs = found.cidrs + _extra_cidrs(args.include_ips)
         rules.add_namespaces(found.namespaces)
-        settings.cluster_dns = found.dns
+        settings.cluster_dns = (found.dns, 53) if found.dns else None
         await plane.start()
         await _until_stopped(stopper, shadow.start(timeout=args.timeout))
         await _until_stopped(stopper, tunnel.start())

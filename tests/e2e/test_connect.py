@@ -231,7 +231,7 @@ def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfi
     os.killpg(c.proc.pid, signal.SIGKILL)
     c.proc.wait()
     assert kt_objects(), "objects should remain after SIGKILL"
-    r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "clean", "--expire", "0"],
+    r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "clean", "--threshold-in-minutes", "0"],
                        capture_output=True, text=True, timeout=120, user=unprivileged_user.pw_uid)
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.monotonic() + 60
