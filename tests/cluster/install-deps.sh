@@ -3,7 +3,7 @@
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables iproute2 conntrack socat ethtool
       dnsutils curl openssl debootstrap openssh-server openssh-client nginx-light chromium
-      procps psmisc util-linux kmod)
+      procps psmisc util-linux kmod gcc libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then

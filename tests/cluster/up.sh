@@ -20,6 +20,11 @@ done
 # --- prerequisites --------------------------------------------------------------------------------
 log "checking Debian packages"
 bash "$HERE/install-deps.sh" || die "installing Debian packages failed"
+all_cached=1
+for c in "${COMPONENTS[@]}" kubectl; do [[ $c == containerd || -x "$BIN/$c" ]] || all_cached=0; done
+if (( ! all_cached )) && ! command -v go >/dev/null; then
+  die "no Go toolchain on PATH: building Kubernetes $K8S_VERSION from source needs Go >= 1.24 (Debian's golang-go is too old)"
+fi
 log "checking Kubernetes binaries (cached in $BIN; a cold build takes 10-30 minutes)"
 bash "$HERE/build-k8s.sh" 2>&1 | sed -u 's/^/  /' || true
 for c in "${COMPONENTS[@]}" kubectl; do
