@@ -365,3 +365,24 @@ async def test_asyncssh_over_tunnel(tmp_path):
             writer.close()
     ssh_server.close()
     echo_server.close()
+
+
+async def test_under_uvloop_too():
+    """connect runs on uvloop: the transport (and TCP_NODELAY on uvloop's socket wrapper) must work there."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body():
+        server, port = await _tcp_server(_echo)
+        async with FakeKubelet() as kubelet:
+            reader, writer = await open_stream(kubelet.kube(), "team", "shadow", port)
+            sock = writer.transport.get_extra_info("websocket").transport.get_extra_info("socket")
+            import socket as _s
+
+            assert sock.getsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY)
+            payload = os.urandom(3 * 1024 * 1024)
+            writer.write(payload)
+            assert await reader.readexactly(len(payload)) == payload
+            writer.close()
+        server.close()
+
+    await asyncio.to_thread(uvloop.run, body())

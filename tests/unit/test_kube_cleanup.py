@@ -1,0 +1,71 @@
+"""Stale-object decisions, age formatting, discovery parsing, status table (no cluster needed)."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime, timedelta
+
+from ktproxy.commands.status import render
+from ktproxy.kube.cleanup import KtObject, fmt_age, stale
+from ktproxy.kube.discovery import ClusterInfo, covering, parse_service_range_error
+from ktproxy.kube.heartbeat import heartbeat_patch
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def _obj(name, hb_ago=None, created_ago=3600.0, kind="pod"):
+    return KtObject(
+        kind=kind,
+        namespace="ns",
+        name=name,
+        role="shadow-connect",
+        user="alice",
+        created=NOW - timedelta(seconds=created_ago),
+        heartbeat=int(NOW.timestamp() - hb_ago) if hb_ago is not None else None,
+    )
+
+
+def test_stale_uses_heartbeat_else_creation():
+    fresh = _obj("fresh", hb_ago=30)
+    old = _obj("old", hb_ago=301)
+    never_new = _obj("never-new", hb_ago=None, created_ago=60)
+    never_old = _obj("never-old", hb_ago=None, created_ago=600)
+    got = stale([fresh, old, never_new, never_old], NOW, 300)
+    assert [o.name for o in got] == ["old", "never-old"]
+
+
+def test_fmt_age():
+    assert [fmt_age(x) for x in (None, 5, 119, 120, 3599, 3600, 3660, 86400, 90000)] == [
+        "-", "5s", "119s", "2m", "59m", "1h", "1h1m", "1d", "1d1h",
+    ]  # fmt: skip
+
+
+def test_heartbeat_patch_is_epoch_string():
+    assert heartbeat_patch(1700000000) == {"metadata": {"annotations": {"kt-last-heart-beat": "1700000000"}}}
+
+
+def test_parse_service_range_error():
+    msg = (
+        'Service "kt-cidr-probe-x" is invalid: spec.clusterIPs: Invalid value: ["203.0.113.254"]: failed to '
+        "allocate IP 203.0.113.254: the provided IP (203.0.113.254) is not in the valid range. The range of "
+        "valid IPs is 10.96.0.0/12"
+    )
+    assert parse_service_range_error(msg) == [ipaddress.ip_network("10.96.0.0/12")]
+    assert parse_service_range_error("something else") == []
+
+
+def test_covering_and_cidrs():
+    nets = covering(["10.244.0.5", "10.244.3.9", "10.250.0.1", "127.0.0.1", "fd00::5", "junk"])
+    assert [str(n) for n in nets] == ["10.244.0.0/16", "10.250.0.0/16", "fd00::/64"]
+    info = ClusterInfo(
+        service_cidrs=[ipaddress.ip_network("10.96.0.0/16")],
+        pod_cidrs=[ipaddress.ip_network("10.244.0.0/24"), ipaddress.ip_network("10.244.0.0/16")],
+    )
+    assert [str(n) for n in info.cidrs] == ["10.96.0.0/16", "10.244.0.0/16"]
+
+
+def test_status_table():
+    lines = render([_obj("a", hb_ago=30), _obj("b", hb_ago=4000, kind="secret")], NOW, show_user=False)
+    assert lines[0].split() == ["NAMESPACE", "KIND", "NAME", "ROLE", "AGE", "HEARTBEAT", "STATE"]
+    assert lines[1].split() == ["ns", "pod", "a", "shadow-connect", "1h", "30s", "ago", "active"]
+    assert lines[2].split() == ["ns", "secret", "b", "shadow-connect", "1h", "1h6m", "ago", "stale"]
