@@ -13,15 +13,24 @@ from dataclasses import dataclass, field
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def normalise_name(host: str) -> str:
+    """The one spelling every rule looks at: lower case, no [brackets] around an IPv6 literal, no
+    trailing dots. The PAC file applies the same steps in the same order."""
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    return h.rstrip(".")
+
+
 def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    return _ip(normalise_name(host))
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(name)
     except ValueError:
         return None
-
-
-def normalise_name(host: str) -> str:
-    return host.strip().rstrip(".").lower()
 
 
 @dataclass
@@ -47,7 +56,7 @@ class ClusterRules:
 
     def is_cluster_name(self, host: str) -> bool:
         name = normalise_name(host)
-        if not name or parse_ip(name) is not None or name == "localhost":
+        if not name or _ip(name) is not None or name == "localhost":
             return False
         labels = name.split(".")
         if len(labels) == 1:
@@ -75,7 +84,7 @@ class ClusterRules:
     def qualify(self, host: str) -> str:
         """The fully-qualified cluster name for `host`, as the pod's search list would resolve it."""
         name = normalise_name(host)
-        if parse_ip(name) is not None:
+        if _ip(name) is not None:
             return host
         labels = name.split(".")
         if name.endswith("." + self.domain):

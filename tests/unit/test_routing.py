@@ -195,3 +195,11 @@ def test_ip_literals_follow_the_cidrs(ip):
 @given(st.ip_addresses())
 def test_route_all_ip_literals(ip):
     assert rules(route_all=True).via_tunnel(str(ip)) == (not ip.is_loopback)
+
+
+def test_one_spelling_for_ip_literals():
+    # Same canonical form as the PAC: brackets only as a matched pair, trailing dots ignored.
+    assert R.is_cluster("10.96.0.1.") and R.is_cluster("[FD00:10:96::A]")
+    assert not R.is_cluster_ip("[fd00:10:96::1") and not R.is_cluster_ip("fd00:10:96::1]")
+    assert not R.is_cluster_name("10.96.0.1.")
+    assert not rules(route_all=True).via_tunnel("127.0.0.1.")
