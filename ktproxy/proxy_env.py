@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from urllib.parse import quote
 
 from ktproxy.routing import ClusterRules
 
+KEYS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
+# A listener on the wildcard address is reached through loopback; "0.0.0.0" is not a destination
+# every platform accepts.
+_REACHABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
-def proxy_env(proxy_host: str, proxy_port: int, rules: ClusterRules) -> dict[str, str]:
-    http_url = f"http://{proxy_host}:{proxy_port}"
-    socks_url = f"socks5h://{proxy_host}:{proxy_port}"
+
+def proxy_env(proxy_host: str, proxy_port: int, rules: ClusterRules,
+              credentials: tuple[str, str] | None = None) -> dict[str, str]:
+    host = _REACHABLE.get(proxy_host, proxy_host)
+    hostport = f"[{host}]:{proxy_port}" if ":" in host else f"{host}:{proxy_port}"
+    if credentials is not None:
+        user, password = credentials
+        hostport = f"{quote(user, safe='')}:{quote(password, safe='')}@{hostport}"
+    http_url = f"http://{hostport}"
+    socks_url = f"socks5h://{hostport}"
     # NO_PROXY keeps loopback local; everything else reaches the proxy, which itself decides
     # between the tunnel and DIRECT, so the env stays short and correct for every tool.
     no_proxy = "localhost,127.0.0.1,::1"
@@ -20,24 +33,29 @@ def proxy_env(proxy_host: str, proxy_port: int, rules: ClusterRules) -> dict[str
 
 
 def export_lines(env: dict[str, str]) -> list[str]:
-    keys = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
-    if sys.platform == "win32":
-        return [f'$env:{k}="{env[k]}"' for k in keys]
-    return [f"export {k}={env[k]}" for k in keys]
+    if sys.platform == "win32":  # PowerShell; Windows environment names ignore case
+        return ["$env:{}=\"{}\"".format(k, env[k].replace("`", "``").replace('"', '`"').replace("$", "`$"))
+                for k in KEYS]
+    # Both spellings: curl reads http_proxy only in lower case, wget only lower case at all.
+    return [f"export {name}={shlex.quote(env[k])}" for k in KEYS for name in (k, k.lower())]
 
 
 async def run_with_env(command: list[str], env: dict[str, str]) -> int:
-    """Run `command` with the proxy env; its exit status becomes ours."""
+    """Run `command` with the proxy env; its exit status becomes ours (128+N when killed by signal N,
+    as a shell reports it)."""
     import asyncio
+
+    from ktproxy.errors import KtError
 
     full = {**os.environ, **env}
     try:
         proc = await asyncio.create_subprocess_exec(*command, env=full)
     except FileNotFoundError:
-        from ktproxy.errors import KtError
         raise KtError(f"command not found: {command[0]}") from None
+    except OSError as exc:
+        raise KtError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
     try:
-        return await proc.wait()
+        code = await proc.wait()
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -45,4 +63,5 @@ async def run_with_env(command: list[str], env: dict[str, str]) -> int:
                 await asyncio.wait_for(proc.wait(), 5)
             except TimeoutError:
                 proc.kill()
-
+                await proc.wait()
+    return 128 - code if code < 0 else code  # negative only on POSIX: killed by signal -code
