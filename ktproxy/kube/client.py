@@ -184,8 +184,8 @@ class KubeClient:
         self.namespace = namespace
         self.context = context
         self.in_cluster = in_cluster
-        # The loader writes a 60 s connect/read default nowhere; urllib3 would retry 3 times. One retry
-        # hides a transient reset without making an unreachable server take long.
+        # urllib3's default is 3 retries of a full OS connect timeout; one retry of a 5 s connect hides
+        # a transient reset without making an unreachable server take long (at most ~10 s).
         if configuration.retries is None:
             configuration.retries = urllib3.util.Retry(total=1, connect=1, read=0, redirect=3, status=0)
         self.api = _TimeoutApiClient(configuration)
