@@ -127,6 +127,10 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
 async def read_request(reader: asyncio.StreamReader, first: bytes = b"") -> Request | None:
     """The next request head on a connection, or None at a clean EOF between requests."""
     head = await _read_head(reader)
+    # RFC 9112 2.2: empty lines before a request line (some clients send a CRLF after a body) are
+    # ignored; a head of nothing but CRLFs means the request is still to come.
+    while head is not None and not first and (head := head.lstrip(b"\r\n")) == b"":
+        head = await _read_head(reader)
     if head is None:
         if first:
             raise HTTPError(400, "connection closed mid-request")

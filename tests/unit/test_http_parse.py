@@ -70,6 +70,23 @@ async def test_clean_eof_between_requests_is_none():
     assert await http.read_request(reader_of(b"\r\n")) is None
 
 
+@pytest.mark.parametrize("prefix", [b"\r\n", b"\r\n\r\n", b"\r\n\r\n\r\n\r\n\r\n"])
+async def test_empty_lines_before_a_request_are_ignored(prefix):
+    # RFC 9112 2.2; e.g. a keep-alive client that sends CRLF after a POST body
+    req = await request(prefix + b"GET http://x/ HTTP/1.1\r\n\r\n")
+    assert req.target == "http://x/"
+
+
+async def test_only_empty_lines_then_eof():
+    assert await http.read_request(reader_of(b"\r\n\r\n\r\n")) is None
+
+
+async def test_header_bytes_pass_through_unchanged():
+    raw = "HTTP/1.1 200 OK\r\nX-Name: Jürgen ✓\r\nContent-Length: 0\r\n\r\n".encode()
+    resp = await response(raw)
+    assert "X-Name: Jürgen ✓".encode() in http.response_head(resp, keep_alive=True)
+
+
 async def test_eof_mid_head():
     with pytest.raises(http.HTTPError) as ei:
         await http.read_request(reader_of(b"GET / HTTP/1.1\r\nHost: x\r\n"))
