@@ -199,3 +199,15 @@ async def test_forbidden_portforward_names_the_permission(kubectl, kube, pf_pod,
     # newer servers (AuthorizePodWebsocketUpgradeCreatePermission); the line quotes what it said.
     assert re.fullmatch(f"no permission to (get|create) pods/portforward in namespace {ns}", str(ei.value))
     limited.close()
+
+
+async def test_keepalive_messages_are_harmless_to_the_kubelet(kube, pf_pod):
+    """Empty keepalive messages and pings every 0.3 s: the stream keeps working and is not closed."""
+    ns, pod = pf_pod
+    reader, writer = await open_stream(kube, ns, pod, 9000, keepalive=0.3)
+    for i in range(6):
+        await asyncio.sleep(0.5)
+        writer.write(f"tick {i}\n".encode())
+        assert await asyncio.wait_for(reader.readline(), 10) == f"tick {i}\n".encode()
+    assert not writer.transport.is_closing()
+    writer.close()
