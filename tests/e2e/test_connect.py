@@ -21,7 +21,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
-KTCTL = ROOT / ".venv" / "bin" / "ktctl"
+# The unprivileged user cannot run the developer venv (its interpreter lives under /root), so it gets
+# its own: Debian's python3 with `pip install .`, as a user would install ktctl.
+USER_VENV = ROOT / ".cluster" / "user-venv"
+KTCTL = USER_VENV / "bin" / "ktctl"
 USER = "ktproxy-e2e"
 DEMO = "kt-connect demo v1"
 
@@ -69,6 +72,23 @@ def unprivileged_user() -> pwd.struct_passwd:
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
         return pwd.getpwnam(USER)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_install() -> Path:
+    if not (USER_VENV / "bin" / "python").exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(USER_VENV)], check=True)
+        subprocess.run([str(USER_VENV / "bin" / "pip"), "install", "-q", "-r", str(ROOT / "requirements.lock")],
+                       check=True, timeout=600)
+    with tempfile.TemporaryDirectory() as build:
+        # Built from a copy so the checkout gets no build/ or egg-info left in it.
+        src = Path(build) / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cluster", ".git", "*.egg-info",
+                                                                   "build", "__pycache__", "benchmarks"))
+        subprocess.run([str(USER_VENV / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall",
+                        str(src)], check=True, timeout=300)
+    os.chmod(USER_VENV, 0o755)
+    return KTCTL
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +164,9 @@ class Connect:
                               capture_output=True, text=True, timeout=30)
 
 
-def kt_objects() -> list[str]:
-    """Every object ktproxy labels as its own, in any namespace."""
-    r = kubectl("get", "pods,secrets,services,configmaps", "-A", "-l", "control-by=kt", "-o", "name")
+def kt_objects(namespace: str = "default") -> list[str]:
+    """Every object ktproxy labels as its own in the namespace connect uses."""
+    r = kubectl("get", "pods,secrets,services,configmaps", "-n", namespace, "-l", "control-by=kt", "-o", "name")
     return [line for line in r.stdout.splitlines() if line.strip()]
 
 
@@ -218,14 +238,17 @@ def test_survives_shadow_pod_deletion(connect: Connect) -> None:
 
 
 def test_ctrl_c_leaves_nothing(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
+    before = set(kt_objects())  # the module's long-running connect keeps its own
     c = Connect(unprivileged_user, user_kubeconfig)
     c.wait_ready()
-    assert kt_objects(), "connect created no labelled objects"
+    assert set(kt_objects()) - before, "connect created no labelled objects"
     assert c.stop(signal.SIGINT) in (0, 130)
-    assert kt_objects() == []
+    assert set(kt_objects()) <= before
 
 
-def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
+def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, connect: Connect) -> None:
+    # The module's connect is stopped first: `clean` with a zero threshold would sweep its objects too.
+    connect.stop()
     c = Connect(unprivileged_user, user_kubeconfig)
     c.wait_ready()
     os.killpg(c.proc.pid, signal.SIGKILL)
@@ -237,21 +260,22 @@ def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfi
     deadline = time.monotonic() + 60
     while kt_objects() and time.monotonic() < deadline:
         time.sleep(1)
-    assert kt_objects() == []
+    assert kt_objects() == []  # nothing else runs connect in this namespace now
 
 
 def test_connect_runs_one_command(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str,
                                   demo_app: dict[str, str]) -> None:
+    before = set(kt_objects())
     env = {"PATH": "/usr/bin:/bin", "HOME": unprivileged_user.pw_dir}
     cmd = [str(KTCTL), "--kubeconfig", user_kubeconfig, "connect", "--proxy-port", str(free_port()),
-           "--dns-port", str(free_port()), "--", "curl", "-sS", "--max-time", "20", "http://tomcat:8080"]
+           "--dns-port", str(free_port()), "--", "curl", "-fsS", "--max-time", "20", "http://tomcat:8080"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, user=unprivileged_user.pw_uid)
     assert r.returncode == 0, r.stderr
     assert DEMO in r.stdout
     fail = subprocess.run(cmd[:-1] + ["http://tomcat:1"], capture_output=True, text=True, timeout=240,
                           env=env, user=unprivileged_user.pw_uid)
     assert fail.returncode != 0
-    assert kt_objects() == []
+    assert set(kt_objects()) <= before
 
 
 @pytest.mark.parametrize("args, message", [
@@ -260,15 +284,17 @@ def test_connect_runs_one_command(unprivileged_user: pwd.struct_passwd, user_kub
 ])
 def test_bad_input_one_line(user_kubeconfig: str, unprivileged_user: pwd.struct_passwd, args: list[str],
                             message: str) -> None:
+    before = set(kt_objects())
     r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, *args, "--proxy-port", str(free_port())],
                        capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if " ERR " in line]
     assert len(lines) == 1 and message in lines[0], r.stderr
-    assert kt_objects() == []
+    assert set(kt_objects()) <= before
 
 
 def test_proxy_port_in_use(user_kubeconfig: str, unprivileged_user: pwd.struct_passwd) -> None:
+    before = set(kt_objects())
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -277,11 +303,12 @@ def test_proxy_port_in_use(user_kubeconfig: str, unprivileged_user: pwd.struct_p
                            capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
     assert r.returncode != 0
     assert "already in use" in r.stderr
-    assert kt_objects() == []
+    assert set(kt_objects()) <= before
 
 
-def test_unreachable_api_server(tmp_path: Path, unprivileged_user: pwd.struct_passwd) -> None:
+def test_unreachable_api_server(unprivileged_user: pwd.struct_passwd) -> None:
     # A loopback port nothing listens on: an API server that is down.
+    tmp_path = Path(tempfile.mkdtemp(prefix="ktp-e2e-"))  # pytest's tmp_path is private to root
     port = free_port()
     cfg = tmp_path / "kubeconfig"
     cfg.write_text(f"""apiVersion: v1
@@ -296,4 +323,5 @@ current-context: down
     r = subprocess.run([str(KTCTL), "--kubeconfig", str(cfg), "connect", "--proxy-port", str(free_port())],
                        capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
     assert r.returncode != 0
+    shutil.rmtree(tmp_path, ignore_errors=True)
     assert "127.0.0.1" in r.stderr and len([x for x in r.stderr.splitlines() if " ERR " in x]) == 1, r.stderr
