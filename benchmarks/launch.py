@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def drop_ignore_packets() -> None:
@@ -29,6 +30,20 @@ def drop_ignore_packets() -> None:
         orig(self, pkttype, *args, handler=handler)
 
     connection.SSHConnection.send_packet = send_packet
+
+
+def tunnel_everything(routing: Any, dialer: Any) -> None:
+    """The benchmark target is 127.0.0.2, which ktproxy never tunnels on its own (loopback is the user's
+    machine). Here it must go through the shadow, and nothing may silently go direct instead."""
+    for owner, name in ((routing, "_is_loopback"), (dialer.Dialer, "_dial_direct")):
+        if not hasattr(owner, name):
+            raise SystemExit(f"benchmarks/launch.py: {owner.__name__}.{name} is gone; update tunnel_everything()")
+    routing._is_loopback = lambda host: False
+
+    async def refuse(self: Any, host: str, port: int) -> Any:
+        raise dialer.DialError("refused", f"benchmark: {host}:{port} would have gone direct, not tunnelled")
+
+    dialer.Dialer._dial_direct = refuse
 
 
 def main() -> int:
@@ -61,9 +76,10 @@ def main() -> int:
             sshd.MAX_PKTSIZE = args.pktsize
         return sshd.main(rest)
 
-    from ktproxy import dataplane
+    from ktproxy import dataplane, routing
     from ktproxy.proxy import dialer, relay, server
     from ktproxy.tunnel import session
+    tunnel_everything(routing, dialer)
     if args.window:
         session.WINDOW = args.window
     if args.pktsize:
