@@ -22,7 +22,7 @@ from ktproxy.pac import pac_script
 from ktproxy.proxy.dialer import Dialer
 from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy.server import ProxyServer
-from ktproxy.proxy_env import export_lines, proxy_env, run_with_env
+from ktproxy.proxy_env import export_lines, proxy_env, reachable_host, run_with_env
 from ktproxy.routing import ClusterRules
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel, connect_tcp
 
@@ -54,8 +54,13 @@ class DataPlane:
         self.proxy = ProxyServer(Dialer(rules, tunnel), pac=self._pac, credentials=settings.credentials)
         self.dns: DNSStub | None = None
 
+    @property
+    def reachable_host(self) -> str:
+        """The address clients use: a wildcard bind is reached on loopback."""
+        return reachable_host(self.settings.proxy_host)
+
     def _pac(self) -> str:
-        return pac_script(self.rules, self.settings.proxy_host, self.proxy.bound_port)
+        return pac_script(self.rules, self.reachable_host, self.proxy.bound_port)
 
     @property
     def proxy_port(self) -> int:
@@ -63,10 +68,11 @@ class DataPlane:
 
     @property
     def pac_url(self) -> str:
-        return f"http://{self.settings.proxy_host}:{self.proxy_port}/proxy.pac"
+        host = self.reachable_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.proxy_port}/proxy.pac"
 
     def env(self) -> dict[str, str]:
-        return proxy_env(self.settings.proxy_host, self.proxy_port, self.rules)
+        return proxy_env(self.settings.proxy_host, self.proxy_port, self.rules, self.settings.credentials)
 
     async def start(self) -> None:
         s = self.settings

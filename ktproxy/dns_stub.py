@@ -520,6 +520,7 @@ class DNSStub:
         self._bound: Address | None = None
         self._down: set[str] = set()  # routes in an outage, so it is logged once, not per query
         self._max_inflight = 1024
+        self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -565,6 +566,7 @@ class DNSStub:
 
     async def close(self) -> None:
         """Stop listening, drop tunnel streams and cancel queries in flight."""
+        self._closing = True
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.close()
         self._udp = None
@@ -644,6 +646,11 @@ class DNSStub:
                 task.add_done_callback(inflight.discard)
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Cancelled by close(): end normally. On Python 3.11 a cancelled client-connected task
+            # makes asyncio's own done-callback log a spurious traceback.
+            if not self._closing:
+                raise
         finally:
             for task in inflight:
                 task.cancel()

@@ -15,9 +15,14 @@ KEYS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
 _REACHABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
+def reachable_host(bind_host: str) -> str:
+    """Where clients connect for a given bind address (a wildcard bind is reached on loopback)."""
+    return _REACHABLE.get(bind_host, bind_host)
+
+
 def proxy_env(proxy_host: str, proxy_port: int, rules: ClusterRules,
               credentials: tuple[str, str] | None = None) -> dict[str, str]:
-    host = _REACHABLE.get(proxy_host, proxy_host)
+    host = reachable_host(proxy_host)
     hostport = f"[{host}]:{proxy_port}" if ":" in host else f"{host}:{proxy_port}"
     if credentials is not None:
         user, password = credentials

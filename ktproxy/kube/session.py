@@ -40,8 +40,11 @@ class ShadowSession:
         await self.kube.require([
             Access("create", "pods", ns), Access("get", "pods", ns), Access("delete", "pods", ns),
             Access("create", "secrets", ns), Access("delete", "secrets", ns),
-            Access("create", "pods/portforward", ns),
         ])
+        # WebSocket port-forwards are authorised as `get` up to 1.34 and `create` after: either will do.
+        if not (await self.kube.can_i("get", "pods/portforward", ns)
+                or await self.kube.can_i("create", "pods/portforward", ns)):
+            raise KubeError(f"no permission to create pods/portforward in namespace {ns}", 403, "Forbidden")
 
     async def discover(self, domain_override: str | None = None) -> Any:
         from ktproxy.kube.discovery import discover

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from ktproxy.routing import ClusterRules
+from ktproxy.routing import ClusterRules, parse_ip
 
 log = logging.getLogger("ktproxy.proxy")
 
@@ -39,6 +39,9 @@ class Dialer:
         return self.rules.via_tunnel(host)
 
     async def dial(self, host: str, port: int) -> tuple[Any, Any]:
+        ip = parse_ip(host)
+        if ip is not None:
+            host = str(ip)  # '10.96.0.1.' or '[::1]' as the resolver-free literal
         if self.via_tunnel(host):
             target = self.rules.qualify(host) if self.rules.is_cluster_name(host) else host
             return await self._dial_tunnel(target, port)

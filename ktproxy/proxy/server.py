@@ -23,6 +23,10 @@ HTTP_DIAL_STATUS = {"timeout": 504}
 HANDSHAKE_TIMEOUT = 30.0
 
 
+class _MidResponse(ConnectionError):
+    """The upstream broke a response after its head was relayed: the only honest signal is to close."""
+
+
 class ProxyServer:
     def __init__(self, dialer: Dialer, pac: Callable[[], str] | None = None,
                  credentials: tuple[str, str] | None = None) -> None:
@@ -207,9 +211,15 @@ class ProxyServer:
                 await relay(reader, writer, up_reader, up_writer)
                 return None
             resp_len = http.body_length(resp, is_response=True, request_method=req.method)
-            keep = req.keep_alive() and resp_len is not None and "close" not in resp.tokens("connection")
+            upstream_keeps = "close" not in resp.tokens("connection") and (
+                resp.start[0] != "HTTP/1.0" or "keep-alive" in resp.tokens("connection"))
+            keep = req.keep_alive() and resp_len is not None and upstream_keeps
             writer.write(http.response_head(resp, keep))
-            await http.copy_body(up_reader, writer, resp_len)
+            try:
+                await http.copy_body(up_reader, writer, resp_len)
+            except http.HTTPError as exc:
+                # The client already has a response head: an error page now would corrupt the body.
+                raise _MidResponse(str(exc)) from exc
             await body_task
             return keep
         finally:
