@@ -69,4 +69,4 @@ for url in "http://$pod_ip:8080" "http://$cluster_ip:8080" http://tomcat:8080 ht
 done
 step "dig @127.0.0.1 -p 10053 +short tomcat.default.svc.cluster.local"
 dig @127.0.0.1 -p 10053 +short tomcat.default.svc.cluster.local || true
-echo; echo "[demo] done: every request above went through ktctl connect, without root privileges on the client."
+echo; echo "[demo] done: every request above went through ktctl connect (no TUN device, no routes, no sudo needed)."
