@@ -110,6 +110,7 @@ async def _main(args: argparse.Namespace, credentials: tuple[str, str] | None) -
         rules.add_namespaces(found.namespaces)
         settings.cluster_dns = (found.dns, 53) if found.dns else None
         await plane.start()
+        await _until_stopped(stopper, shadow.sweep())
         await _until_stopped(stopper, shadow.start(timeout=args.timeout))
         await _until_stopped(stopper, tunnel.start())
         for line in plane.describe():

@@ -46,6 +46,18 @@ class ShadowSession:
                 or await self.kube.can_i("create", "pods/portforward", ns)):
             raise KubeError(f"no permission to create pods/portforward in namespace {ns}", 403, "Forbidden")
 
+    async def sweep(self) -> None:
+        """Remove what crashed sessions left in this namespace (stale heartbeat), as kt-connect does."""
+        from ktproxy.kube.cleanup import clean
+
+        try:
+            result = await clean(self.kube, self.namespace)
+        except KubeError as exc:  # a user who may not list everything can still connect
+            log.debug("sweep of stale objects skipped: %s", exc)
+            return
+        for obj in result.removed:
+            log.info("Removed stale %s (left by an earlier session)", obj.ref())
+
     async def discover(self, domain_override: str | None = None) -> Any:
         from ktproxy.kube.discovery import discover
 

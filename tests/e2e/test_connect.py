@@ -325,3 +325,50 @@ current-context: down
     assert r.returncode != 0
     shutil.rmtree(tmp_path, ignore_errors=True)
     assert "127.0.0.1" in r.stderr and len([x for x in r.stderr.splitlines() if " ERR " in x]) == 1, r.stderr
+
+
+def test_image_that_cannot_start(user_kubeconfig: str, unprivileged_user: pwd.struct_passwd) -> None:
+    before = set(kt_objects())
+    r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "-i", "ktproxy.invalid/no-such-image:0",
+                        "connect", "--proxy-port", str(free_port()), "--dns-port", str(free_port()),
+                        "--timeout", "60"],
+                       capture_output=True, text=True, timeout=120, user=unprivileged_user.pw_uid)
+    assert r.returncode != 0
+    errors = [x for x in r.stderr.splitlines() if " ERR " in x]
+    assert len(errors) == 1 and "no-such-image" in errors[0], r.stderr
+    assert set(kt_objects()) <= before
+
+
+def test_missing_rbac_permission(unprivileged_user: pwd.struct_passwd) -> None:
+    """A service account that may read pods but not create them: one line naming the permission."""
+    ns = f"kt-e2e-rbac-{os.getpid()}"
+    kubectl("create", "namespace", ns)
+    d = Path(tempfile.mkdtemp(prefix="ktp-e2e-"))
+    try:
+        kubectl("-n", ns, "create", "serviceaccount", "reader")
+        kubectl("-n", ns, "create", "role", "reader", "--verb=get,list,watch", "--resource=pods,secrets")
+        kubectl("-n", ns, "create", "rolebinding", "reader", "--role=reader", f"--serviceaccount={ns}:reader")
+        token = kubectl("-n", ns, "create", "token", "reader").stdout.strip()
+        server = kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
+        ca = kubectl("config", "view", "--raw", "--minify", "--flatten", "-o",
+                     "jsonpath={.clusters[0].cluster.certificate-authority-data}").stdout
+        cfg = d / "kubeconfig"
+        cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{server}", certificate-authority-data: "{ca}"}}}}]
+users: [{{name: reader, user: {{token: "{token}"}}}}]
+contexts: [{{name: c, context: {{cluster: c, user: reader, namespace: {ns}}}}}]
+current-context: c
+""")
+        os.chmod(d, 0o755)
+        os.chmod(cfg, 0o644)
+        r = subprocess.run([str(KTCTL), "--kubeconfig", str(cfg), "connect", "--proxy-port", str(free_port()),
+                            "--dns-port", str(free_port())],
+                           capture_output=True, text=True, timeout=60, user=unprivileged_user.pw_uid)
+        assert r.returncode != 0
+        errors = [x for x in r.stderr.splitlines() if " ERR " in x]
+        assert len(errors) == 1 and "no permission to create pods" in errors[0], r.stderr
+        assert kt_objects(ns) == []
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        kubectl("delete", "namespace", ns, "--wait=false", check=False)
