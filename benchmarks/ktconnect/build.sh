@@ -29,7 +29,11 @@ PY="${PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 
 log() { echo "[ktconnect $(date +%H:%M:%S)] $*"; }
-die() { echo "ktconnect build: $*" >&2; exit 1; }
+die() {  # one clear line; also kept for benchmarks.ktconnect.available() to report
+  echo "ktconnect build: $*" >&2
+  mkdir -p "$CACHE" && echo "$*" > "$CACHE/build.failed" || true
+  exit 1
+}
 hash_of() { sha256sum | cut -c1-16; }
 mkdir -p "$CACHE"
 cd "$CACHE"   # outside any module, so `go mod download` is not affected by a go.mod
@@ -89,7 +93,7 @@ fi
 # ktctl writes ~/.kt on every start, even for --version: give it a throwaway HOME.
 ver=$(HOME="$CACHE/home" "$CACHE/ktctl" --version 2>&1) || die "built ktctl does not run: $ver"
 log "ktctl ready: $CACHE/ktctl ($ver)"
-[[ "${1:-}" == "binaries" ]] && exit 0
+if [[ "${1:-}" == "binaries" ]]; then rm -f "$CACHE/build.failed"; exit 0; fi
 
 # --- 4. sshd layer: Debian openssh-server & co on the cached bookworm rootfs ----------------------
 [[ -s "$BASE_LAYER" && -d "$ROOT" ]] || bash "$REPO/tests/cluster/images/rootfs.sh" \
@@ -163,6 +167,7 @@ fi
   --env LANG=C.UTF-8 --expose 22/tcp --label org.ktproxy.yardstick=kt-connect-$KT_VERSION \
   --entrypoint '["/run.sh"]' --out "$CACHE/shadow-image.tar" || die "cannot assemble the kt-connect shadow image archive"
 if [[ ! -S "$SOCK" ]] || ! ctr -a "$SOCK" version >/dev/null 2>&1; then
+  rm -f "$CACHE/build.failed"
   log "image archive ready ($CACHE/shadow-image.tar); the cluster's containerd is not running, import skipped"
   exit 0
 fi
@@ -174,4 +179,5 @@ else
   ctr -a "$SOCK" -n k8s.io images import "$CACHE/shadow-image.tar" >/dev/null || die "ctr import of $IMAGE failed"
   echo "$id" > "$CACHE/imported.id"
 fi
+rm -f "$CACHE/build.failed"
 log "done: ktctl=$CACHE/ktctl image=$IMAGE"
