@@ -239,6 +239,11 @@ def start_socks(kubeconfig: str, namespace: str, port: int, *, timeout: float = 
     ok, why = available()
     if not ok:
         raise RuntimeError(why)
+    with socket.socket() as probe:  # kt-connect would create its pods first and only then fail on this
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise RuntimeError(f"127.0.0.1:{port} is not free for kt-connect's SOCKS port: {e.strerror}") from None
     kubeconfig = os.path.abspath(kubeconfig)
     api = _core_api(kubeconfig)
     work = Path(tempfile.mkdtemp(prefix="ktconnect-"))
@@ -267,10 +272,13 @@ def start_socks(kubeconfig: str, namespace: str, port: int, *, timeout: float = 
     _LIVE.add(h)
     try:
         _wait_ready(h, api, t0, timeout)
-    except BaseException:
+    except BaseException as e:
         tail = "\n".join(h.log_text().splitlines()[-15:])
         h.stop()
-        raise RuntimeError(f"kt-connect did not come up on port {port}:\n{tail}") from None
+        if not isinstance(e, Exception):
+            raise  # KeyboardInterrupt / SystemExit: cleaned up, now propagate as is
+        why = "timed out" if isinstance(e, TimeoutError) else str(e)
+        raise RuntimeError(f"kt-connect did not come up on port {port} ({why}):\n{tail}") from None
     return h
 
 
