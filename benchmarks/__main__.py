@@ -1,7 +1,8 @@
 """`python -m benchmarks [--quick] [--case NAME...] [--repeat N] [--out DIR]` (what `make bench` runs).
 
-Writes DIR/latest.md, latest.json and latest.png (DIR defaults to benchmarks/results). Exit status 1
-when a case failed (skips are not failures).
+Writes DIR/latest.md, latest.json and latest.png (DIR defaults to benchmarks/results); a run of some
+cases only (--case) writes DIR/partial.* instead. Exit status 1 when a case failed (skips are not
+failures).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             log("[bench] interrupted: writing what was measured")
         meta["seconds"] = time.monotonic() - start
         results = list(ctx.results.values())
-        for path in write_all(args.out, meta, results):
+        # A run of some cases only must not replace the full table: it goes to partial.*.
+        stem = "latest" if set(names) == set(CASES) else "partial"
+        for path in write_all(args.out, meta, results, stem):
             log(f"[bench] wrote {path}")
     failed = [r.name for r in results if r.status == "failed"]
     if failed:

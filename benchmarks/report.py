@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,11 @@ def write_png(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> No
         for row in res.rows:
             by_metric.setdefault(row.metric, []).append(row)
         panels += [(f"{res.name}: {metric}", rows) for metric, rows in by_metric.items()]
-    skipped = [f"{r.name}: {r.status} ({r.reason})" for r in results if r.status != "ok"]
+    skipped = [f"{r.name} ({r.status})" for r in results if r.status != "ok"]
     ncols = 4
     nrows = max(1, -(-len(panels) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 3.4 * nrows + 0.8), squeeze=False,
+                             layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, rows) in zip(axes.flat, panels, strict=False):
         names = [r.yardstick for r in rows]
@@ -152,24 +154,23 @@ def write_png(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> No
         unit = rows[0].unit + (" (higher is better)" if rows[0].better == "higher" else " (lower is better)")
         ax.set_xlabel(unit, fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(textwrap.fill(title, 44), fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     m = meta["machine"]
     head = (f"ktproxy benchmarks {meta['date']}{' (QUICK)' if meta['quick'] else ''}: {m['nproc']} CPUs, "
             f"{m['cpu']}, Linux {m['kernel']}; median with min–max of {meta['repeat']}")
     if skipped:
-        head += "\n" + "; ".join(skipped)[:300]
+        head += "\nnot measured: " + ", ".join(skipped) + " — reasons in latest.md"
     fig.suptitle(head, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97 if not skipped else 0.95))
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
-def write_all(out: Path, meta: dict[str, Any], results: list[CaseResult]) -> list[Path]:
+def write_all(out: Path, meta: dict[str, Any], results: list[CaseResult], stem: str = "latest") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, load_after=loadavg())
-    md, js, png = out / "latest.md", out / "latest.json", out / "latest.png"
+    md, js, png = out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"
     write_markdown(md, meta, results)
     write_json(js, meta, results)
     write_png(png, meta, results)

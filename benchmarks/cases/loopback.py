@@ -12,7 +12,7 @@ from benchmarks.procs import OPENSSH_CIPHER
 def sizes(ctx: Context) -> dict[str, float]:
     if ctx.quick:
         return dict(single=32 * 2**20, per_stream=1 * 2**20, duration=0.3, warmup=0.1)
-    return dict(single=2**30, per_stream=16 * 2**20, duration=2.0, warmup=0.5)
+    return dict(single=2**30, per_stream=16 * 2**20, duration=1.5, warmup=0.3)
 
 
 def measure_all(ctx: Context, env: LoopbackEnv, prefix: str = "") -> None:

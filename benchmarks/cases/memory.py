@@ -39,25 +39,26 @@ def memory(ctx: Context) -> None:
     n = 100 if ctx.quick else 1000
     target = target_fixture(ctx)
     keys = keys_fixture(ctx)
-    # Fresh processes: "idle" means just connected, not after the throughput cases grew any buffers.
-    kt = start_ktproxy(ctx.procs, keys, Tuning())
-    try:
-        ossh = start_openssh(ctx.procs, keys)
-    except Skip as exc:
-        ossh = None
-        ctx.note(f"OpenSSH yardstick skipped: {exc}")
-    time.sleep(0.5)
     mb = 1024.0
-    sides = [(KT_SOCKS, f"socks5:127.0.0.1:{kt.proxy_port}", lambda: [kt.dataplane.pid])]
-    if ossh is not None:
-        sides.append((OPENSSH, f"socks5:127.0.0.1:{ossh.socks_port}", lambda: [ossh.client.pid]))
     for _ in ctx.reps():
+        # Fresh processes each time: "idle" means just connected, not after earlier connections grew heaps.
+        kt = start_ktproxy(ctx.procs, keys, Tuning())
+        try:
+            ossh = start_openssh(ctx.procs, keys)
+        except Skip as exc:
+            ossh = None
+            if not ctx.current.notes:
+                ctx.note(f"OpenSSH yardstick skipped: {exc}")
+        time.sleep(0.5)
+        sides = [(KT_SOCKS, f"socks5:127.0.0.1:{kt.proxy_port}", lambda kt=kt: [kt.dataplane.pid])]
+        if ossh is not None:
+            sides.append((OPENSSH, f"socks5:127.0.0.1:{ossh.socks_port}", lambda o=ossh: [o.client.pid]))
         for name, via, pids in sides:
             ctx.add("client-side process RSS, idle", name, "MB", sum(rss_kb(p) for p in pids()) / mb, "lower")
             if name == KT_SOCKS:
                 ctx.add("shadow server RSS, idle", name, "MB", rss_kb(kt.shadow.pid) / mb, "lower")
 
-            def measure(name=name, pids=pids) -> None:
+            def measure(name=name, pids=pids, kt=kt, ossh=ossh) -> None:
                 ctx.add(f"client-side process RSS, {n} connections open", name, "MB",
                         sum(rss_kb(p) for p in pids()) / mb, "lower")
                 if name == KT_SOCKS:
@@ -72,6 +73,8 @@ def memory(ctx: Context) -> None:
             time.sleep(0.3)
             ctx.add("client-side process RSS, after they closed", name, "MB",
                     sum(rss_kb(p) for p in pids()) / mb, "lower")
+        for proc in (kt.dataplane, kt.shadow, *((ossh.client, ossh.sshd) if ossh else ())):
+            ctx.procs.stop(proc)
     row = ctx.row(f"client-side process RSS, {n} connections open", KT_SOCKS)
     if row and not ctx.quick:
         ctx.note(f"Goal: {n} open connections under 150 MB RSS: ktproxy data plane {row.median:.1f} MB: "

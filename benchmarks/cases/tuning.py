@@ -53,8 +53,10 @@ def tuning(ctx: Context) -> None:
     else:
         single, per, dur, warm = 256 * 2**20, 2 * 2**20, 1.0, 0.3
     plan = steps(ctx)
-    for _ in ctx.reps():
-        for label, t in plan:
+    for rep in ctx.reps():
+        # Rotate the order each repetition so no step always runs first (or right after another case).
+        shift = rep * max(1, len(plan) // ctx.repeat)
+        for label, t in plan[shift % len(plan):] + plan[:shift % len(plan)]:
             kt = start_ktproxy(ctx.procs, keys, t)
             try:
                 via = f"socks5:127.0.0.1:{kt.proxy_port}"
@@ -92,4 +94,5 @@ def tuning(ctx: Context) -> None:
              f"relay CHUNK {relay.CHUNK // KB} KB, ciphers {', '.join(session.CIPHERS[:2])}, uvloop on, "
              f"TCP_NODELAY on the proxy's sockets. Single stream {single // 2**20} MiB, 64 x {per / 2**20:g} MiB; "
              f"request/response {dur:g} s. Window and packet sizes apply to both SSH ends; uvloop off applies to "
-             f"both ktproxy processes (the load client and target keep uvloop).")
+             f"both ktproxy processes (the load client and target keep uvloop). The step order rotates between "
+             f"repetitions. A step whose min–max range overlaps the baseline's is not a measured change.")
