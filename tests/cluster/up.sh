@@ -356,4 +356,5 @@ wait_for "default ServiceAccount" 60 kube-controller-manager sa_ok
 svc_ok() { curl -sk --max-time 3 "https://$API_SERVICE_IP/readyz" -o /dev/null; }
 wait_for "kube-proxy rules (ClusterIP $API_SERVICE_IP reachable from the host)" 60 kube-proxy svc_ok
 
-log "cluster up in $((SECONDS - T0))s: KUBECONFIG=$KUBECONFIG_ADMIN, kubectl at $STATE/bin/kubectl"
+log "cluster up in $((SECONDS - T0))s. To use it:"
+echo "  export KUBECONFIG=$KUBECONFIG_ADMIN PATH=$STATE/bin:\$PATH"
