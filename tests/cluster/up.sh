@@ -210,7 +210,6 @@ conf coredns "$CONF/Corefile" <<COREFILE
 $DNS_DOMAIN:53 244.10.in-addr.arpa:53 96.10.in-addr.arpa:53 {
     bind $DNS_IP $NODE_IP
     errors
-    ready 127.0.0.1:8181
     kubernetes $DNS_DOMAIN 244.10.in-addr.arpa 96.10.in-addr.arpa {
         kubeconfig $KUBECONFIG_ADMIN
         pods insecure
@@ -283,7 +282,7 @@ start kube-apiserver --etcd-servers http://127.0.0.1:2379 \
   --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
   --requestheader-extra-headers-prefix X-Remote-Extra- \
   --profiling=false --v=1
-wait_for "kube-apiserver /readyz" 120 kube-apiserver api_get /readyz
+wait_for "kube-apiserver /readyz" 180 kube-apiserver api_get /readyz
 
 start kube-controller-manager --kubeconfig "$CONF/controller-manager.kubeconfig" \
   --authentication-kubeconfig "$CONF/controller-manager.kubeconfig" \
