@@ -301,8 +301,7 @@ start containerd --config "$CONF/containerd.toml"
 wait_for "containerd" 60 containerd ctr -a "$SOCK" version
 
 log "building/importing images (first run: debootstrap, a few minutes)"
-bash "$HERE/images/build.sh" 2>&1 | sed -u 's/^/  /'
-[[ ${PIPESTATUS[0]} == 0 ]] || die "image build/import failed"
+if ! bash "$HERE/images/build.sh" 2>&1 | sed -u 's/^/  /'; then die "image build/import failed (see above)"; fi
 
 start kubelet --config "$CONF/kubelet.yaml" --kubeconfig "$CONF/kubelet.kubeconfig" \
   --root-dir "$STATE/kubelet" --cert-dir "$STATE/kubelet/pki" \
