@@ -73,21 +73,32 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 export CGO_ENABLED=0
+# A link of kube-apiserver can be silent for over ten minutes; say we are alive so neither a person nor a
+# CI no-output watchdog takes it for a hang.
+heartbeat() { local what=$1 t0=$SECONDS; while sleep 60; do log "  still building $what ($((SECONDS - t0)) s)"; done; }
+quiet_build() {
+  local what=$1; shift
+  heartbeat "$what" & local hb=$!
+  local rc=0; "$@" || rc=$?
+  kill "$hb" 2>/dev/null; wait "$hb" 2>/dev/null || true
+  return $rc
+}
 for t in "${TARGETS[@]}"; do
   [[ -x "$BIN/$t" ]] && { log "$t cached"; continue; }
   log "building $t (this is the slow part; several minutes each on 2 cores)"
   start=$SECONDS
-  GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$BIN/$t.tmp" "k8s.io/kubernetes/cmd/$t"
+  GOFLAGS=-mod=mod quiet_build "$t" go build -trimpath -ldflags "$ldflags" -o "$BIN/$t.tmp" "k8s.io/kubernetes/cmd/$t"
   mv "$BIN/$t.tmp" "$BIN/$t"
   log "$t built in $((SECONDS-start)) s"
 done
 if [[ ! -x "$BIN/etcd" ]]; then
   log "building etcd $etcd_version"
-  GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" ./etcd && mv "$BIN/etcd.tmp" "$BIN/etcd"
+  GOFLAGS=-mod=mod quiet_build etcd go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" ./etcd
+  mv "$BIN/etcd.tmp" "$BIN/etcd"
 fi
 if [[ ! -x "$BIN/coredns" ]]; then
   log "building coredns $COREDNS_VERSION"
-  GOBIN="$CACHE/gobin" go install "github.com/coredns/coredns@$COREDNS_VERSION"
+  GOBIN="$CACHE/gobin" quiet_build coredns go install "github.com/coredns/coredns@$COREDNS_VERSION"
   mv "$CACHE/gobin/coredns" "$BIN/coredns"
 fi
 log "done: $(ls "$BIN" | tr '\n' ' ')"
