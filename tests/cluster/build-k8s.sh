@@ -74,8 +74,8 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 export CGO_ENABLED=0
 # A link of kube-apiserver can be silent for over ten minutes; say we are alive so neither a person nor a
-# CI no-output watchdog takes it for a hang.
-heartbeat() { local what=$1 t0=$SECONDS; while sleep 60; do log "  still building $what ($((SECONDS - t0)) s)"; done; }
+# CI no-output watchdog takes it for a hang. (sleep must not hold our stdout: up.sh reads it via a pipe.)
+heartbeat() { local what=$1 t0=$SECONDS; while sleep 60 >/dev/null 2>&1; do log "  still building $what ($((SECONDS - t0)) s)"; done; }
 quiet_build() {
   local what=$1; shift
   heartbeat "$what" & local hb=$!
