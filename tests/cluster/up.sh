@@ -220,9 +220,16 @@ $DNS_DOMAIN:53 244.10.in-addr.arpa:53 96.10.in-addr.arpa:53 {
 COREFILE
 
 # --- processes ------------------------------------------------------------------------------------
+# containerd would resolve and dial a registry for any image that is not imported (a typo, a test of
+# pull errors) via the host's resolver and default route. A dead loopback proxy makes every pull fail
+# at once, locally, without even a DNS query (Go's proxy client hands the name to the proxy).
+NO_NETWORK_ENV=(HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 http_proxy=http://127.0.0.1:9
+                https_proxy=http://127.0.0.1:9 NO_PROXY= no_proxy=)
 start() {
   local name=$1; shift
-  local args_id; args_id=$(printf '%s\n' "$(bin_of "$name")" "$@" | sha256sum | cut -c1-16)
+  local envs=()
+  [[ $name == containerd ]] && envs=("${NO_NETWORK_ENV[@]}")
+  local args_id; args_id=$(printf '%s\n' "$(bin_of "$name")" "${envs[@]}" "$@" | sha256sum | cut -c1-16)
   [[ "$(cat "$RUN/$name.args" 2>/dev/null)" == "$args_id" ]] || RESTART[$name]=1
   if pid=$(pid_of "$name"); then
     if [[ -z ${RESTART[$name]:-} ]]; then log "$name already running (pid $pid)"; return 0; fi
@@ -233,7 +240,7 @@ start() {
   fi
   log "starting $name..."
   echo "=== $(date -Is) starting $name" >> "$LOGS/$name.log"
-  setsid nohup "$(bin_of "$name")" "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
+  setsid nohup env "${envs[@]}" "$(bin_of "$name")" "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
   echo "$args_id" > "$RUN/$name.args"
   date +%s > "$RUN/$name.started"

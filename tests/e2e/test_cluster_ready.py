@@ -186,3 +186,17 @@ def test_shadow_image_has_its_runtime(kubectl, namespace):
             "--timeout=120s", timeout=150)
     logs = kubectl("logs", "shadow-check", "-n", namespace).stdout
     assert logs.strip() == "/opt/ktproxy/bin/python"
+
+
+def test_image_pulls_never_leave_the_machine(kubectl, namespace):
+    # No registry is reachable or may be contacted: a missing image must fail at containerd's dead
+    # loopback proxy, not by resolving or dialling a registry.
+    kubectl("run", "nopull", "--image=docker.io/library/ktproxy-no-such-image:1", "-n", namespace,
+            "--restart=Never")
+    deadline = time.monotonic() + 60
+    message = ""
+    while time.monotonic() < deadline and "127.0.0.1:9" not in message:
+        time.sleep(1)
+        message = kubectl("get", "pod", "nopull", "-n", namespace, "-o",
+                          "jsonpath={.status.containerStatuses[0].state.waiting.message}").stdout
+    assert "proxyconnect tcp: dial tcp 127.0.0.1:9" in message
