@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from ktproxy.commands import add_all_namespaces, scope, where
 from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, clean, fmt_age
 
 
@@ -19,8 +20,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dry-run", "--dryRun", dest="dry_run", action="store_true",
                    help="only print what would be deleted")  # fmt: skip
-    p.add_argument("-A", "--all-namespaces", dest="all_namespaces", action="store_true",
-                   help="look in every namespace (default: the current one)")  # fmt: skip
+    add_all_namespaces(p)
     p.add_argument("--threshold-in-minutes", "--thresholdInMinus", dest="threshold", type=float,
                    default=DEFAULT_THRESHOLD / 60,
                    help="minutes without heartbeat before an object counts as left behind (default 5)")  # fmt: skip
@@ -36,9 +36,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     kube = KubeClient.from_args(args)
     try:
-        namespace = None if args.all_namespaces else kube.namespace
-        if namespace:
-            await kube.check_namespace(namespace)
+        namespace = await scope(kube, args)
         result = await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run)
     finally:
         kube.close()
@@ -55,12 +53,12 @@ async def _main(args: argparse.Namespace) -> int:
         print(line)
     for obj, err in result.failed:
         print(f"Could not delete {obj.kind} {obj.namespace}/{obj.name}: {err}")
-    where = "in all namespaces" if namespace is None else f"in namespace {namespace}"
+    place = where(namespace)
     if not result.removed and not result.recovered and not result.failed:
         active = f" ({len(result.kept)} kt object(s) still active)" if result.kept else ""
-        print(f"Nothing to clean {where}{active}")
+        print(f"Nothing to clean {place}{active}")
     elif args.dry_run:
         print(
-            f"{len(result.removed)} object(s) would be deleted {where}; run without --dry-run to delete them"
+            f"{len(result.removed)} object(s) would be deleted {place}; run without --dry-run to delete them"
         )
     return 1 if result.failed else 0

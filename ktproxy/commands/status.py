@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from ktproxy.commands import add_all_namespaces, scope, where
 from ktproxy.kube import meta
 from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, KtObject, fmt_age, list_objects
 
@@ -18,8 +19,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         description="List the objects ktproxy created (label control-by=kt) for the current user "
         "(annotation kt-user), with their age and the age of their last heartbeat.",
     )
-    p.add_argument("-A", "--all-namespaces", dest="all_namespaces", action="store_true",
-                   help="look in every namespace (default: the current one)")  # fmt: skip
+    add_all_namespaces(p)
     p.add_argument("--all-users", dest="all_users", action="store_true", help="show every user's objects")
     p.set_defaults(func=run)
 
@@ -57,9 +57,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     kube = KubeClient.from_args(args)
     try:
-        namespace = None if args.all_namespaces else kube.namespace
-        if namespace:
-            await kube.check_namespace(namespace)
+        namespace = await scope(kube, args)
         now = await kube.cluster_time()
         objs = await list_objects(kube, namespace)
     finally:
@@ -67,10 +65,10 @@ async def _main(args: argparse.Namespace) -> int:
     user = meta.local_user()
     if not args.all_users:
         objs = [o for o in objs if o.user == user]
-    where = "in all namespaces" if namespace is None else f"in namespace {namespace}"
+    place = where(namespace)
     if not objs:
         who = "" if args.all_users else f" of user {user}"
-        print(f"No ktproxy objects{who} {where}")
+        print(f"No ktproxy objects{who} {place}")
         return 0
     for line in render(objs, now, show_user=args.all_users):
         print(line)
