@@ -16,15 +16,11 @@ from typing import Any
 import asyncssh
 
 from ktproxy.keys import SessionKeys
+from shadow_image.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW, drop_cbc_ignore_packets
 
 log = logging.getLogger("ktproxy.tunnel")
 
-# Both ends are ours: windows larger than OpenSSH's, packets at asyncssh's sweet spot (FACTS.md:
-# 256 KB packets made it slower).
-WINDOW = 8 * 1024 * 1024
-MAX_PKTSIZE = 32768 * 4
-CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
-           "aes128-ctr"]
+drop_cbc_ignore_packets()
 
 Connector = Callable[["SSHOptions"], Awaitable[asyncssh.SSHClientConnection]]
 
