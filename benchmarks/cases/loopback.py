@@ -4,7 +4,20 @@ target) against OpenSSH `ssh -D` to our own sshd (same cipher) and against a dir
 
 from __future__ import annotations
 
-from benchmarks.cases.common import DIRECT, KT_SOCKS, MB, OPENSSH, LoopbackEnv, cpu_seconds, loopback_env, run_load
+import subprocess
+from typing import Any
+
+from benchmarks.cases.common import (
+    DIRECT,
+    KT_SOCKS,
+    MB,
+    OPENSSH,
+    LoopbackEnv,
+    Yardstick,
+    cpu_seconds,
+    loopback_env,
+    run_load,
+)
 from benchmarks.harness import Context, case
 from benchmarks.procs import OPENSSH_CIPHER
 
@@ -15,30 +28,56 @@ def sizes(ctx: Context) -> dict[str, float]:
     return dict(single=2**30, per_stream=16 * 2**20, duration=1.5, warmup=0.3)
 
 
-def measure_all(ctx: Context, env: LoopbackEnv, prefix: str = "") -> None:
-    """One repetition of every metric for every yardstick, interleaved so drift hits all alike."""
-    s = sizes(ctx)
+def measure_all(ctx: Context, env: LoopbackEnv | Any, prefix: str = "", s: dict[str, float] | None = None,
+                timeout: float = 300) -> None:
+    """One repetition of every metric for every yardstick, interleaved so drift hits all alike.
+
+    `env` is anything with `.target` and `.yardsticks()` (the loopback env, the cluster env); `s` the
+    sizes (default: sizes(ctx)).
+    """
+    s = s or sizes(ctx)
     ys = env.yardsticks()
+    failed: set[tuple[str, str]] = set()
+
+    def load(y: Yardstick, what: str, mode: str, **kw: Any) -> dict | None:
+        try:
+            r = run_load(ctx, y.via, y.target or env.target, mode, timeout=timeout, **kw)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            if not y.tolerate_errors:
+                raise
+            if (y.name, what) not in failed:  # once per call of measure_all
+                failed.add((y.name, what))
+                ctx.note(f"{y.name}: {what} failed: {str(exc)[-300:]}")
+            return None
+        if r.get("errors") and y.tolerate_errors:
+            ctx.note(f"{y.name}: {what}: {r['errors']} connection(s) failed and were retried")
+        return r
+
     for y in ys:
         before = cpu_seconds(y.pids)
-        r = run_load(ctx, y.via, env.target, "down", nbytes=int(s["single"]))
+        r = load(y, "download, 1 stream", "down", nbytes=int(s["single"]))
+        if r is None:
+            continue
         ctx.add(f"{prefix}download, 1 stream", y.name, "MB/s", r["mbps"])
         if y.pids:
             cost = (cpu_seconds(y.pids) - before) / (r["bytes"] / 1e9)
             ctx.add(f"{prefix}download, 1 stream: proxy CPU", y.name, "CPU-s/GB", cost, "lower")
     for y in ys:
-        r = run_load(ctx, y.via, env.target, "up", nbytes=int(s["single"]))
-        ctx.add(f"{prefix}upload, 1 stream", y.name, "MB/s", r["mbps"])
+        r = load(y, "upload, 1 stream", "up", nbytes=int(s["single"]))
+        if r is not None:
+            ctx.add(f"{prefix}upload, 1 stream", y.name, "MB/s", r["mbps"])
     for y in ys:
-        r = run_load(ctx, y.via, env.target, "down", streams=64, nbytes=int(s["per_stream"]))
-        ctx.add(f"{prefix}download, 64 streams (aggregate)", y.name, "MB/s", r["mbps"])
+        r = load(y, "download, 64 streams", "down", streams=64, nbytes=int(s["per_stream"]))
+        if r is not None:
+            ctx.add(f"{prefix}download, 64 streams (aggregate)", y.name, "MB/s", r["mbps"])
     for clients in (1, 100):
         for mode, label, rate in (("rr", "request/response (keep-alive)", "requests/s"),
                                   ("conn", "new connection + request", "connections/s")):
             for y in ys:
-                r = run_load(ctx, y.via, env.target, mode, streams=clients, duration=s["duration"],
-                             warmup=s["warmup"])
                 base = f"{prefix}{label}, {clients} client{'s' if clients > 1 else ''}"
+                r = load(y, base, mode, streams=clients, duration=s["duration"], warmup=s["warmup"])
+                if r is None:
+                    continue
                 ctx.add(f"{base}: p50", y.name, "µs", r["p50_us"], "lower")
                 ctx.add(f"{base}: p99", y.name, "µs", r["p99_us"], "lower")
                 ctx.add(f"{base}: rate", y.name, rate, r["rps"])

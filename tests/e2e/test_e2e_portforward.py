@@ -156,7 +156,7 @@ async def test_missing_pod_is_one_line(kube, module_namespace):
 
 
 async def test_tunnel_create_connection_with_plain_protocol(kube, pf_pod):
-    """PortForwardTunnel.create_connection as asyncssh calls it (SSH itself: test_kube_shadow)."""
+    """PortForwardTunnel.create_connection as asyncssh calls it (SSH itself: test_e2e_shadow)."""
     ns, pod = pf_pod
     tunnel = PortForwardTunnel(kube, ns, pod, 9000)
     loop = asyncio.get_running_loop()
