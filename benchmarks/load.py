@@ -322,10 +322,20 @@ async def hold(via: Via, target: tuple[str, int], streams: int) -> dict:
     return {"open": len(transports), "open_seconds": opened}
 
 
+def allowed_target(host: str) -> bool:
+    """Loopback, or a pod of the local cluster (tests/cluster: 10.244.0.0/16, routed only to its bridge)."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip in ipaddress.ip_network("10.244.0.0/16")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.load")
     p.add_argument("--via", default="direct")
-    p.add_argument("--target", required=True, help="host:port (loopback only)")
+    p.add_argument("--target", required=True, help="host:port (loopback or the local cluster's pod range)")
     p.add_argument("--mode", choices=["down", "up", "rr", "conn", "hold"], required=True)
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--bytes", type=int, default=32 * 1024 * 1024)
@@ -334,8 +344,8 @@ def main() -> None:
     p.add_argument("--no-uvloop", action="store_true")
     args = p.parse_args()
     host, _, port = args.target.rpartition(":")
-    if not host.startswith("127."):
-        raise SystemExit("benchmarks only ever send traffic to loopback")
+    if not allowed_target(host):
+        raise SystemExit(f"benchmarks only ever send traffic to loopback and the local cluster's pods, not {host}")
     target = (host, int(port))
     via = Via(args.via)
     if via.kind != "direct" and not via.addr[0].startswith("127."):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.cases.common import MB, Yardstick, cpu_seconds, run_load  # noqa: F401
+from benchmarks.cases.common import MB, Yardstick
 from benchmarks.cases.loopback import measure_all
 from benchmarks.harness import Context, Skip, case
 from benchmarks.procs import PY, REPO, free_port, wait_for
@@ -43,6 +43,7 @@ KTCONNECT = "kt-connect v0.3.7 SOCKS5"
 # What the cluster runs as host processes and every proxied byte crosses on its way to a pod
 # (API server -> kubelet -> containerd's port-forward), for the cluster-side CPU row.
 PATH_COMPONENTS = ("kube-apiserver", "kubelet", "containerd")
+SIDE_LABEL = "API server + kubelet + containerd"
 
 
 def _clean_env() -> dict[str, str]:
@@ -123,9 +124,10 @@ asyncio.run(target.serve('0.0.0.0', %(port)d, None))"]
 """
 
 
-def target_pod(ctx: Context) -> Cluster:
-    """benchmarks/target.py (same protocols as the loopback target) in a pod, listening on 9000."""
-    def start(ctx: Context) -> Cluster:
+def target_pod(ctx: Context) -> str:
+    """benchmarks/target.py (same protocols as the loopback target) in a pod, listening on 9000; its IP.
+    (Deleted with the namespace.)"""
+    def start(ctx: Context) -> str:
         cl = cluster_fixture(ctx)
         src = REPO / "benchmarks" / "target.py"
         cl.kubectl("-n", cl.namespace, "create", "configmap", "bench-target", f"--from-file=target.py={src}")
@@ -137,7 +139,7 @@ def target_pod(ctx: Context) -> Cluster:
                                   "jsonpath={.status.podIP}").stdout.strip()
         if not cl.target_ip.startswith("10.244."):
             raise RuntimeError(f"target pod IP {cl.target_ip!r} is not in the pod range 10.244.0.0/16")
-        return cl
+        return cl.target_ip
     return ctx.fixture("cluster-target", start)
 
 
@@ -250,15 +252,15 @@ def sizes(ctx: Context) -> dict[str, float]:
 @case("cluster-dataplane", "Cluster data plane: ktctl connect vs kubectl port-forward vs kt-connect",
       group="cluster")
 def cluster_dataplane(ctx: Context) -> None:
-    cl = target_pod(ctx)
+    target_pod(ctx)
+    cl = cluster_fixture(ctx)
     kt = connect_fixture(ctx)
     pf = start_port_forward(ctx, cl)
-    side = _component_pids()
+    side = dict(side_pids=_component_pids(), side_label=SIDE_LABEL, tolerate_errors=True)
     env = ClusterEnv(f"{cl.target_ip}:{TARGET_PORT}", [
         Yardstick(DIRECT_POD, "direct"),
-        Yardstick(KT_CONNECT, f"socks5:127.0.0.1:{kt.proxy_port}", [kt.proc.pid], tolerate_errors=True),
-        Yardstick(PORT_FORWARD, "direct", [pf.proc.pid], target=f"127.0.0.1:{pf.local_port}",
-                  tolerate_errors=True),
+        Yardstick(KT_CONNECT, f"socks5:127.0.0.1:{kt.proxy_port}", [kt.proc.pid], **side),
+        Yardstick(PORT_FORWARD, "direct", [pf.proc.pid], target=f"127.0.0.1:{pf.local_port}", **side),
     ])
     handle = None
     try:
@@ -268,12 +270,10 @@ def cluster_dataplane(ctx: Context) -> None:
             ok, why = False, "not started in --quick (its start-up alone takes ~15 s)"
         if ok:
             handle = ktconnect.start_socks(str(cl.kubeconfig), cl.namespace, port=free_port())
-            env.ys.append(Yardstick(KTCONNECT, f"socks5:127.0.0.1:{handle.socks_port}", [handle.pid],
-                                    tolerate_errors=True))
+            env.ys.append(Yardstick(KTCONNECT, f"socks5:127.0.0.1:{handle.socks_port}", [handle.pid], **side))
         else:
             ctx.note(f"kt-connect yardstick skipped: {why}")
         for _ in ctx.reps():
-            before = {y.name: cpu_seconds(side) for y in env.ys}  # noqa: F841  (see the per-run loop below)
             measure_all(ctx, env, s=sizes(ctx), timeout=180)
     finally:
         if handle is not None:
@@ -289,8 +289,9 @@ def cluster_dataplane(ctx: Context) -> None:
              f"Bulk: {s['single'] / MB:.0f} MB per single stream, 64 x {s['per_stream'] / MB:.1f} MB aggregate; "
              f"request/response {s['duration']:.1f} s after {s['warmup']:.1f} s warm-up. "
              f"'proxy CPU' = CPU of the client-side process only (ktctl connect's single process, kubectl, "
-             f"kt-connect's ktctl) per GB: the API server, kubelet, containerd and the pods' own processes "
-             f"(our shadow, kt-connect's sshd) are not in it. Ciphers: ktproxy aes128-gcm; kt-connect "
+             f"kt-connect's ktctl) per GB; '{SIDE_LABEL} CPU' = what those cluster processes spent meanwhile "
+             f"per GB (anything else using the cluster at the time counts too). Neither includes the pods' own "
+             f"processes (our shadow, kt-connect's sshd). Ciphers: ktproxy aes128-gcm; kt-connect "
              f"aes128-ctr + hmac-sha2-256 (its sshd_config allows only CTR modes).")
 
 
@@ -307,6 +308,10 @@ def run_dns(server: str, names: str, clients: int, duration: float, warmup: floa
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+NAME_SETS = (("cached", "repeated names (cacheable)"), ("uncached", "unique names (never cached)"),
+             ("mix", "50/50 mix"))
+
+
 @case("cluster-dns", "DNS stub: queries/s and p99 vs asking the cluster DNS directly", group="cluster")
 def cluster_dns(ctx: Context) -> None:
     cl = cluster_fixture(ctx)
@@ -317,8 +322,7 @@ def cluster_dns(ctx: Context) -> None:
     bad: dict[str, int] = {}
     for _ in ctx.reps():
         for clients in (1, 50):
-            for names, label in (("cached", "repeated names (cacheable)"), ("uncached", "unique names (never cached)"),
-                                 ("mix", "50/50 mix")):
+            for names, label in NAME_SETS[-1:] if ctx.quick else NAME_SETS:
                 for yardstick, server in servers:
                     r = run_dns(server, names, clients, duration, warmup, cl.namespace)
                     base = f"{label}, {clients} client{'s' if clients > 1 else ''}"

@@ -63,6 +63,8 @@ class Yardstick:
     name: str
     via: str
     pids: list[int] = field(default_factory=list)  # the proxy's processes (CPU cost); none for direct
+    side_pids: list[int] = field(default_factory=list)  # processes on the path but not the proxy's own
+    side_label: str = ""  # what side_pids are, for the row name
     target: str = ""  # where this yardstick connects, when not the env's target (kubectl port-forward)
     # Cluster yardsticks may fail a measurement (kubectl port-forward under 100 new connections at once):
     # then the cell stays empty and the case notes why, instead of losing the whole case.

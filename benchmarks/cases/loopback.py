@@ -54,7 +54,7 @@ def measure_all(ctx: Context, env: LoopbackEnv | Any, prefix: str = "", s: dict[
         return r
 
     for y in ys:
-        before = cpu_seconds(y.pids)
+        before, side_before = cpu_seconds(y.pids), cpu_seconds(y.side_pids)
         r = load(y, "download, 1 stream", "down", nbytes=int(s["single"]))
         if r is None:
             continue
@@ -62,6 +62,9 @@ def measure_all(ctx: Context, env: LoopbackEnv | Any, prefix: str = "", s: dict[
         if y.pids:
             cost = (cpu_seconds(y.pids) - before) / (r["bytes"] / 1e9)
             ctx.add(f"{prefix}download, 1 stream: proxy CPU", y.name, "CPU-s/GB", cost, "lower")
+        if y.side_pids:
+            cost = (cpu_seconds(y.side_pids) - side_before) / (r["bytes"] / 1e9)
+            ctx.add(f"{prefix}download, 1 stream: {y.side_label} CPU", y.name, "CPU-s/GB", cost, "lower")
     for y in ys:
         r = load(y, "upload, 1 stream", "up", nbytes=int(s["single"]))
         if r is not None:
