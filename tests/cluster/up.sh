@@ -22,6 +22,8 @@ log "checking Debian packages"
 bash "$HERE/install-deps.sh" || die "installing Debian packages failed"
 all_cached=1
 for c in "${COMPONENTS[@]}" kubectl; do [[ $c == containerd || -x "$BIN/$c" ]] || all_cached=0; done
+# The machine image installs Go under /usr/local/go; a non-login shell (CI) may not have it on PATH.
+[[ -x /usr/local/go/bin/go ]] && ! command -v go >/dev/null && export PATH="/usr/local/go/bin:$PATH"
 if (( ! all_cached )) && ! command -v go >/dev/null; then
   die "no Go toolchain on PATH: building Kubernetes $K8S_VERSION from source needs Go >= 1.24 (Debian's golang-go is too old)"
 fi
