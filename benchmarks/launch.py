@@ -1,7 +1,8 @@
 """Run the shadow server or the data plane with tuning knobs applied, for the tuning study.
 
     python -m benchmarks.launch shadow|dataplane [--no-uvloop] [--cipher C] [--window N] [--pktsize N]
-                                                 [--chunk N] [--no-nodelay] [--fastpath] -- ARGS...
+                                                 [--chunk N] [--no-nodelay] [--fastpath]
+                                                 [--asyncssh-ignore] -- ARGS...
 
 The knobs patch the modules' tuning constants (WINDOW, MAX_PKTSIZE, CHUNK, CIPHERS) before their
 `main()` runs, so the study measures the shipped code with one thing changed and nothing edited.
@@ -15,21 +16,30 @@ import sys
 from typing import Any
 
 
-def drop_ignore_packets() -> None:
-    """asyncssh (2.24) sends an empty SSH_MSG_IGNORE before every post-kex packet (a traffic-analysis
-    countermeasure), doubling the packet count; this measures what that costs."""
+def keep_ignore_packets() -> None:
+    """Undo shadow_image.sshwire.drop_cbc_ignore_packets() for this process: asyncssh's default again, an
+    empty SSH_MSG_IGNORE before every post-kex packet whatever the cipher (the reverse experiment, to
+    show what dropping it gained). Must run before ktproxy.tunnel.session / shadow_image.sshd are
+    imported: they apply the patch on import, through the name this replaces."""
     from asyncssh import connection
-    from asyncssh.constants import MSG_IGNORE
 
-    orig = connection.SSHConnection.send_packet
-    empty = (b"\0\0\0\0",)
+    from shadow_image import sshwire
 
-    def send_packet(self, pkttype, *args, handler=None):  # type: ignore[no-untyped-def]
-        if pkttype == MSG_IGNORE and args == empty:
-            return
-        orig(self, pkttype, *args, handler=handler)
+    if "ktproxy.tunnel.session" in sys.modules or "shadow_image.sshd" in sys.modules:
+        raise SystemExit("benchmarks/launch.py: keep_ignore_packets() must run before the SSH modules load")
+    if getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False):
+        raise SystemExit("benchmarks/launch.py: asyncssh's send_packet is already patched")
+    sshwire.drop_cbc_ignore_packets = lambda: False  # type: ignore[assignment]
 
-    connection.SSHConnection.send_packet = send_packet
+
+def check_ignore_patch(expect_patched: bool) -> None:
+    """The study must measure what it says: fail loudly if the patch state is not the expected one."""
+    from asyncssh import connection
+
+    patched = bool(getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False))
+    if patched != expect_patched:
+        raise SystemExit(f"benchmarks/launch.py: asyncssh MSG_IGNORE patch is {'on' if patched else 'off'}, "
+                         f"expected {'on' if expect_patched else 'off'}")
 
 
 def tunnel_everything(routing: Any, dialer: Any) -> None:
@@ -56,8 +66,9 @@ def main() -> int:
     p.add_argument("--chunk", type=int)
     p.add_argument("--no-nodelay", action="store_true")
     p.add_argument("--fastpath", action="store_true")
-    p.add_argument("--no-ignore", action="store_true",
-                   help="experiment: drop the empty SSH_MSG_IGNORE asyncssh sends before every packet")
+    p.add_argument("--asyncssh-ignore", action="store_true",
+                   help="reverse experiment: keep asyncssh's empty SSH_MSG_IGNORE before every packet "
+                        "(what the shipped code drops for non-CBC ciphers)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
@@ -65,8 +76,8 @@ def main() -> int:
     if args.no_uvloop:
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` now raises ImportError
 
-    if args.no_ignore:
-        drop_ignore_packets()
+    if args.asyncssh_ignore:
+        keep_ignore_packets()
 
     if args.what == "shadow":
         from shadow_image import sshd
@@ -74,6 +85,7 @@ def main() -> int:
             sshd.WINDOW = args.window
         if args.pktsize:
             sshd.MAX_PKTSIZE = args.pktsize
+        check_ignore_patch(expect_patched=not args.asyncssh_ignore)
         return sshd.main(rest)
 
     from ktproxy import dataplane, routing
@@ -99,6 +111,7 @@ def main() -> int:
     if args.fastpath:
         from benchmarks import fastpath
         fastpath.install_for_benchmark(server)
+    check_ignore_patch(expect_patched=not args.asyncssh_ignore)
     return dataplane.main(rest)
 
 

@@ -151,7 +151,7 @@ class Tuning:
     chunk: int | None = None
     nodelay: bool = True
     fastpath: bool = False
-    no_ignore: bool = False
+    asyncssh_ignore: bool = False  # asyncssh's per-packet empty SSH_MSG_IGNORE, which the shipped code drops
 
     def argv(self) -> list[str]:
         a: list[str] = []
@@ -169,8 +169,8 @@ class Tuning:
             a.append("--no-nodelay")
         if self.fastpath:
             a.append("--fastpath")
-        if self.no_ignore:
-            a.append("--no-ignore")
+        if self.asyncssh_ignore:
+            a.append("--asyncssh-ignore")
         return a
 
 
