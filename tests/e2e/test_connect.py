@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -147,6 +148,12 @@ class Connect:
             time.sleep(0.5)
         raise AssertionError(f"ktctl connect not ready in {timeout}s:\n{self.output()}")
 
+    def shadow_pod(self) -> str:
+        """The shadow pod this connect uses now (the last one it created)."""
+        names = re.findall(r"Creating shadow pod (\S+)", self.output())
+        assert names, self.output()
+        return names[-1]
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -221,9 +228,8 @@ def test_chromium_with_pac(connect: Connect) -> None:
 
 
 def test_survives_shadow_pod_deletion(connect: Connect) -> None:
-    pods = kubectl("get", "pods", "-n", "default", "-l", "control-by=kt", "-o", "name").stdout.split()
-    assert pods, "no shadow pod found"
-    kubectl("delete", *pods, "-n", "default", "--wait=false")
+    pod = connect.shadow_pod()
+    kubectl("delete", "pod", pod, "-n", "default", "--wait=true", "--timeout=60s", timeout=90)
     deadline = time.monotonic() + 120
     last = ""
     while time.monotonic() < deadline:
@@ -234,16 +240,18 @@ def test_survives_shadow_pod_deletion(connect: Connect) -> None:
         time.sleep(2)
     else:
         raise AssertionError(f"no recovery after deleting the shadow pod: {last}\n{connect.output()}")
-    assert "re-established" in connect.output() or "reconnect" in connect.output().lower()
+    assert "re-established" in connect.output(), connect.output()
+    assert connect.shadow_pod() != pod  # a new pod replaced the deleted one
 
 
 def test_ctrl_c_leaves_nothing(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
-    before = set(kt_objects())  # the module's long-running connect keeps its own
     c = Connect(unprivileged_user, user_kubeconfig)
     c.wait_ready()
-    assert set(kt_objects()) - before, "connect created no labelled objects"
+    mine = {f"pod/{c.shadow_pod()}", f"secret/{c.shadow_pod()}"}
+    assert mine <= set(kt_objects()), "connect's pod and secret should exist while it runs"
     assert c.stop(signal.SIGINT) in (0, 130)
-    assert set(kt_objects()) <= before
+    # Compared by name: the module's long-running connect keeps (and may replace) its own objects.
+    assert not mine & set(kt_objects())
 
 
 def test_sigkill_then_clean(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, connect: Connect) -> None:

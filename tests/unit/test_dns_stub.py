@@ -183,9 +183,18 @@ class TruncatingHandler(DNSHandler):
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[UpstreamResolver, tuple[str, int]]]:
     resolver = UpstreamResolver()
-    udp = DNSServer(resolver, address=LOOP, port=0, handler=TruncatingHandler, logger=_QuietLogger())
-    port = udp.server.server_address[1]
-    tcp = DNSServer(resolver, address=LOOP, port=port, tcp=True, logger=_QuietLogger())
+    # UDP and TCP must share a port; the kernel may already use the UDP port's number for a TCP
+    # connection (a busy machine in CI did), so try a few.
+    for _ in range(50):
+        udp = DNSServer(resolver, address=LOOP, port=0, handler=TruncatingHandler, logger=_QuietLogger())
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(resolver, address=LOOP, port=port, tcp=True, logger=_QuietLogger())
+            break
+        except OSError:
+            udp.server.server_close()
+    else:
+        raise RuntimeError("no port free for both UDP and TCP on loopback")
     udp.start_thread()
     tcp.start_thread()
     yield resolver, (LOOP, port)
