@@ -187,7 +187,12 @@ class KubeClient:
         # urllib3's default is 3 retries of a full OS connect timeout; one retry of a 5 s connect hides
         # a transient reset without making an unreachable server take long (at most ~10 s).
         if configuration.retries is None:
-            configuration.retries = urllib3.util.Retry(total=1, connect=1, read=0, redirect=3, status=0)
+            # A pooled keep-alive connection the server dropped surfaces as a read error ("Connection
+            # aborted"): one retry for idempotent calls, PATCH included (we only merge annotations and
+            # selectors). POST (create) is never retried: a duplicate would fail with AlreadyExists.
+            configuration.retries = urllib3.util.Retry(
+                total=2, connect=1, read=1, redirect=3, status=0,
+                allowed_methods=urllib3.util.Retry.DEFAULT_ALLOWED_METHODS | {"PATCH"})
         self.api = _TimeoutApiClient(configuration)
         self.core = k8s.CoreV1Api(self.api)
         self.apps = k8s.AppsV1Api(self.api)
