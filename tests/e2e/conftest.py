@@ -14,6 +14,7 @@ is missing or the API server does not answer.
 import os
 import secrets
 import subprocess
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +133,13 @@ def core_v1(api_client):
 def _new_namespace(kubectl, prefix: str) -> str:
     name = f"{prefix}-{secrets.token_hex(3)}"
     kubectl("create", "namespace", name)
-    # Pods need the namespace's default ServiceAccount, which the controller-manager adds shortly after.
-    kubectl("wait", "--for=jsonpath={.metadata.name}=default", "serviceaccount/default", "-n", name,
-            "--timeout=60s")
+    # Pods need the namespace's default ServiceAccount, which the controller-manager adds shortly after
+    # (slowly on a cluster that has just started). `kubectl wait` fails at once on a missing object: poll.
+    deadline = time.monotonic() + 90
+    while kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"namespace {name}: no default ServiceAccount after 90 s")
+        time.sleep(0.5)
     return name
 
 
