@@ -23,4 +23,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-$PY -m pytest -q -p no:cacheprovider tests "$@"
+log=$(mktemp)
+$PY -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+cleanup
+trap - EXIT
+# The cluster's shutdown lines come after pytest's; repeat its summary so it stays the closing line.
+summary=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$log" | tail -1)
+rm -f "$log"
+[[ -n "$summary" ]] && echo "$summary"
+exit "$rc"
