@@ -72,7 +72,7 @@ class DataPlane:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.proxy_port}/proxy.pac"
 
     def env(self) -> dict[str, str]:
-        return proxy_env(self.settings.proxy_host, self.proxy_port, self.rules, self.settings.credentials)
+        return proxy_env(self.settings.proxy_host, self.proxy_port, self.settings.credentials)
 
     async def start(self) -> None:
         s = self.settings
@@ -94,11 +94,8 @@ class DataPlane:
             await self.dns.close()
 
     def describe(self) -> list[str]:
-        lines = [f"proxy (SOCKS5/HTTP) on {self.settings.proxy_host}:{self.proxy_port}",
-                 f"PAC file at {self.pac_url}"]
-        if self.dns:
-            lines.append(f"DNS stub on {self.settings.dns_host}:{self.dns.bound_port} (UDP and TCP)")
-        return lines
+        # The DNS stub logs its own line (with its cluster DNS and upstream) when it starts.
+        return [f"proxy (SOCKS5/HTTP) on {self.settings.proxy_host}:{self.proxy_port}", f"PAC file at {self.pac_url}"]
 
 
 def _bind_error(what: str, host: str, port: int, exc: OSError) -> str:

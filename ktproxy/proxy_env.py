@@ -7,8 +7,6 @@ import shlex
 import sys
 from urllib.parse import quote
 
-from ktproxy.routing import ClusterRules
-
 KEYS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
 # A listener on the wildcard address is reached through loopback; "0.0.0.0" is not a destination
 # every platform accepts.
@@ -20,8 +18,7 @@ def reachable_host(bind_host: str) -> str:
     return _REACHABLE.get(bind_host, bind_host)
 
 
-def proxy_env(proxy_host: str, proxy_port: int, rules: ClusterRules,
-              credentials: tuple[str, str] | None = None) -> dict[str, str]:
+def proxy_env(proxy_host: str, proxy_port: int, credentials: tuple[str, str] | None = None) -> dict[str, str]:
     host = reachable_host(proxy_host)
     hostport = f"[{host}]:{proxy_port}" if ":" in host else f"{host}:{proxy_port}"
     if credentials is not None:

@@ -72,7 +72,7 @@ class ShadowSession:
     async def _beat(self) -> None:
         from ktproxy.kube.heartbeat import heartbeat_loop
 
-        await heartbeat_loop(self.kube, lambda: self._objects())
+        await heartbeat_loop(self.kube, self._objects)
 
     def _objects(self) -> list[tuple[str, str, str]]:
         """(kind, namespace, name) of every object this session keeps alive."""

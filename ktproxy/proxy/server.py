@@ -152,10 +152,9 @@ class ProxyServer:
         try:
             req = await asyncio.wait_for(http.read_request(reader, first), HANDSHAKE_TIMEOUT)
             while req is not None:
-                if req.method == "CONNECT" or not req.target.startswith(("http://", "HTTP://", "https://")):
-                    if req.target.startswith("/") or req.method == "CONNECT":
-                        await self._http_local_or_connect(req, reader, writer)
-                        return
+                if req.method == "CONNECT" or req.target.startswith("/"):
+                    await self._http_local_or_connect(req, reader, writer)
+                    return
                 if not http.check_proxy_auth(req, self.credentials):
                     writer.write(self._auth_required())
                     return
@@ -165,9 +164,7 @@ class ProxyServer:
                     upstream = await self._dial_http(host, port)
                     upstream_key = (host, port)
                 keep = await self._exchange(req, path, host, port, reader, writer, upstream)
-                if keep is None:  # switched protocols: the relay has finished the connection
-                    return
-                if not keep:
+                if not keep:  # None: switched protocols, the relay has finished the connection
                     return
                 req = await http.read_request(reader)
         except http.HTTPError as exc:

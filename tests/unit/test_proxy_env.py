@@ -11,13 +11,10 @@ import pytest
 
 from ktproxy.errors import KtError
 from ktproxy.proxy_env import export_lines, proxy_env, run_with_env
-from ktproxy.routing import ClusterRules
-
-RULES = ClusterRules()
 
 
 def test_env_values():
-    env = proxy_env("127.0.0.1", 2223, RULES)
+    env = proxy_env("127.0.0.1", 2223)
     assert env["HTTP_PROXY"] == env["http_proxy"] == "http://127.0.0.1:2223"
     assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:2223"
     assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://127.0.0.1:2223"  # names resolved remotely
@@ -27,7 +24,7 @@ def test_env_values():
 
 
 def test_env_ipv6_proxy_host_is_bracketed():
-    env = proxy_env("::1", 2223, RULES)
+    env = proxy_env("::1", 2223)
     assert env["HTTP_PROXY"] == "http://[::1]:2223"
     assert env["ALL_PROXY"] == "socks5h://[::1]:2223"
 
@@ -35,18 +32,18 @@ def test_env_ipv6_proxy_host_is_bracketed():
 @pytest.mark.parametrize("bind,expected", [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
 def test_env_wildcard_bind_points_tools_at_loopback(bind, expected):
     # A listener on 0.0.0.0 is reachable at loopback; 0.0.0.0 itself is not a destination everywhere.
-    assert proxy_env(bind, 2223, RULES)["HTTP_PROXY"] == f"http://{expected}:2223"
+    assert proxy_env(bind, 2223)["HTTP_PROXY"] == f"http://{expected}:2223"
 
 
 def test_env_with_credentials():
-    env = proxy_env("192.0.2.1", 2223, RULES, credentials=("al ice", "p@ss:w/rd"))
+    env = proxy_env("192.0.2.1", 2223, credentials=("al ice", "p@ss:w/rd"))
     assert env["HTTP_PROXY"] == "http://al%20ice:p%40ss%3Aw%2Frd@192.0.2.1:2223"
     assert env["ALL_PROXY"] == "socks5h://al%20ice:p%40ss%3Aw%2Frd@192.0.2.1:2223"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell lines")
 def test_export_lines_posix():
-    lines = export_lines(proxy_env("127.0.0.1", 2223, RULES))
+    lines = export_lines(proxy_env("127.0.0.1", 2223))
     assert "export HTTP_PROXY=http://127.0.0.1:2223" in lines
     assert "export ALL_PROXY=socks5h://127.0.0.1:2223" in lines
     # curl reads http_proxy only in lower case, wget reads only lower case: both spellings are printed
@@ -58,7 +55,7 @@ def test_export_lines_posix():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell lines")
 def test_export_lines_are_valid_shell():
-    env = proxy_env("127.0.0.1", 2223, RULES, credentials=("u", "p$`x'\"y"))
+    env = proxy_env("127.0.0.1", 2223, credentials=("u", "p$`x'\"y"))
     script = "\n".join(export_lines(env)) + '\nprintf "%s\\n" "$HTTP_PROXY" "$no_proxy"'
     out = os.popen(f"sh -c {_sq(script)}").read().splitlines()
     assert out == [env["HTTP_PROXY"], env["no_proxy"]]
@@ -70,7 +67,7 @@ def _sq(s: str) -> str:
 
 def test_export_lines_windows(monkeypatch):
     monkeypatch.setattr(sys, "platform", "win32")
-    lines = export_lines(proxy_env("127.0.0.1", 2223, RULES))
+    lines = export_lines(proxy_env("127.0.0.1", 2223))
     assert '$env:HTTP_PROXY="http://127.0.0.1:2223"' in lines
     assert '$env:ALL_PROXY="socks5h://127.0.0.1:2223"' in lines
 
@@ -87,7 +84,7 @@ async def test_run_with_env_exit_status():
 
 async def test_run_with_env_sets_the_env(tmp_path):
     out = tmp_path / "env.txt"
-    env = proxy_env("127.0.0.1", 2223, RULES)
+    env = proxy_env("127.0.0.1", 2223)
     code = ("import os, sys; open(sys.argv[1], 'w').write("
             "os.environ['ALL_PROXY'] + ' ' + os.environ['http_proxy'] + ' ' + os.environ['PATH'])")
     assert await run_with_env([PY, "-c", code, str(out)], env) == 0
