@@ -286,6 +286,11 @@ class KubeClient:
         # able to break heartbeats on a cluster whose build leaves version fields empty.
         resp = await self.call(self.version_api.get_code, _preload_content=False)
         headers = getattr(resp, "headers", None) or {}
+        # The body must be read before the keep-alive connection goes back to the pool: an unread
+        # response left on it makes the next request there fail with ResponseNotReady, and a create
+        # (POST) is never retried.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(resp.drain_conn)
         with contextlib.suppress(Exception):
             resp.release_conn()
         date = headers.get("Date")

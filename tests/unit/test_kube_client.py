@@ -135,3 +135,60 @@ async def test_cluster_time_from_date_header(tmp_path):
     t = await k.cluster_time()
     assert t.isoformat() == "2024-01-02T03:04:05+00:00"
     server.close()
+
+
+async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
+    """cluster_time reads only a header; the body must still be consumed before the keep-alive connection
+    goes back to the pool, or the next call on it (a create, which is never retried) fails with
+    'Connection aborted ... ResponseNotReady' (seen in CI on the real API server)."""
+    served = []
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            served.append(head.split(b" ")[0])
+            if head.startswith(b"GET"):
+                body = b'{"major":"1","minor":"34","gitVersion":"v1.34.4"}'
+            else:
+                body = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).encode()
+            # One write: headers and body arrive together, so the client buffers the unread body.
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nDate: Tue, 02 Jan 2024 03:04:05 GMT\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    k = KubeClient.load(str(_kubeconfig(tmp_path, server=f"http://127.0.0.1:{port}")))
+    k.configuration.proxy = None
+    # Keep every raw /version response referenced, as any lingering reference (a frame, a log record) did
+    # in CI: without that, CPython's refcounting closes the unread response early and hides the bug.
+    kept = []
+    get_code = k.version_api.get_code
+
+    def keeping(*args, **kwargs):
+        kept.append(get_code(*args, **kwargs))
+        return kept[-1]
+
+    k.version_api.get_code = keeping
+    try:
+        for _ in range(20):
+            await k.cluster_time()
+            secret = await k.call(k.core.create_namespaced_secret, "default", {"metadata": {"name": "s"}})
+            assert secret.metadata.name == "s"
+        assert served.count(b"POST") == 20
+    finally:
+        k.close()
+        server.close()
