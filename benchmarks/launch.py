@@ -2,7 +2,7 @@
 
     python -m benchmarks.launch shadow|dataplane [--no-uvloop] [--cipher C] [--window N] [--pktsize N]
                                                  [--chunk N] [--no-nodelay] [--fastpath]
-                                                 [--asyncssh-ignore] -- ARGS...
+                                                 [--asyncssh-ignore] [--asyncssh-recv] -- ARGS...
 
 The knobs patch the modules' tuning constants (WINDOW, MAX_PKTSIZE, CHUNK, CIPHERS) before their
 `main()` runs, so the study measures the shipped code with one thing changed and nothing edited.
@@ -15,31 +15,38 @@ import argparse
 import sys
 from typing import Any
 
+# The wire patches shadow_image.sshwire applies on import, and the flag that tells each one is in place.
+WIRE_PATCHES = {
+    "drop_cbc_ignore_packets": ("send_packet", "_ktproxy_no_cbc_ignore"),
+    "feed_whole_packets": ("data_received", "_ktproxy_whole_packets"),
+}
 
-def keep_ignore_packets() -> None:
-    """Undo shadow_image.sshwire.drop_cbc_ignore_packets() for this process: asyncssh's default again, an
-    empty SSH_MSG_IGNORE before every post-kex packet whatever the cipher (the reverse experiment, to
-    show what dropping it gained). Must run before ktproxy.tunnel.session / shadow_image.sshd are
-    imported: they apply the patch on import, through the name this replaces."""
+
+def skip_wire_patch(name: str) -> None:
+    """Leave asyncssh's default in place of one sshwire patch in this process (a reverse experiment: what
+    the patch gains, measured by its absence). Must run before ktproxy.tunnel.session / shadow_image.sshd
+    are imported: they apply the patches on import, through the names this replaces."""
     from asyncssh import connection
 
     from shadow_image import sshwire
 
     if "ktproxy.tunnel.session" in sys.modules or "shadow_image.sshd" in sys.modules:
-        raise SystemExit("benchmarks/launch.py: keep_ignore_packets() must run before the SSH modules load")
-    if getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False):
-        raise SystemExit("benchmarks/launch.py: asyncssh's send_packet is already patched")
-    sshwire.drop_cbc_ignore_packets = lambda: False  # type: ignore[assignment]
+        raise SystemExit("benchmarks/launch.py: skip_wire_patch() must run before the SSH modules load")
+    method, flag = WIRE_PATCHES[name]
+    if getattr(getattr(connection.SSHConnection, method), flag, False):
+        raise SystemExit(f"benchmarks/launch.py: asyncssh's {method} is already patched")
+    setattr(sshwire, name, lambda: False)
 
 
-def check_ignore_patch(expect_patched: bool) -> None:
-    """The study must measure what it says: fail loudly if the patch state is not the expected one."""
+def check_wire_patches(skipped: set[str]) -> None:
+    """The study must measure what it says: fail loudly if a patch state is not the expected one."""
     from asyncssh import connection
 
-    patched = bool(getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False))
-    if patched != expect_patched:
-        raise SystemExit(f"benchmarks/launch.py: asyncssh MSG_IGNORE patch is {'on' if patched else 'off'}, "
-                         f"expected {'on' if expect_patched else 'off'}")
+    for name, (method, flag) in WIRE_PATCHES.items():
+        patched = bool(getattr(getattr(connection.SSHConnection, method), flag, False))
+        if patched == (name in skipped):
+            raise SystemExit(f"benchmarks/launch.py: asyncssh {method} patch ({name}) is "
+                             f"{'on' if patched else 'off'}, expected {'off' if patched else 'on'}")
 
 
 def tunnel_everything(routing: Any, dialer: Any) -> None:
@@ -69,6 +76,9 @@ def main() -> int:
     p.add_argument("--asyncssh-ignore", action="store_true",
                    help="reverse experiment: keep asyncssh's empty SSH_MSG_IGNORE before every packet "
                         "(what the shipped code drops for non-CBC ciphers)")
+    p.add_argument("--asyncssh-recv", action="store_true",
+                   help="reverse experiment: asyncssh's own receive path, which re-slices its buffer after "
+                        "every packet (the shipped code feeds it one packet at a time)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
@@ -76,8 +86,13 @@ def main() -> int:
     if args.no_uvloop:
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` now raises ImportError
 
+    skipped = set()
     if args.asyncssh_ignore:
-        keep_ignore_packets()
+        skipped.add("drop_cbc_ignore_packets")
+    if args.asyncssh_recv:
+        skipped.add("feed_whole_packets")
+    for name in skipped:
+        skip_wire_patch(name)
 
     if args.what == "shadow":
         from shadow_image import sshd
@@ -85,7 +100,7 @@ def main() -> int:
             sshd.WINDOW = args.window
         if args.pktsize:
             sshd.MAX_PKTSIZE = args.pktsize
-        check_ignore_patch(expect_patched=not args.asyncssh_ignore)
+        check_wire_patches(skipped)
         return sshd.main(rest)
 
     from ktproxy import dataplane, routing
@@ -111,7 +126,7 @@ def main() -> int:
     if args.fastpath:
         from benchmarks import fastpath
         fastpath.install_for_benchmark(server)
-    check_ignore_patch(expect_patched=not args.asyncssh_ignore)
+    check_wire_patches(skipped)
     return dataplane.main(rest)
 
 

@@ -152,6 +152,7 @@ class Tuning:
     nodelay: bool = True
     fastpath: bool = False
     asyncssh_ignore: bool = False  # asyncssh's per-packet empty SSH_MSG_IGNORE, which the shipped code drops
+    asyncssh_recv: bool = False  # asyncssh's own receive path, which the shipped code feeds a packet at a time
 
     def argv(self) -> list[str]:
         a: list[str] = []
@@ -171,6 +172,8 @@ class Tuning:
             a.append("--fastpath")
         if self.asyncssh_ignore:
             a.append("--asyncssh-ignore")
+        if self.asyncssh_recv:
+            a.append("--asyncssh-recv")
         return a
 
 
@@ -211,7 +214,8 @@ def start_asyncssh_socks(procs: Procs, keys: Keys) -> KtProxy:
     port_file = procs.workdir / f"shadow{tag}.port"
     ready = procs.workdir / f"asyncssh{tag}.port"
     shadow = procs.spawn(f"shadow{tag}", [
-        PY, "-m", "benchmarks.launch", "shadow", "--window", str(2 * 1024 * 1024), "--pktsize", "32768", "--",
+        PY, "-m", "benchmarks.launch", "shadow", "--window", str(2 * 1024 * 1024), "--pktsize", "32768",
+        "--asyncssh-ignore", "--asyncssh-recv", "--",
         "--listen", "127.0.0.1:0", "--authorized-keys", str(keys.client_pub), "--host-key", str(keys.host),
         "--port-file", str(port_file)])
     wait_for(lambda: port_file.exists() and port_file.read_text().strip() != "", 20, "shadow server", shadow)

@@ -16,11 +16,12 @@ import sys
 
 import asyncssh
 
-from shadow_image.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW, drop_cbc_ignore_packets
+from shadow_image.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW, drop_cbc_ignore_packets, feed_whole_packets
 
 log = logging.getLogger("shadow")
 
 drop_cbc_ignore_packets()
+feed_whole_packets()
 
 
 class ShadowServer(asyncssh.SSHServer):

@@ -44,3 +44,49 @@ def drop_cbc_ignore_packets() -> bool:
     send_packet._ktproxy_no_cbc_ignore = True  # type: ignore[attr-defined]
     cls.send_packet = send_packet  # type: ignore[method-assign]
     return True
+
+
+def feed_whole_packets() -> bool:
+    """Hand asyncssh's packet parser one SSH packet at a time instead of a whole socket read.
+
+    asyncssh appends each read to a bytes buffer and, after every header and every packet it parses,
+    re-slices the remainder (`inpbuf = inpbuf[n:]`): a copy of everything still unparsed, per packet.
+    With 128 KB packets and 256 KB reads that copying was 18% of the client's CPU in a bulk download
+    (py-spy, benchmarks loopback case); with many small packets per read it grows quadratically. Fed
+    exactly the bytes its current step needs, the parser's buffer is empty after each step and the
+    re-slice copies nothing. Steps other than header/packet (version exchange, a packet handler still
+    running) get the rest of the read as before. Idempotent; returns False when asyncssh's internals are
+    not what this expects (nothing patched).
+    """
+    cls = _connection.SSHConnection
+    if getattr(cls.data_received, "_ktproxy_whole_packets", False):
+        return True
+    needed = ("data_received", "_recv_data", "_recv_pkthdr", "_recv_packet")
+    if not all(hasattr(cls, a) for a in needed):
+        return False
+    original = cls.data_received
+    pkthdr, packet = cls._recv_pkthdr, cls._recv_packet
+
+    def data_received(self: _connection.SSHConnection, data: bytes, datatype: object = None) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            step = getattr(self._recv_handler, "__func__", None)
+            have = len(self._inpbuf)
+            if step is pkthdr:
+                need = self._recv_blocksize - have
+            elif step is packet:
+                need = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize - have
+            else:
+                need = end - pos
+            take = end if need <= 0 else min(end, pos + need)
+            self._inpbuf += view[pos:take]
+            pos = take
+            self._recv_data()
+            if self._transport is None:  # a parse error closed the connection: the rest is moot
+                return
+
+    data_received._ktproxy_whole_packets = True  # type: ignore[attr-defined]
+    data_received._ktproxy_original = original  # type: ignore[attr-defined]
+    cls.data_received = data_received  # type: ignore[method-assign]
+    return True

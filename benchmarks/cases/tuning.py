@@ -31,6 +31,7 @@ def steps(ctx: Context) -> list[tuple[str, Tuning]]:
         ("TCP_NODELAY off (proxy sockets)", Tuning(nodelay=False)),
         ("Protocol-level relay (benchmarks/fastpath.py)", Tuning(fastpath=True)),
         ("asyncssh default: empty SSH_MSG_IGNORE before every packet", Tuning(asyncssh_ignore=True)),
+        ("asyncssh default: receive buffer re-sliced after every packet", Tuning(asyncssh_recv=True)),
     ]
     return s
 
@@ -94,7 +95,8 @@ def tuning(ctx: Context) -> None:
              f"relay CHUNK {relay.CHUNK // KB} KB, ciphers {', '.join(session.CIPHERS[:2])}, uvloop on, "
              f"TCP_NODELAY on the proxy's sockets, asyncssh's empty SSH_MSG_IGNORE before every packet dropped for "
              f"non-CBC ciphers (shadow_image/sshwire.py; the 'asyncssh default' step keeps it, on both ends: "
-             f"its change against the baseline is what dropping it gains, reversed). "
+             f"its change against the baseline is what dropping it gains, reversed), asyncssh's packet parser fed one "
+             f"packet at a time (the 'receive buffer' step is asyncssh's own path, on both ends). "
              f"Single stream {single // 2**20} MiB, 64 x {per / 2**20:g} MiB; "
              f"request/response {dur:g} s. Window and packet sizes apply to both SSH ends; uvloop off applies to "
              f"both ktproxy processes (the load client and target keep uvloop). The step order rotates between "

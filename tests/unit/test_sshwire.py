@@ -1,0 +1,131 @@
+"""The asyncssh wire patches in shadow_image/sshwire.py, on a real client/server pair over loopback.
+
+A relay between the two ends re-chops the byte stream at random boundaries, merging and splitting SSH
+packets, so the packet-at-a-time feeder meets every split it can meet in the wild: mid-header,
+mid-MAC, several packets in one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import asyncssh
+import pytest
+from asyncssh import connection
+
+from ktproxy.tunnel.session import SSHOptions, connect_tcp
+from shadow_image import sshd, sshwire
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _chop(src: asyncio.StreamReader, dst: asyncio.StreamWriter, rng: random.Random) -> None:
+    """Forward in random pieces: tiny ones (split headers and MACs) and merged big ones."""
+    pending = b""
+    while True:
+        try:
+            # Held bytes go out once the sender pauses: a handshake step must never wait on them.
+            data = await asyncio.wait_for(src.read(rng.choice([7, 100, 4096, 65536, 300_000])),
+                                          0.005 if pending else None)
+        except TimeoutError:
+            dst.write(pending)
+            pending = b""
+            await dst.drain()
+            continue
+        if not data:
+            break
+        pending += data
+        while len(pending) > rng.choice([0, 1, 17, 5000, 200_000]):
+            cut = rng.randint(1, len(pending))
+            dst.write(pending[:cut])
+            pending = pending[cut:]
+            await dst.drain()
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+    dst.write(pending)
+    await dst.drain()
+    dst.close()
+
+
+@pytest.fixture
+async def chopped_tunnel(tmp_path):
+    """A shadow server, a chopping relay in front of it, and a loopback echo target behind it."""
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "authorized_keys").write_bytes(client_key.export_public_key())
+    host_key.write_private_key(str(tmp_path / "host_key"))
+    acceptor = await sshd.serve("127.0.0.1", 0, str(tmp_path / "authorized_keys"), str(tmp_path / "host_key"))
+    ssh_port = acceptor.sockets[0].getsockname()[1]
+    rng = random.Random(1234)
+
+    async def relay(reader, writer):
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", ssh_port)
+        await asyncio.gather(_chop(reader, up_w, rng), _chop(up_r, writer, rng), return_exceptions=True)
+
+    relay_srv = await asyncio.start_server(relay, "127.0.0.1", 0)
+    echo_srv = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    opts = SSHOptions(client_key, host_key.convert_to_public())
+    conn = await connect_tcp("127.0.0.1", relay_srv.sockets[0].getsockname()[1], opts)
+    yield conn, echo_srv.sockets[0].getsockname()[1]
+    conn.close()
+    await conn.wait_closed()
+    for srv in (relay_srv, echo_srv):
+        srv.close()
+    acceptor.close()
+
+
+def test_patches_are_installed_by_both_ends():
+    assert getattr(connection.SSHConnection.data_received, "_ktproxy_whole_packets", False)
+    assert getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False)
+    assert sshwire.feed_whole_packets() is True  # idempotent
+    assert sshwire.drop_cbc_ignore_packets() is True
+
+
+async def test_bulk_and_small_messages_survive_arbitrary_splits(chopped_tunnel, monkeypatch):
+    conn, echo_port = chopped_tunnel
+    # The parser must only ever hold one packet once authenticated: that is the whole point of the
+    # feeder (asyncssh alone holds a whole read, up to 256 KB, and re-slices it after every packet).
+    held = []
+    recv_data = connection.SSHConnection._recv_data
+
+    def spy(self):
+        if self._auth_complete:
+            held.append(len(self._inpbuf))
+        return recv_data(self)
+
+    monkeypatch.setattr(connection.SSHConnection, "_recv_data", spy)
+
+    reader, writer = await conn.open_connection("127.0.0.1", echo_port)
+    payload = random.Random(7).randbytes(6 * 1024 * 1024)
+    sent = hashlib.sha256(payload).hexdigest()
+
+    async def send() -> None:
+        for i in range(0, len(payload), 50_000):
+            writer.write(payload[i : i + 50_000])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    got = await asyncio.wait_for(reader.read(), 60)
+    await sender
+    assert len(got) == len(payload) and hashlib.sha256(got).hexdigest() == sent
+
+    # Many tiny packets in flight at once: several land in one read and are parsed one by one.
+    streams = [await conn.open_connection("127.0.0.1", echo_port) for _ in range(20)]
+    for rnd in range(30):
+        for n, (_, w) in enumerate(streams):
+            w.write(f"{rnd}:{n};".encode())
+        for n, (r, _) in enumerate(streams):
+            assert await asyncio.wait_for(r.readexactly(len(f"{rnd}:{n};")), 10) == f"{rnd}:{n};".encode()
+    for _, w in streams:
+        w.close()
+
+    assert held, "the receive path was never exercised"
+    assert max(held) <= sshwire.MAX_PKTSIZE + 1024
