@@ -103,6 +103,22 @@ def candidate_names(name: str, rules: ClusterRules) -> list[str]:
     return out
 
 
+def split_service_labels(name: str) -> tuple[str, str]:
+    """Split SRV-style leading labels (`_http._tcp.`) from the name they qualify.
+
+    The routing rules are about service names; `_http._tcp.tomcat` is the SRV question for the cluster
+    name `tomcat`, and a pod's resolver would expand it with the same search list. A name made only of
+    such labels is left whole.
+    """
+    labels = name.split(".")
+    i = 0
+    while i < len(labels) - 1 and labels[i].startswith("_"):
+        i += 1
+    if i == 0:
+        return "", name
+    return ".".join(labels[:i]) + ".", ".".join(labels[i:])
+
+
 def reverse_name_to_ip(name: DNSLabel) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address a full in-addr.arpa / ip6.arpa name stands for; None for anything else."""
     labels = _key_labels(name)
@@ -746,9 +762,12 @@ class DNSStub:
         if ip is not None:
             return [qname] if self.rules.is_cluster_ip(str(ip)) else None
         text = label_text(qname)
-        if text is None or not self.rules.is_cluster_name(text):
+        if text is None:
             return None
-        return [_text_to_label(c) for c in candidate_names(text, self.rules)]
+        prefix, base = split_service_labels(text)
+        if not self.rules.is_cluster_name(base):
+            return None
+        return [_text_to_label(prefix + c) for c in candidate_names(base, self.rules)]
 
     async def _ask_cluster(self, query: DNSRecord, targets: Sequence[DNSLabel], deadline: float) -> DNSRecord:
         q = query.q

@@ -30,6 +30,7 @@ from ktproxy.dns_stub import (
     parse_resolv_conf,
     reverse_name_to_ip,
     rewrite_owner,
+    split_service_labels,
 )
 from ktproxy.routing import ClusterRules
 
@@ -350,6 +351,30 @@ async def test_aaaa_and_srv(env: Env) -> None:
     (srv,) = reply.rr
     assert srv.rtype == QTYPE.SRV and srv.rdata.port == 8080
     assert str(srv.rdata.target) == "tomcat.default.svc.cluster.local."
+
+
+@pytest.mark.parametrize("name", ["_http._tcp.tomcat", "_http._tcp.tomcat.default", "_http._tcp.tomcat.default.svc"])
+async def test_short_srv_names_use_the_search_list(env: Env, name: str) -> None:
+    """SRV questions for short service names are cluster questions, expanded like a pod would."""
+    reply = await udp_query(env.port, name, "SRV")
+    (srv,) = reply.rr
+    assert srv.rtype == QTYPE.SRV and srv.rdata.port == 8080
+    assert str(srv.rname).rstrip(".") == name
+    assert env.cluster.queries[("_http._tcp.tomcat.default.svc.cluster.local.", QTYPE.SRV)] == 1
+    assert env.upstream.queries == {}
+
+
+def test_split_service_labels() -> None:
+    assert split_service_labels("_http._tcp.tomcat") == ("_http._tcp.", "tomcat")
+    assert split_service_labels("_sip._udp.example.com") == ("_sip._udp.", "example.com")
+    assert split_service_labels("tomcat.default") == ("", "tomcat.default")
+    assert split_service_labels("_only") == ("", "_only")
+    assert split_service_labels("_a._b") == ("_a.", "_b")
+
+
+async def test_non_cluster_srv_names_go_upstream(env: Env) -> None:
+    await udp_query(env.port, "_xmpp._tcp.example.com", "SRV")
+    assert env.cluster.total() == 0
 
 
 async def test_cname_chain_is_kept(env: Env) -> None:
