@@ -38,6 +38,7 @@ class DataPlaneSettings:
     credentials: tuple[str, str] | None = None
     cluster_dns: tuple[str, int] | None = None
     dns_upstream: list[tuple[str, int]] | None = None  # None: the system's resolvers
+    direct_hosts: tuple[str, ...] = ()  # added to the printed NO_PROXY (the API server)
 
 
 def is_loopback_bind(host: str) -> bool:
@@ -72,7 +73,8 @@ class DataPlane:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.proxy_port}/proxy.pac"
 
     def env(self) -> dict[str, str]:
-        return proxy_env(self.settings.proxy_host, self.proxy_port, self.settings.credentials)
+        s = self.settings
+        return proxy_env(s.proxy_host, self.proxy_port, s.credentials, s.direct_hosts)
 
     async def start(self) -> None:
         s = self.settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from urllib.parse import quote
 
 KEYS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
@@ -18,7 +19,14 @@ def reachable_host(bind_host: str) -> str:
     return _REACHABLE.get(bind_host, bind_host)
 
 
-def proxy_env(proxy_host: str, proxy_port: int, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+def proxy_env(
+    proxy_host: str,
+    proxy_port: int,
+    credentials: tuple[str, str] | None = None,
+    direct_hosts: Sequence[str] = (),
+) -> dict[str, str]:
+    """The proxy variables; `direct_hosts` (the API server) join NO_PROXY so a shell that pasted them
+    still reaches the cluster's API after connect has stopped, as kubectl and ktctl itself must."""
     host = reachable_host(proxy_host)
     hostport = f"[{host}]:{proxy_port}" if ":" in host else f"{host}:{proxy_port}"
     if credentials is not None:
@@ -28,7 +36,7 @@ def proxy_env(proxy_host: str, proxy_port: int, credentials: tuple[str, str] | N
     socks_url = f"socks5h://{hostport}"
     # NO_PROXY keeps loopback local; everything else reaches the proxy, which itself decides
     # between the tunnel and DIRECT, so the env stays short and correct for every tool.
-    no_proxy = "localhost,127.0.0.1,::1"
+    no_proxy = ",".join(dict.fromkeys(["localhost", "127.0.0.1", "::1", *(h for h in direct_hosts if h)]))
     env = {"HTTP_PROXY": http_url, "HTTPS_PROXY": http_url, "ALL_PROXY": socks_url, "NO_PROXY": no_proxy}
     env.update({k.lower(): v for k, v in env.items()})
     return env

@@ -95,7 +95,8 @@ async def _main(args: argparse.Namespace, credentials: tuple[str, str] | None) -
     namespace = kube.namespace
     rules = ClusterRules(namespace=namespace, route_all=args.route == "all")
     settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=args.proxy_port,
-                                 dns_port=args.dns_port, credentials=credentials)
+                                 dns_port=args.dns_port, credentials=credentials,
+                                 direct_hosts=(kube.server_host,))
     keys = generate_session_keys()
     shadow = ShadowSession(kube, namespace, args, keys)
     tunnel = SSHTunnel(shadow.connect, SSHOptions.for_session(keys))

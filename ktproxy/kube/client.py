@@ -270,6 +270,11 @@ class KubeClient:
     def server(self) -> str:
         return self.configuration.host
 
+    @property
+    def server_host(self) -> str:
+        """The API server's host name or IP, without scheme, port or IPv6 brackets."""
+        return urlparse(self.configuration.host).hostname or ""
+
     def error(self, exc: BaseException, access: Access | None = None) -> KubeError:
         return api_error(exc, self.server, access)
 

@@ -17,8 +17,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
@@ -187,10 +189,15 @@ def connect(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, demo_app
         c.stop()
 
 
-def test_connect_runs_without_root(connect: Connect, unprivileged_user: pwd.struct_passwd) -> None:
+def test_connect_runs_without_root(
+    connect: Connect, unprivileged_user: pwd.struct_passwd, user_kubeconfig: str
+) -> None:
     assert os.stat(f"/proc/{connect.proc.pid}").st_uid == unprivileged_user.pw_uid
     assert "All looks good, now you can access to resources in the kubernetes cluster" in connect.output()
     assert f"export ALL_PROXY=socks5h://127.0.0.1:{connect.proxy_port}" in connect.output()
+    # The API server stays direct for a shell that pasted the lines, even after connect has stopped.
+    server = urlparse(yaml.safe_load(Path(user_kubeconfig).read_text())["clusters"][0]["cluster"]["server"])
+    assert f"export NO_PROXY=localhost,127.0.0.1,::1,{server.hostname}" in connect.output().splitlines()
 
 
 @pytest.mark.parametrize("mode", ["http", "socks5h"])

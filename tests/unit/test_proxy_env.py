@@ -23,6 +23,11 @@ def test_env_values():
     assert {"localhost", "127.0.0.1", "::1"} <= set(no_proxy)
 
 
+def test_direct_hosts_join_no_proxy_once():
+    env = proxy_env("127.0.0.1", 2223, direct_hosts=("172.31.255.1", "127.0.0.1", ""))
+    assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1,::1,172.31.255.1"
+
+
 def test_env_ipv6_proxy_host_is_bracketed():
     env = proxy_env("::1", 2223)
     assert env["HTTP_PROXY"] == "http://[::1]:2223"
