@@ -114,34 +114,10 @@ async def test_unreachable_api_server_is_fast(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
-async def test_cluster_time_from_date_header(tmp_path):
-    """A loopback HTTP server with a fixed Date header stands in for the API server's /version."""
-
-    async def handle(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        body = b'{"major":"1","minor":"34","gitVersion":"v1.34.4"}'
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nDate: Tue, 02 Jan 2024 03:04:05 GMT\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    k = KubeClient.load(str(_kubeconfig(tmp_path, server=f"http://127.0.0.1:{port}")))
-    k.configuration.proxy = None
-    t = await k.cluster_time()
-    assert t.isoformat() == "2024-01-02T03:04:05+00:00"
-    server.close()
-
-
-async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
-    """cluster_time reads only a header; the body must still be consumed before the keep-alive connection
-    goes back to the pool, or the next call on it (a create, which is never retried) fails with
-    'Connection aborted ... ResponseNotReady' (seen in CI on the real API server)."""
-    served = []
+async def _fake_api(served: list[bytes]) -> tuple[asyncio.Server, str]:
+    """A loopback keep-alive HTTP server with a fixed Date header standing in for the API server: /version
+    for GETs, a Secret for anything else. Each response goes out in one write, headers and body together,
+    so the client buffers a body it does not read."""
 
     async def handle(reader, writer):
         while True:
@@ -160,7 +136,6 @@ async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
                 body = b'{"major":"1","minor":"34","gitVersion":"v1.34.4"}'
             else:
                 body = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).encode()
-            # One write: headers and body arrive together, so the client buffers the unread body.
             writer.write(
                 b"HTTP/1.1 200 OK\r\nDate: Tue, 02 Jan 2024 03:04:05 GMT\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -170,8 +145,26 @@ async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    k = KubeClient.load(str(_kubeconfig(tmp_path, server=f"http://127.0.0.1:{port}")))
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_cluster_time_from_date_header(tmp_path):
+    server, url = await _fake_api([])
+    k = KubeClient.load(str(_kubeconfig(tmp_path, server=url)))
+    k.configuration.proxy = None
+    t = await k.cluster_time()
+    assert t.isoformat() == "2024-01-02T03:04:05+00:00"
+    k.close()
+    server.close()
+
+
+async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
+    """cluster_time reads only a header; the body must still be consumed before the keep-alive connection
+    goes back to the pool, or the next call on it (a create, which is never retried) fails with
+    'Connection aborted ... ResponseNotReady' (seen in CI on the real API server)."""
+    served: list[bytes] = []
+    server, url = await _fake_api(served)
+    k = KubeClient.load(str(_kubeconfig(tmp_path, server=url)))
     k.configuration.proxy = None
     # Keep every raw /version response referenced, as any lingering reference (a frame, a log record) did
     # in CI: without that, CPython's refcounting closes the unread response early and hides the bug.
