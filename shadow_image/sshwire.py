@@ -6,6 +6,8 @@ Both ends are ours, so windows may exceed OpenSSH's defaults; `benchmarks/` meas
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncssh
 from asyncssh import connection as _connection
 
@@ -52,6 +54,21 @@ def drop_cbc_ignore_packets() -> bool:
 _FEED_AT_LEAST = 4096
 
 
+def _bytes_needed(conn: object, pkthdr: object, packet: object) -> int:
+    """What asyncssh's current parse step still needs; 0 (feed it all, as asyncssh itself does) for any
+    other step, and for an asyncssh whose per-connection state is not named as this expects."""
+    c: Any = conn
+    try:
+        step = getattr(c._recv_handler, "__func__", None)
+        if step is pkthdr:
+            return c._recv_blocksize - len(c._inpbuf)
+        if step is packet:
+            return 4 + c._pktlen + c._recv_macsize - c._recv_blocksize - len(c._inpbuf)
+    except (AttributeError, TypeError):
+        pass
+    return 0
+
+
 def feed_whole_packets() -> bool:
     """Hand asyncssh's packet parser one big SSH packet at a time instead of a whole socket read.
 
@@ -77,19 +94,12 @@ def feed_whole_packets() -> bool:
         view = memoryview(data)
         pos, end = 0, len(data)
         while pos < end:
-            step = getattr(self._recv_handler, "__func__", None)
-            have = len(self._inpbuf)
-            if step is pkthdr:
-                need = self._recv_blocksize - have
-            elif step is packet:
-                need = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize - have
-            else:
-                need = end - pos
+            need = _bytes_needed(self, pkthdr, packet)
             take = end if need <= 0 else min(end, pos + max(need, _FEED_AT_LEAST))
             self._inpbuf += view[pos:take]
             pos = take
             self._recv_data()
-            if self._transport is None:  # a parse error closed the connection: the rest is moot
+            if getattr(self, "_transport", None) is None:  # a parse error closed the connection
                 return
 
     data_received._ktproxy_whole_packets = True  # type: ignore[attr-defined]

@@ -129,3 +129,9 @@ async def test_bulk_and_small_messages_survive_arbitrary_splits(chopped_tunnel, 
 
     assert held, "the receive path was never exercised"
     assert max(held) <= sshwire.MAX_PKTSIZE + sshwire._FEED_AT_LEAST + 1024
+
+
+def test_unfamiliar_parser_state_is_fed_whole():
+    """An asyncssh whose per-connection state is named differently gets whole reads, as it expects."""
+    cls = connection.SSHConnection
+    assert sshwire._bytes_needed(object(), cls._recv_pkthdr, cls._recv_packet) == 0
