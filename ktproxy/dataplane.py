@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -164,7 +165,8 @@ async def _run_local(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl-C cancels instead
+                loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         return 0
     finally:
