@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.procs import PY, REPO, Procs, free_port, make_keys, port_open, rss_kb, wait_for
+from benchmarks.socksclient import ProxyError, socks5
 
 MB = 1024 * 1024
 HALF_CLOSE_PAYLOAD = b"half-close payload: the target replies only after it has read EOF"
@@ -219,54 +220,21 @@ async def _pproxy_lib_main(args: argparse.Namespace) -> None:
 # Clients (blocking sockets, in the orchestrating process)
 # =================================================================================================
 
-class ProxyError(Exception):
-    pass
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
+def _read_head(s: socket.socket, buf: bytes, closed: str) -> tuple[bytes, bytes]:
+    """Read up to the blank line ending an HTTP head: (head, what came after it)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
         if not chunk:
-            raise ProxyError(f"proxy closed during handshake after {len(buf)}/{n} bytes")
+            raise ProxyError(f"{closed} ({len(buf)} bytes: {buf[:80]!r})")
         buf += chunk
-    return buf
-
-
-def socks5(proxy_port: int, host: str, port: int, timeout: float = 10.0, rcvbuf: int | None = None) -> socket.socket:
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(timeout)
-    s.connect(("127.0.0.1", proxy_port))
-    s.sendall(b"\x05\x01\x00")
-    if _recv_exact(s, 2) != b"\x05\x00":
-        raise ProxyError("SOCKS5 greeting refused")
-    try:
-        addr = b"\x01" + socket.inet_aton(host)  # ATYP 1: IPv4 literal
-    except OSError:
-        addr = b"\x03" + bytes([len(host)]) + host.encode()  # ATYP 3: domain name, resolved by the proxy side
-    s.sendall(b"\x05\x01\x00" + addr + struct.pack("!H", port))
-    head = _recv_exact(s, 4)
-    if head[1] != 0:
-        s.close()
-        raise ProxyError(f"SOCKS5 reply code {head[1]}")
-    atyp = head[3]
-    _recv_exact(s, {1: 4, 4: 16}.get(atyp) or _recv_exact(s, 1)[0])
-    _recv_exact(s, 2)
-    return s
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    return head, rest
 
 
 def http_connect(proxy_port: int, host: str, port: int, timeout: float = 10.0) -> tuple[socket.socket, bytes]:
     s = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
     s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise ProxyError(f"proxy closed before answering CONNECT: {buf!r}")
-        buf += chunk
-    head, rest = buf.split(b"\r\n\r\n", 1)
+    head, rest = _read_head(s, b"", "proxy closed before answering CONNECT")
     if b" 200" not in head.split(b"\r\n", 1)[0]:
         raise ProxyError(f"CONNECT answered {head.splitlines()[0]!r}")
     return s, rest
@@ -289,12 +257,7 @@ def read_to_eof(s: socket.socket, already: bytes = b"", limit: int = 1 << 20) ->
 
 def read_http_response(s: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes]:
     """One response with Content-Length: (status line, body, leftover)."""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ProxyError(f"connection closed before a response header ({len(buf)} bytes)")
-        buf += chunk
-    head, rest = buf.split(b"\r\n\r\n", 1)
+    head, rest = _read_head(s, buf, "connection closed before a response header")
     m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     if not m:
         raise ProxyError(f"response without Content-Length: {head[:80]!r}")

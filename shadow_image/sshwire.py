@@ -87,7 +87,6 @@ def feed_whole_packets() -> bool:
     needed = ("data_received", "_recv_data", "_recv_pkthdr", "_recv_packet")
     if not all(hasattr(cls, a) for a in needed):
         return False
-    original = cls.data_received
     pkthdr, packet = cls._recv_pkthdr, cls._recv_packet
 
     def data_received(self: _connection.SSHConnection, data: bytes, datatype: object = None) -> None:
@@ -103,6 +102,5 @@ def feed_whole_packets() -> bool:
                 return
 
     data_received._ktproxy_whole_packets = True  # type: ignore[attr-defined]
-    data_received._ktproxy_original = original  # type: ignore[attr-defined]
     cls.data_received = data_received  # type: ignore[method-assign]
     return True

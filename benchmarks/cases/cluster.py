@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from benchmarks.cases.common import MB, Yardstick
 from benchmarks.cases.loopback import measure_all
 from benchmarks.harness import Context, Skip, case
 from benchmarks.procs import PY, REPO, free_port, wait_for
+from benchmarks.socksclient import socks5
 
 KUBECTL = REPO / ".cluster" / "bin" / "kubectl"
 KTCTL = REPO / ".venv" / "bin" / "ktctl"
@@ -196,14 +195,7 @@ def connect_fixture(ctx: Context) -> Connect:
 
 def socks_connect(port: int, host: str, dport: int, timeout: float = 10) -> None:
     """One SOCKS5 CONNECT through 127.0.0.1:port; returns when the proxy reports success."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"\x05\x01\x00")
-        if s.recv(2) != b"\x05\x00":
-            raise ConnectionError("SOCKS5 method refused")
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", dport))
-        head = s.recv(10)
-        if len(head) < 2 or head[1] != 0:
-            raise ConnectionError(f"SOCKS5 CONNECT {host}:{dport} refused: {head!r}")
+    socks5(port, host, dport, timeout).close()
 
 
 # -- kubectl port-forward -----------------------------------------------------------------------------

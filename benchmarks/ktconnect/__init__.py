@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.socksclient import socks5
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KT_VERSION = "v0.3.7"
@@ -92,34 +94,9 @@ def _core_api(kubeconfig: str):  # type: ignore[no-untyped-def]
     return client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise OSError("SOCKS5 server closed the connection")
-        buf += chunk
-    return buf
-
-
 def _socks_connect(port: int, host: str, dport: int, timeout: float = 5.0) -> bytes:
     """SOCKS5 CONNECT to host:dport through 127.0.0.1:port; returns the first bytes the target sent."""
-    import ipaddress
-
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"\x05\x01\x00")
-        if _recv_exact(s, 2) != b"\x05\x00":
-            raise OSError("SOCKS5 greeting refused")
-        addr = ipaddress.ip_address(host)
-        atyp = b"\x01" if addr.version == 4 else b"\x04"
-        s.sendall(b"\x05\x01\x00" + atyp + addr.packed + dport.to_bytes(2, "big"))
-        rep = _recv_exact(s, 4)
-        if rep[1] != 0:
-            raise OSError(f"SOCKS5 CONNECT {host}:{dport} failed (reply {rep[1]})")
-        if rep[3] == 3:
-            _recv_exact(s, _recv_exact(s, 1)[0] + 2)
-        else:
-            _recv_exact(s, (16 if rep[3] == 4 else 4) + 2)
+    with socks5(port, host, dport, timeout) as s:
         return s.recv(64)
 
 
