@@ -356,17 +356,25 @@ def check_keepalive_raw(port: int, ports: dict[str, int]) -> tuple[Result, Resul
     return first, second
 
 
-def check_keepalive_curl(port: int, ports: dict[str, int]) -> Result:
+def _curl_two(port: int, first: str, second: str) -> subprocess.CompletedProcess[str] | Result:
+    """curl fetching two URLs through the proxy in one run (so it may reuse the proxy connection);
+    a Result when curl cannot give an answer."""
     curl = shutil.which("curl")
     if not curl:
         return Result("n/a", "curl not installed")
-    a = f"http://127.0.0.2:{ports['http_a']}"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     try:
-        p = subprocess.run([curl, "-sv", "--max-time", "5", "-x", f"http://127.0.0.1:{port}", f"{a}/c1", f"{a}/c2"],
-                           capture_output=True, text=True, timeout=15, env=env)
+        return subprocess.run([curl, "-sv", "--max-time", "5", "-x", f"http://127.0.0.1:{port}", first, second],
+                              capture_output=True, text=True, timeout=15, env=env)
     except subprocess.TimeoutExpired:
         return Result("FAIL", "curl hung")
+
+
+def check_keepalive_curl(port: int, ports: dict[str, int]) -> Result:
+    a = f"http://127.0.0.2:{ports['http_a']}"
+    p = _curl_two(port, f"{a}/c1", f"{a}/c2")
+    if isinstance(p, Result):
+        return p
     reused = re.search(r"(?i)re-?using existing connection[^\n]*", p.stderr)
     answered = p.stdout.count("origin=A")
     if p.returncode == 0 and answered == 2 and reused:
@@ -377,16 +385,10 @@ def check_keepalive_curl(port: int, ports: dict[str, int]) -> Result:
 
 def check_cross_origin_curl(port: int, ports: dict[str, int]) -> Result:
     """curl reuses a plain-HTTP proxy connection for a different origin: the proxy must route per request."""
-    curl = shutil.which("curl")
-    if not curl:
-        return Result("n/a", "curl not installed")
     a, b = f"http://127.0.0.2:{ports['http_a']}", f"http://127.0.0.4:{ports['http_b']}"
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    try:
-        p = subprocess.run([curl, "-sv", "--max-time", "5", "-x", f"http://127.0.0.1:{port}", f"{a}/c1", f"{b}/c2"],
-                           capture_output=True, text=True, timeout=15, env=env)
-    except subprocess.TimeoutExpired:
-        return Result("FAIL", "curl hung")
+    p = _curl_two(port, f"{a}/c1", f"{b}/c2")
+    if isinstance(p, Result):
+        return p
     reused = "reused the proxy connection" if re.search(r"(?i)re-?using existing", p.stderr) else "new connection"
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("origin=")]
     if len(lines) == 2 and lines[1].startswith("origin=B"):
