@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-# The wire patches shadow_image.sshwire applies on import, and the flag that tells each one is in place.
+# The wire patches ktwire.sshwire.install() applies at each entry point, and the flag that tells each one is in place.
 WIRE_PATCHES = {
     "drop_cbc_ignore_packets": ("send_packet", "_ktproxy_no_cbc_ignore"),
     "feed_whole_packets": ("data_received", "_ktproxy_whole_packets"),
@@ -24,14 +24,12 @@ WIRE_PATCHES = {
 
 def skip_wire_patch(name: str) -> None:
     """Leave asyncssh's default in place of one sshwire patch in this process (a reverse experiment: what
-    the patch gains, measured by its absence). Must run before ktproxy.tunnel.session / shadow_image.sshd
-    are imported: they apply the patches on import, through the names this replaces."""
+    the patch gains, measured by its absence). Must run before the entry point's sshwire.install(), which
+    applies the patches through the names this replaces."""
     from asyncssh import connection
 
-    from shadow_image import sshwire
+    from ktwire import sshwire
 
-    if "ktproxy.tunnel.session" in sys.modules or "shadow_image.sshd" in sys.modules:
-        raise SystemExit("benchmarks/launch.py: skip_wire_patch() must run before the SSH modules load")
     method, flag = WIRE_PATCHES[name]
     if getattr(getattr(connection.SSHConnection, method), flag, False):
         raise SystemExit(f"benchmarks/launch.py: asyncssh's {method} is already patched")
@@ -93,6 +91,8 @@ def main() -> int:
         skipped.add("feed_whole_packets")
     for name in skipped:
         skip_wire_patch(name)
+    from ktwire import sshwire
+    sshwire.install()  # main() installs again (idempotent); checked here, before anything connects
 
     if args.what == "shadow":
         from shadow_image import sshd

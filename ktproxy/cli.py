@@ -10,6 +10,7 @@ import sys
 from ktproxy import __version__
 from ktproxy.errors import KtError
 from ktproxy.log import setup_logging
+from ktwire import sshwire
 
 # Each module defines register(subparsers, common) and run(args) -> int.
 COMMANDS = ["connect", "clean", "status"]
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.debug)
+    sshwire.install()
     try:
         return int(args.func(args) or 0)
     except KtError as exc:

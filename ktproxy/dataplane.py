@@ -26,6 +26,7 @@ from ktproxy.proxy.server import ProxyServer
 from ktproxy.proxy_env import export_lines, proxy_env, reachable_host, run_with_env
 from ktproxy.routing import ClusterRules
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel, connect_tcp
+from ktwire import sshwire
 
 log = logging.getLogger("ktproxy")
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
     setup_logging(args.debug)
+    sshwire.install()
     install_uvloop()
     try:
         return asyncio.run(_run_local(args))

@@ -16,12 +16,12 @@ import sys
 
 import asyncssh
 
-from shadow_image.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW, drop_cbc_ignore_packets, feed_whole_packets
+from ktwire import sshwire
+from ktwire.addr import split_host_port
+from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW
 
 log = logging.getLogger("shadow")
 
-drop_cbc_ignore_packets()
-feed_whole_packets()
 
 
 class ShadowServer(asyncssh.SSHServer):
@@ -87,11 +87,6 @@ async def serve(host: str, port: int, authorized_keys: str, host_key: str,
     return acceptor
 
 
-def _split_listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shadow_image", description="ktproxy shadow SSH server")
     parser.add_argument("--listen", default="0.0.0.0:2222", help="host:port to listen on")
@@ -108,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    host, port = _split_listen(args.listen)
+    sshwire.install()
+    try:
+        host, port = split_host_port(args.listen)
+    except ValueError as exc:
+        parser.error(f"--listen: {exc}")
+    host = host or "0.0.0.0"
 
     async def run() -> None:
         acceptor = await serve(host, port, args.authorized_keys, args.host_key)

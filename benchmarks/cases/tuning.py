@@ -94,7 +94,7 @@ def tuning(ctx: Context) -> None:
     ctx.note(f"Shipped: WINDOW {session.WINDOW // 2**20} MB, MAX_PKTSIZE {session.MAX_PKTSIZE // KB} KB, "
              f"relay CHUNK {relay.CHUNK // KB} KB, ciphers {', '.join(session.CIPHERS[:2])}, uvloop on, "
              f"TCP_NODELAY on the proxy's sockets, asyncssh's empty SSH_MSG_IGNORE before every packet dropped for "
-             f"non-CBC ciphers (shadow_image/sshwire.py; the 'asyncssh default' step keeps it, on both ends: "
+             f"non-CBC ciphers (ktwire/sshwire.py; the 'asyncssh default' step keeps it, on both ends: "
              f"its change against the baseline is what dropping it gains, reversed), asyncssh's packet parser fed one "
              f"packet at a time (the 'receive buffer' step is asyncssh's own path, on both ends). "
              f"Single stream {single // 2**20} MiB, 64 x {per / 2**20:g} MiB; "

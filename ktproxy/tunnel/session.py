@@ -16,12 +16,9 @@ from typing import Any
 import asyncssh
 
 from ktproxy.keys import SessionKeys
-from shadow_image.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW, drop_cbc_ignore_packets, feed_whole_packets
+from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW
 
 log = logging.getLogger("ktproxy.tunnel")
-
-drop_cbc_ignore_packets()
-feed_whole_packets()
 
 Connector = Callable[["SSHOptions"], Awaitable[asyncssh.SSHClientConnection]]
 

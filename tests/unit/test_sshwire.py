@@ -1,4 +1,4 @@
-"""The asyncssh wire patches in shadow_image/sshwire.py, on a real client/server pair over loopback.
+"""The asyncssh wire patches in ktwire/sshwire.py, on a real client/server pair over loopback.
 
 A relay between the two ends re-chops the byte stream at random boundaries, merging and splitting SSH
 packets, so the packet-at-a-time feeder meets every split it can meet in the wild: mid-header,
@@ -10,13 +10,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import subprocess
+import sys
 
 import asyncssh
 import pytest
 from asyncssh import connection
 
 from ktproxy.tunnel.session import SSHOptions, connect_tcp
-from shadow_image import sshd, sshwire
+from ktwire import sshwire
+from shadow_image import sshd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _wire_patches() -> None:
+    sshwire.install()  # what ktctl's and the shadow's entry points do
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,11 +89,19 @@ async def chopped_tunnel(tmp_path):
     acceptor.close()
 
 
-def test_patches_are_installed_by_both_ends():
-    assert getattr(connection.SSHConnection.data_received, "_ktproxy_whole_packets", False)
-    assert getattr(connection.SSHConnection.send_packet, "_ktproxy_no_cbc_ignore", False)
-    assert sshwire.feed_whole_packets() is True  # idempotent
-    assert sshwire.drop_cbc_ignore_packets() is True
+def test_importing_either_end_patches_nothing_until_install():
+    # Patching asyncssh is an entry point's explicit choice, never a side effect of an import.
+    code = ("import sys\n"
+            "from asyncssh import connection as c\n"
+            "import ktproxy.tunnel.session, ktproxy.cli, shadow_image.sshd\n"
+            "flags = lambda: (getattr(c.SSHConnection.data_received, '_ktproxy_whole_packets', False),\n"
+            "                 getattr(c.SSHConnection.send_packet, '_ktproxy_no_cbc_ignore', False))\n"
+            "assert flags() == (False, False), flags()\n"
+            "from ktwire import sshwire\n"
+            "assert sshwire.install() == {'drop_cbc_ignore_packets': True, 'feed_whole_packets': True}\n"
+            "assert flags() == (True, True), flags()\n"
+            "assert sshwire.install() == {'drop_cbc_ignore_packets': True, 'feed_whole_packets': True}\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 async def test_bulk_and_small_messages_survive_arbitrary_splits(chopped_tunnel, monkeypatch):

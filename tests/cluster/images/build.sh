@@ -82,13 +82,13 @@ if [[ "$(cat "$OUT/venv.hash" 2>/dev/null)" != "$venv_hash" ]]; then
   echo "$venv_hash" > "$OUT/venv.hash"
 fi
 
-# --- shadow app (changes with shadow_image/) ----------------------------------------------------
-app_hash=$( (cd "$REPO" && find shadow_image -type f -not -path '*/__pycache__/*' -not -name '*.pyc' \
+# --- shadow app (changes with shadow_image/ and ktwire/) ----------------------------------------------------
+app_hash=$( (cd "$REPO" && find shadow_image ktwire -type f -not -path '*/__pycache__/*' -not -name '*.pyc' \
              -print0 | sort -z | xargs -0r sha256sum) | hash_of)
 if [[ "$(cat "$OUT/app.hash" 2>/dev/null)" != "$app_hash" ]]; then
-  log "building shadow app layer from shadow_image/ ($app_hash)"
+  log "building shadow app layer from shadow_image/ and ktwire/ ($app_hash)"
   d=$(mktemp -d); mkdir -p "$d$SITE"
-  (cd "$REPO" && find shadow_image -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
+  (cd "$REPO" && find shadow_image ktwire -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
      | xargs -0r cp --parents -t "$d$SITE")
   pack "$d" "$OUT/app-layer.tar"; rm -rf "$d"; echo "$app_hash" > "$OUT/app.hash"
 fi

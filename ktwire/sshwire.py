@@ -104,3 +104,13 @@ def feed_whole_packets() -> bool:
     data_received._ktproxy_whole_packets = True  # type: ignore[attr-defined]
     cls.data_received = data_received  # type: ignore[method-assign]
     return True
+
+
+def install() -> dict[str, bool]:
+    """Apply both wire patches to asyncssh in this process; each entry point calls it once, explicitly.
+
+    Patching at import would change asyncssh for anyone who merely imports ktproxy (the practice the
+    README holds against pproxy). Returns which patches are in place (False: asyncssh's internals differ
+    and its default stays).
+    """
+    return {"drop_cbc_ignore_packets": drop_cbc_ignore_packets(), "feed_whole_packets": feed_whole_packets()}
