@@ -177,8 +177,9 @@ def test_python_client_port_forward(core_v1, demo):
 
 
 def test_shadow_image_has_its_runtime(kubectl, namespace):
-    code = ("import asyncssh, uvloop, dnslib, importlib.util, sys;"
+    code = ("import asyncssh, uvloop, importlib.util, sys;"
             "assert importlib.util.find_spec('shadow_image'), 'shadow_image missing';"
+            "assert importlib.util.find_spec('ktwire'), 'ktwire missing';"
             "print(sys.executable)")
     kubectl("run", "shadow-check", "--image=docker.io/ktproxy/shadow:0.1.0", "-n", namespace,
             "--restart=Never", "--command", "--", "/opt/ktproxy/bin/python", "-c", code)

@@ -5,7 +5,7 @@
 #   registry.k8s.io/pause:3.10        static pause binary (the pod sandbox)
 #   docker.io/ktproxy/base:0.1.0      Debian bookworm minbase + python3 (for test pods)
 #   docker.io/library/tomcat:9        demo-http, a STAND-IN for the quickstart's tomcat (not Tomcat)
-#   docker.io/ktproxy/shadow:0.1.0    base + /opt/ktproxy venv (asyncssh, uvloop, dnslib) + shadow_image;
+#   docker.io/ktproxy/shadow:0.1.0    base + /opt/ktproxy venv (asyncssh, uvloop) + shadow_image + ktwire;
 #                                     ENTRYPOINT python -m shadow_image, so a pod's `args` are its flags
 #                                     and a pod's `command` still replaces it entirely
 set -euo pipefail
@@ -20,7 +20,7 @@ PY="${PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 # Pinned to requirements.lock so the shadow runs what the unit and integration tests ran.
 lock_pin() { grep -i "^$1==" "$REPO/requirements.lock" || echo "$1"; }
-SHADOW_REQS=("$(lock_pin asyncssh)" "$(lock_pin uvloop)" "$(lock_pin dnslib)")
+SHADOW_REQS=("$(lock_pin asyncssh)" "$(lock_pin uvloop)")
 
 log() { echo "[images $(date +%H:%M:%S)] $*"; }
 die() { echo "images: $*" >&2; exit 1; }
