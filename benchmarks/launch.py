@@ -50,10 +50,10 @@ def check_wire_patches(skipped: set[str]) -> None:
 def tunnel_everything(routing: Any, dialer: Any) -> None:
     """The benchmark target is 127.0.0.2, which ktproxy never tunnels on its own (loopback is the user's
     machine). Here it must go through the shadow, and nothing may silently go direct instead."""
-    for owner, name in ((routing, "_is_loopback"), (dialer.Dialer, "_dial_direct")):
+    for owner, name in ((routing, "is_loopback_host"), (dialer.Dialer, "_dial_direct")):
         if not hasattr(owner, name):
             raise SystemExit(f"benchmarks/launch.py: {owner.__name__}.{name} is gone; update tunnel_everything()")
-    routing._is_loopback = lambda host: False
+    routing.is_loopback_host = lambda host: False
 
     async def refuse(self: Any, host: str, port: int) -> Any:
         raise dialer.DialError("refused", f"benchmark: {host}:{port} would have gone direct, not tunnelled")

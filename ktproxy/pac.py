@@ -9,6 +9,7 @@ the PAC and ClusterRules.via_tunnel agree on every host.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from ktproxy.routing import ClusterRules
@@ -16,7 +17,7 @@ from ktproxy.routing import ClusterRules
 CONTENT_TYPE = "application/x-ns-proxy-autoconfig"
 
 
-def _v6_net(net) -> list:  # noqa: ANN001 - an IPv6Network
+def _v6_net(net: ipaddress.IPv6Network) -> list[object]:
     groups = [int.from_bytes(net.network_address.packed[i:i + 2], "big") for i in range(0, 16, 2)]
     return [groups, net.prefixlen]
 
@@ -79,8 +80,9 @@ function ktIsLoopback(h, g6) {{
   if (h === "localhost" || h === "localhost.localdomain") return true;
   if (ktIsIPv4(h)) return h.substring(0, 4) === "127.";
   if (g6 === null) return false;
-  for (var i = 0; i < 7; i++) if (g6[i] !== 0) return false;
-  return g6[7] === 1;
+  for (var i = 0; i < 5; i++) if (g6[i] !== 0) return false;
+  if (g6[5] === 0xffff) return (g6[6] >> 8) === 127;  // ::ffff:127.0.0.0/104, v4-mapped loopback
+  return g6[5] === 0 && g6[6] === 0 && g6[7] === 1;
 }}
 function ktIsClusterName(h) {{
   if (h === "") return false;

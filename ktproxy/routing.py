@@ -76,7 +76,7 @@ class ClusterRules:
     def via_tunnel(self, host: str) -> bool:
         """True when a connection to `host` must be carried by the shadow pod (never loopback: the
         user's own machine, even if a CIDR given on the command line happens to cover it)."""
-        if _is_loopback(host):
+        if is_loopback_host(host):
             return False
         return self.route_all or self.is_cluster(host)
 
@@ -104,8 +104,27 @@ class ClusterRules:
         self.namespaces |= {normalise_name(n) for n in names}
 
 
-def _is_loopback(host: str) -> bool:
-    ip = parse_ip(host)
-    if ip is not None:
-        return ip.is_loopback
-    return normalise_name(host) in ("localhost", "localhost.localdomain")
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` is this machine's loopback, decided by parsing it, never by a prefix: an IP
+    literal (IPv6 in [brackets] too) in 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104, or the name localhost.
+    A name that merely starts with "127." (127.lan.example.com) can resolve anywhere, so it is not.
+
+    The v4-mapped case is spelled out because ipaddress changed its answer in Python 3.13 (True) from
+    3.11/3.12 (False); this function answers the same on every version. The PAC's ktIsLoopback mirrors it.
+    """
+    name = normalise_name(host)
+    ip = _ip(name)
+    if ip is None:
+        return name in _LOOPBACK_NAMES
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        if mapped is None:
+            return int(ip) == 1  # ::1, also with a %zone
+        ip = mapped
+    return ip in _LOOPBACK_V4
+
+
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")

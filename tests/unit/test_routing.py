@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ktproxy.routing import ClusterRules
+from ktproxy.routing import ClusterRules, is_loopback_host
 
 
 def rules(**kw) -> ClusterRules:
@@ -102,12 +102,49 @@ def test_route_all_tunnels_everything_but_loopback(host):
 
 
 @pytest.mark.parametrize("host", ["localhost", "LocalHost.", "localhost.localdomain", "127.0.0.1",
-                                  "127.5.6.7", "::1", "[::1]"])
+                                  "127.5.6.7", "::1", "[::1]", "::ffff:127.0.0.1"])
 def test_loopback_is_never_tunnelled(host):
     assert not rules(route_all=True).via_tunnel(host)
     assert not R.via_tunnel(host)
     # not even when a CIDR covers it
     assert not rules(cidrs=["127.0.0.0/8", "::1/128"]).via_tunnel(host)
+
+
+def loopback(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """The oracle, independent of the Python version (ipaddress's own answer for ::ffff:127.x changed in
+    3.13): 127/8, ::1, or an IPv4-mapped 127/8."""
+    if ip.version == 6:
+        ip = ip.ipv4_mapped or ip
+    return ip in ipaddress.ip_network("127.0.0.0/8") or ip == ipaddress.ip_address("::1")
+
+
+@pytest.mark.parametrize("host", [
+    "localhost", "LocalHost.", "localhost.localdomain", "127.0.0.1", "127.255.255.255", "127.0.0.1.",
+    "::1", "[::1]", "0:0:0:0:0:0:0:1", "::1%lo", "::ffff:127.0.0.1", "[::ffff:127.9.8.7]", "::ffff:7f00:1",
+])
+def test_is_loopback_host_true(host):
+    assert is_loopback_host(host)
+
+
+@pytest.mark.parametrize("host", [
+    "127.lan.example.com", "127.0.0.1.nip.io", "127", "127.0.0", "localhost.example.com", "mylocalhost",
+    "128.0.0.1", "126.255.255.255", "0.0.0.0", "::", "::2", "::ffff:128.0.0.1", "::127.0.0.1",
+    "::1:0:0:1", "[::1", "", "10.0.0.1",
+])
+def test_is_loopback_host_false(host):
+    assert not is_loopback_host(host)
+
+
+@given(st.ip_addresses())
+def test_is_loopback_host_same_on_every_python(ip):
+    assert is_loopback_host(str(ip)) == loopback(ip)
+    assert is_loopback_host(ip.exploded) == loopback(ip)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_v4_mapped_loopback_follows_the_v4_address(n):
+    v4 = ipaddress.IPv4Address(n)
+    assert is_loopback_host(f"::ffff:{v4}") == is_loopback_host(str(v4)) == (v4.packed[0] == 127)
 
 
 @pytest.mark.parametrize("host,expected", [
@@ -186,7 +223,7 @@ def test_ip_literals_follow_the_cidrs(ip):
     inside = any(ip in n for n in nets if n.version == ip.version)
     host = str(ip)
     assert R.is_cluster(host) == inside
-    assert R.via_tunnel(host) == (inside and not ip.is_loopback)
+    assert R.via_tunnel(host) == (inside and not loopback(ip))
     if ip.version == 6:
         assert R.is_cluster(f"[{host}]") == inside
     assert R.qualify(host) == host
@@ -194,7 +231,7 @@ def test_ip_literals_follow_the_cidrs(ip):
 
 @given(st.ip_addresses())
 def test_route_all_ip_literals(ip):
-    assert rules(route_all=True).via_tunnel(str(ip)) == (not ip.is_loopback)
+    assert rules(route_all=True).via_tunnel(str(ip)) == (not loopback(ip))
 
 
 def test_one_spelling_for_ip_literals():
