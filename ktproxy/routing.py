@@ -10,6 +10,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ktproxy.tlds import IANA_TLDS
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -41,12 +43,18 @@ class ClusterRules:
     domain: str = "cluster.local"
     cidrs: list[IPNetwork] = field(default_factory=list)
     # Namespaces make `svc.ns` recognisable; without them a two-label name could be any public host.
+    # Discovered ones named like a public TLD (dev, app, io) are left out, or `pkg.go.dev` would be
+    # sent to the cluster; the connect namespace and `user_namespaces` (named by the user) are kept.
     namespaces: set[str] = field(default_factory=set)
     route_all: bool = False
+    user_namespaces: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.domain = normalise_name(self.domain)
-        self.namespaces = {normalise_name(n) for n in self.namespaces} | {self.namespace}
+        self.namespace = normalise_name(self.namespace)
+        self.user_namespaces = {normalise_name(n) for n in self.user_namespaces}
+        given, self.namespaces = self.namespaces, set()
+        self.add_namespaces([*given, self.namespace, *self.user_namespaces])
         self.cidrs = [ipaddress.ip_network(c, strict=False) for c in self.cidrs]
 
     # -- decisions -------------------------------------------------------------------------------
@@ -100,8 +108,23 @@ class ClusterRules:
     def search_list(self) -> list[str]:
         return [f"{self.namespace}.svc.{self.domain}", f"svc.{self.domain}", self.domain]
 
+    def may_be_public_name(self, host: str) -> bool:
+        """True for a cluster name that is one only by the short-name rules (`jira`, `web.dev`): it
+        may just as well be a LAN or public name, so when the cluster says there is no such name the
+        DNS stub asks the system's resolver and the proxy dials it directly. Names under the cluster
+        domain or ending in svc/pod are the cluster's alone."""
+        if not self.is_cluster_name(host):
+            return False
+        name = normalise_name(host)
+        return not (name.endswith("." + self.domain) or name.rsplit(".", 1)[-1] in ("svc", "pod"))
+
     def add_namespaces(self, names: Iterable[str]) -> None:
-        self.namespaces |= {normalise_name(n) for n in names}
+        """Namespaces for the `svc.ns` rule, without those named like a public TLD (unless they are
+        the connect namespace or one the user named)."""
+        keep = {self.namespace, *self.user_namespaces}
+        for n in map(normalise_name, names):
+            if n in keep or n not in IANA_TLDS:
+                self.namespaces.add(n)
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})

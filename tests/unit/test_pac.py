@@ -122,6 +122,19 @@ def test_pac_parity_custom_domain_and_no_cidrs():
     assert_parity(make_rules(domain="corp.internal", cidrs=[]), [*FIXED, "a.default.svc.corp.internal"])
 
 
+TLD_HOSTS = ["web.dev", "pkg.go.dev", "www.example.dev", "foo.app", "github.io", "a.b.io", "x.team",
+             "tomcat.dev", "tomcat.team-a", "a.b.c.dev", "dev", "io"]
+
+
+@pytest.mark.parametrize("user", [set(), {"dev"}])
+def test_pac_parity_tld_named_namespaces(user):
+    # B1: namespaces named like a TLD are left out the same way in the PAC, unless the user named one
+    rules = make_rules(namespaces={"dev", "app", "io", "team", "team-a"}, user_namespaces=user)
+    assert_parity(rules, TLD_HOSTS)
+    got = run_pac(pac_script(rules, "127.0.0.1", 2223), ["foo.app", "github.io", "web.dev"])
+    assert got == ["DIRECT", "DIRECT", PROXY if user else "DIRECT"]
+
+
 def test_pac_known_answers():
     # Independent of ClusterRules: what a user of the quickstart expects.
     pac = pac_script(make_rules(), "127.0.0.1", 2223)
@@ -170,7 +183,7 @@ def test_pac_survives_hostile_rule_values():
 
 
 # -- hypothesis: many hosts, many rule sets ----------------------------------------------------
-LABELS = ["svc", "pod", "default", "kube-system", "team-a", "cluster", "local", "localhost", "com",
+LABELS = ["svc", "pod", "default", "kube-system", "team-a", "cluster", "local", "localhost", "com", "dev", "io",
           "example", "tomcat", "127", "10", "www", "xn--bcher-kva", "a-b", "0"]
 label = st.one_of(st.sampled_from(LABELS), st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True))
 
@@ -210,11 +223,12 @@ def rule_sets(draw) -> ClusterRules:
                                           "fd00:10:244::/56", "0.0.0.0/0", "::/0", "10.96.0.1/32",
                                           "fd00::/7", "10.0.0.0/8", "fd00:10:96::5/128"]),
                           max_size=4, unique=True))
-    namespaces = draw(st.sets(st.sampled_from(["kube-system", "team-a", "com", "local", "example"]),
+    namespaces = draw(st.sets(st.sampled_from(["kube-system", "team-a", "com", "local", "example", "dev", "io"]),
                               max_size=3))
+    user = draw(st.sets(st.sampled_from(["dev", "team-a"]), max_size=1))
     domain = draw(st.sampled_from(["cluster.local", "corp.internal", "k8s"]))
     return ClusterRules(namespace=ns, domain=domain, cidrs=cidrs, namespaces=namespaces,
-                        route_all=draw(st.booleans()))
+                        route_all=draw(st.booleans()), user_namespaces=user)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ktproxy.routing import ClusterRules, is_loopback_host
+from ktproxy.routing import ClusterRules, is_loopback_host, normalise_name
+from ktproxy.tlds import IANA_TLDS
 
 
 def rules(**kw) -> ClusterRules:
@@ -56,6 +57,35 @@ def test_svc_ns_only_for_known_namespaces():
     r.add_namespaces(["Team-A"])
     assert r.is_cluster("tomcat.team-a")
     assert r.qualify("tomcat.team-a") == "tomcat.team-a.svc.cluster.local"
+
+
+@pytest.mark.parametrize("host", ["web.dev", "pkg.go.dev", "www.example.dev", "foo.app", "github.io",
+                                  "x.y.cloud", "Docs.Tools.", "my.team"])
+def test_namespaces_named_like_a_tld_do_not_take_public_names(host):
+    # B1: discovery lists every namespace; one called dev/app/io must not capture *.dev etc.
+    r = rules(namespaces={"dev", "app", "io", "cloud", "tools", "team", "team-a"})
+    assert not r.is_cluster(host) and not r.via_tunnel(host)
+    assert r.qualify(host) == normalise_name(host)
+    assert {"dev", "app", "io", "cloud", "tools", "team"}.isdisjoint(r.namespaces)
+    assert r.is_cluster("tomcat.team-a")
+    r.add_namespaces(["dev", "services"])
+    assert not r.is_cluster("web.dev") and not r.is_cluster("api.services")
+
+
+def test_tld_named_namespace_the_user_chose_is_kept():
+    assert ClusterRules(namespace="dev").is_cluster("web.dev")  # the connect namespace
+    r = rules(namespaces={"dev", "io"}, user_namespaces={"Dev"})
+    assert r.is_cluster("web.dev") and r.qualify("web.dev") == "web.dev.svc.cluster.local"
+    assert not r.is_cluster("github.io")
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("tomcat", True), ("tomcat.team-a", True), ("pod-0.tomcat.team-a", True), ("web.dev", True),
+    ("tomcat.default.svc", False), ("x.svc", False), ("a.default.pod", False),
+    ("tomcat.default.svc.cluster.local", False), ("example.com", False), ("10.96.0.1", False), ("localhost", False),
+])
+def test_may_be_public_name(host, expected):
+    assert rules(user_namespaces={"dev"}).may_be_public_name(host) == expected
 
 
 def test_connect_namespace_is_always_known():
@@ -196,7 +226,7 @@ def test_qualified_cluster_names_end_with_the_domain(name, nss, ns):
 
 @given(label, label)
 def test_single_labels_and_svc_ns(svc, ns):
-    assume(svc != "localhost")
+    assume(svc != "localhost" and ns not in IANA_TLDS)
     r = rules(namespace="default", namespaces={ns})
     assert r.qualify(svc) == f"{svc}.default.svc.cluster.local"
     assert r.qualify(f"{svc}.{ns}") == f"{svc}.{ns}.svc.cluster.local"
@@ -208,10 +238,10 @@ public_tlds = st.sampled_from(["com", "org", "net", "io", "dev", "de", "cn", "uk
 
 @given(st.lists(label, min_size=1, max_size=4), public_tlds, namespaces)
 def test_public_names_are_never_cluster(labels, tld, nss):
-    assume(tld not in nss)
     name = ".".join([*labels, tld])
     assume(not name.endswith(".svc") and not name.endswith(".pod"))
-    r = rules(namespaces=nss)
+    # B1: a discovered namespace named like the TLD changes nothing
+    r = rules(namespaces=nss | {tld} if tld in IANA_TLDS else nss - {tld})
     assert not r.is_cluster(name)
     assert not r.via_tunnel(name)
     assert r.qualify(name) == name
