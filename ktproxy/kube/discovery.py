@@ -8,22 +8,35 @@ rules and the PAC file (which destinations go through the shadow pod).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kubernetes import client as k8s
 
-from ktproxy.kube.client import KubeClient, KubeError
+from ktproxy.kube.errors import KubeError
+
+if TYPE_CHECKING:
+    from ktproxy.kube.client import KubeClient
 
 log = logging.getLogger("ktproxy.kube.discovery")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The network assumed around each of the laptop's own addresses: interface masks cannot be read
+# portably, and a /24 (/64) is the smallest network a LAN commonly has.
+_LOCAL_V4_PREFIX, _LOCAL_V6_PREFIX = 24, 64
+# A guess is narrowed down to at most this prefix to stay clear of the laptop's networks, then dropped.
+_NARROWEST_V4, _NARROWEST_V6 = 24, 64
 DEFAULT_DOMAIN = "cluster.local"
 # A documentation address (TEST-NET-3): only ever written into a dry-run request, never contacted.
 _PROBE_CLUSTER_IP = "203.0.113.254"
+GUESSED = "guessed"  # how a `sources` entry starts when the range is a guess
 _RANGE_RE = re.compile(r"valid IPs is ([0-9a-fA-F.:/]+(?:\s*,\s*[0-9a-fA-F.:/]+)*)")
 
 
@@ -48,18 +61,72 @@ def collapse(nets: Iterable[IPNetwork]) -> list[IPNetwork]:
     return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
 
 
-def covering(ips: Iterable[str], v4_prefix: int = 16, v6_prefix: int = 64) -> list[IPNetwork]:
-    """The /16 (IPv4) or /64 (IPv6) around each address: a guess at the range when no API says it."""
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def local_addresses(towards: Iterable[str] = ()) -> list[IPAddress]:
+    """This machine's own addresses, portably (no interface listing, which needs Linux-only calls):
+    those its host name resolves to, and the source address the routing table picks towards each of
+    `towards` (a UDP socket connect() sends nothing). The `towards` addresses themselves are included,
+    so a guessed range never swallows the API server either."""
+    found: list[str] = []
+    with contextlib.suppress(OSError, UnicodeError):
+        found += [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)]
+    for host in towards:
+        try:
+            infos = socket.getaddrinfo(host, 443, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError):
+            continue
+        for family, _, _, _, sockaddr in infos:
+            found.append(str(sockaddr[0]))
+            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(sockaddr)
+                found.append(str(s.getsockname()[0]))
+    addrs = [a for a in map(_ip, found) if a is not None and not a.is_unspecified]
+    return list(dict.fromkeys(addrs))
+
+
+def _local_net(addr: IPAddress) -> IPNetwork:
+    prefix = _LOCAL_V4_PREFIX if addr.version == 4 else _LOCAL_V6_PREFIX
+    return ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+
+
+def _guess(addr: IPAddress, prefix: int, avoid: list[IPNetwork]) -> IPNetwork | None:
+    """The widest network around `addr`, from `prefix` down to the narrowest allowed, that overlaps
+    none of `avoid`; None when even that would (the address sits on one of the laptop's networks)."""
+    narrowest = _NARROWEST_V4 if addr.version == 4 else _NARROWEST_V6
+    for p in range(prefix, max(prefix, narrowest) + 1):
+        net = ipaddress.ip_network(f"{addr}/{p}", strict=False)
+        if not any(net.overlaps(a) for a in avoid if a.version == net.version):
+            return net
+    return None
+
+
+def covering(ips: Iterable[str], v4_prefix: int = 16, v6_prefix: int = 64,
+             avoid: Iterable[IPAddress] = ()) -> list[IPNetwork]:
+    """The /16 (IPv4) or /64 (IPv6) around each address: a guess at the range when no API says it.
+
+    A guess must never send the laptop's own networks into the cluster: it is narrowed (down to a
+    /24) until it stays clear of the network around each `avoid` address, or dropped."""
+    local = [_local_net(a) for a in avoid if not a.is_loopback]
     nets: list[IPNetwork] = []
     for ip in ips:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = _ip(ip)
+        if addr is None or addr.is_loopback or addr.is_unspecified:
             continue
-        if addr.is_loopback or addr.is_unspecified:
-            continue
-        prefix = v4_prefix if addr.version == 4 else v6_prefix
-        nets.append(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+        wanted = v4_prefix if addr.version == 4 else v6_prefix
+        net = _guess(addr, wanted, local)
+        if net is None:
+            log.warning("not guessing a cluster range around %s: it is on this machine's network", addr)
+        elif net.prefixlen != wanted:
+            log.warning("guessed cluster range around %s narrowed to %s to keep this machine's network direct",
+                        addr, net)
+        if net is not None:
+            nets.append(net)
     return collapse(nets)
 
 
@@ -120,36 +187,52 @@ async def _service_cidrs_from_dry_run(kube: KubeClient, namespace: str) -> list[
     return []  # accepted?! the probe address is in range; learn nothing
 
 
+def _cluster_ips(svc: k8s.V1Service) -> list[str]:
+    spec = svc.spec
+    if spec is None:
+        return []
+    return [ip for ip in (spec.cluster_ips or [spec.cluster_ip]) if ip and ip != "None"]
+
+
 async def _service_ips(kube: KubeClient, namespace: str) -> list[str]:
     ips: list[str] = []
     for ns, name in (("default", "kubernetes"), ("kube-system", "kube-dns")):
         try:
-            svc = await kube.call(kube.core.read_namespaced_service, name, ns)
-            ips += [ip for ip in (svc.spec.cluster_i_ps or [svc.spec.cluster_ip]) if ip and ip != "None"]
-        except KubeError:
-            pass
+            ips += _cluster_ips(await kube.call(kube.core.read_namespaced_service, name, ns))
+        except KubeError as exc:
+            log.debug("cannot read service %s/%s: %s", ns, name, exc)
     try:
-        svcs = (await kube.call(kube.core.list_namespaced_service, namespace)).items or []
-        for svc in svcs:
-            ips += [ip for ip in (svc.spec.cluster_i_ps or [svc.spec.cluster_ip]) if ip and ip != "None"]
-    except KubeError:
-        pass
+        for svc in (await kube.call(kube.core.list_namespaced_service, namespace)).items or []:
+            ips += _cluster_ips(svc)
+    except KubeError as exc:
+        log.debug("cannot list services in %s: %s", namespace, exc)
     return ips
 
 
-async def service_cidrs(kube: KubeClient, namespace: str) -> tuple[list[IPNetwork], str]:
+async def service_cidrs(kube: KubeClient, namespace: str,
+                        avoid: Iterable[IPAddress] = ()) -> tuple[list[IPNetwork], str]:
     nets = await _service_cidrs_from_api(kube)
     if nets:
         return collapse(nets), "ServiceCIDR objects"
     nets = await _service_cidrs_from_dry_run(kube, namespace)
     if nets:
         return collapse(nets), "apiserver clusterIP range (dry run)"
-    nets = covering(await _service_ips(kube, namespace))
-    return nets, "guessed /16 around known ClusterIPs" if nets else "unknown"
+    nets = covering(await _service_ips(kube, namespace), avoid=avoid)
+    return nets, GUESSED + " around known ClusterIPs" if nets else "unknown"
 
 
 # ------------------------------------------------------------------------------------- pods
-async def pod_cidrs(kube: KubeClient, namespace: str) -> tuple[list[IPNetwork], str]:
+def _pod_ips(pod: k8s.V1Pod) -> list[str]:
+    if pod.spec and pod.spec.host_network:
+        return []  # host-network pods carry node IPs, not pod IPs
+    st = pod.status
+    if st is None:
+        return []
+    return [x.ip for x in (st.pod_ips or []) if x.ip] or ([st.pod_ip] if st.pod_ip else [])
+
+
+async def pod_cidrs(kube: KubeClient, namespace: str,
+                    avoid: Iterable[IPAddress] = ()) -> tuple[list[IPNetwork], str]:
     try:
         nodes = (await kube.call(kube.core.list_node)).items or []
         nets = []
@@ -168,17 +251,13 @@ async def pod_cidrs(kube: KubeClient, namespace: str) -> tuple[list[IPNetwork], 
     for ns in dict.fromkeys([namespace, "kube-system"]):
         try:
             pods = (await kube.call(kube.core.list_namespaced_pod, ns)).items or []
-        except KubeError:
+        except KubeError as exc:
+            log.debug("cannot list pods in %s: %s", ns, exc)
             continue
         for p in pods:
-            if p.spec and p.spec.host_network:
-                continue  # host-network pods carry node IPs, not pod IPs
-            st = p.status
-            if st is None:
-                continue
-            ips += [x.ip for x in (st.pod_i_ps or []) if x.ip] or ([st.pod_ip] if st.pod_ip else [])
-    nets = covering(ips)
-    return nets, "guessed /16 around pod IPs" if nets else "unknown"
+            ips += _pod_ips(p)
+    nets = covering(ips, avoid=avoid)
+    return nets, GUESSED + " around pod IPs" if nets else "unknown"
 
 
 # ------------------------------------------------------------------------------------- dns, namespaces
@@ -207,15 +286,21 @@ async def namespaces(kube: KubeClient, namespace: str) -> list[str]:
     return sorted(set(names) | {namespace, "default", "kube-system"})
 
 
-async def discover(kube: KubeClient, namespace: str | None = None, domain: str | None = None) -> ClusterInfo:
+async def discover(kube: KubeClient, namespace: str | None = None, domain: str | None = None,
+                   local: Iterable[IPAddress] | None = None) -> ClusterInfo:
     """All of the above, concurrently; `domain` overrides the cluster domain (default cluster.local).
 
     The domain cannot be read without exec into a pod (resolv.conf) or node-proxy rights (kubelet
-    configz), so it is cluster.local unless the user says otherwise (--cluster-domain).
+    configz), so it is cluster.local unless the user says otherwise (--cluster-domain). `local` are
+    this machine's addresses, which a guessed range must leave alone (default: `local_addresses`
+    towards the API server).
     """
     ns = namespace or kube.namespace
+    if local is None:
+        local = await asyncio.to_thread(local_addresses, [kube.server_host])
+    avoid = list(local)
     (svc, svc_src), (pods, pod_src), names = await asyncio.gather(
-        service_cidrs(kube, ns), pod_cidrs(kube, ns), namespaces(kube, ns)
+        service_cidrs(kube, ns, avoid), pod_cidrs(kube, ns, avoid), namespaces(kube, ns)
     )
     dns, dns_src = await cluster_dns(kube, svc)
     info = ClusterInfo(
@@ -236,6 +321,11 @@ async def discover(kube: KubeClient, namespace: str | None = None, domain: str |
         [str(n) for n in info.service_cidrs], svc_src, [str(n) for n in info.pod_cidrs], pod_src,
         dns, dns_src, info.domain, len(names),
     )  # fmt: skip
+    for what, nets, src in (("service", svc, svc_src), ("pod", pods, pod_src)):
+        if src.startswith(GUESSED):
+            # A guess can be wrong both ways; the user should know which addresses now go to the cluster.
+            log.warning("the cluster's %s range is a guess (%s): %s goes through the cluster; "
+                        "add missing ranges with --include-ips", what, src, ", ".join(map(str, nets)))
     if not info.service_cidrs and not info.pod_cidrs:
         log.warning("could not find the cluster's address ranges; only names will go through the cluster")
     return info
