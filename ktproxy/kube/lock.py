@@ -1,0 +1,89 @@
+"""The kt-lock annotation on a Service: serialises the set-up of an exchange (or mesh), as kt-connect does.
+
+The value is unix seconds in cluster time. A lock older than STALE_AFTER belongs to a set-up that died
+and is taken over silently. The lock covers set-up only; who holds the Service afterwards is recorded
+by kt-selector (takeover.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ktproxy.errors import KtError
+from ktproxy.kube import meta
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import KubeError
+from ktproxy.kube.takeover import annotations_of, patch, read
+
+log = logging.getLogger("ktproxy.kube.lock")
+
+STALE_AFTER = 180  # seconds
+RETRY_INTERVAL = 3.0
+TRIES = 10
+
+
+def lock_age(service: Any, now: float) -> float | None:
+    """Seconds since the lock was taken; None when there is no (readable) lock."""
+    value = annotations_of(service).get(meta.KT_LOCK)
+    try:
+        return now - int(str(value).strip()) if value else None
+    except ValueError:
+        return None
+
+
+async def acquire(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    tries: int = TRIES,
+    retry_interval: float = RETRY_INTERVAL,
+    stale_after: float = STALE_AFTER,
+) -> None:
+    """Take the Service's lock, waiting while a fresh one is held; raise after `tries` attempts."""
+    for _ in range(tries):
+        service = await read(kube, namespace, name)
+        now = (await kube.cluster_time()).timestamp()
+        age = lock_age(service, now)
+        if age is not None and age < stale_after:
+            log.info("Another user is occupying service %s, waiting for lock ...", name)
+            await asyncio.sleep(retry_interval)
+            continue
+        body = {"metadata": {"annotations": {meta.KT_LOCK: str(int(now))},
+                             "resourceVersion": service.metadata.resource_version}}
+        try:
+            await patch(kube, namespace, name, body)
+        except KubeError as exc:
+            if exc.status != 409:  # someone else wrote first: look again
+                raise
+            continue
+        log.info("Service %s locked", name)
+        return
+    raise KtError(f"failed to obtain kt lock of service {name}, please try again later")
+
+
+async def release(kube: KubeClient, namespace: str, name: str) -> None:
+    """Drop the lock (a Service deleted meanwhile has no lock to drop)."""
+    try:
+        await patch(kube, namespace, name, {"metadata": {"annotations": {meta.KT_LOCK: None}}})
+    except KubeError as exc:
+        if exc.status != 404:
+            raise
+    log.info("Service %s unlocked", name)
+
+
+@contextlib.asynccontextmanager
+async def service_lock(kube: KubeClient, namespace: str, name: str, **kw: Any) -> AsyncIterator[None]:
+    """`async with service_lock(...)`: the lock is released even when set-up fails or is cancelled."""
+    await acquire(kube, namespace, name, **kw)
+    try:
+        yield
+    finally:
+        try:
+            await asyncio.shield(release(kube, namespace, name))
+        except KtError as exc:  # a stale lock is harmless (180 s), the set-up's own error matters more
+            log.warning("could not unlock service %s: %s", name, exc)

@@ -1,0 +1,105 @@
+"""preview's Service: a new Service NAME whose selector is the preview shadow's labels.
+
+A name taken by a Service that is not ours is refused (kt-connect let the create fail with a raw
+AlreadyExists); one of ours whose heartbeat is stale (a killed preview) is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ktproxy.errors import KtError
+from ktproxy.kube import meta
+from ktproxy.kube.cleanup import DEFAULT_THRESHOLD
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError
+from ktproxy.kube.expose import ExposedPort
+from ktproxy.kube.takeover import annotations_of
+
+log = logging.getLogger("ktproxy.kube.preview")
+
+
+def build_service(
+    name: str, namespace: str, ports: list[ExposedPort], selector: dict[str, str], user: str,
+    heartbeat: int, external: bool = False,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {meta.CONTROL_BY: meta.KT, meta.KT_ROLE: meta.ROLE_PREVIEW_SHADOW},
+            "annotations": {meta.KT_USER: user, meta.KT_LAST_HEART_BEAT: str(heartbeat)},
+        },
+        "spec": {
+            "type": "LoadBalancer" if external else "ClusterIP",
+            "selector": dict(selector),
+            "ports": [{"name": f"kt-{p.service_port}", "port": p.service_port, "targetPort": p.target_port,
+                       "protocol": "TCP"} for p in ports],
+        },
+    }
+
+
+def is_ours(service: Any) -> bool:
+    labels = (service.metadata.labels or {}) if service.metadata else {}
+    return labels.get(meta.CONTROL_BY) == meta.KT and labels.get(meta.KT_ROLE) == meta.ROLE_PREVIEW_SHADOW
+
+
+def _taken(name: str) -> KtError:
+    return KtError(f"service '{name}' already exists and was not created by ktctl")
+
+
+async def _check_free(kube: KubeClient, namespace: str, name: str, now: int, stale_after: float) -> None:
+    """Raise unless NAME is free or a stale preview of ours (then remove that one)."""
+    try:
+        existing = await kube.call(kube.core.read_namespaced_service, name, namespace,
+                                   access=Access("get", "services", namespace))
+    except KubeError as exc:
+        if exc.status == 404:
+            return
+        raise
+    if not is_ours(existing):
+        raise _taken(name)
+    ann = annotations_of(existing)
+    beat = ann.get(meta.KT_LAST_HEART_BEAT, "")
+    if beat.isdigit() and now - int(beat) <= stale_after:
+        raise KtError(f"service '{name}' is already previewed by {ann.get(meta.KT_USER) or 'another user'}")
+    log.info("Replacing stale preview service %s", name)
+    await delete_service(kube, namespace, name)
+
+
+async def create_service(
+    kube: KubeClient, namespace: str, name: str, ports: list[ExposedPort], selector: dict[str, str],
+    user: str, external: bool = False, stale_after: float = DEFAULT_THRESHOLD,
+) -> Any:
+    """Create the preview Service; its heartbeat is the caller's to keep (heartbeat.py, kind 'service')."""
+    now = int((await kube.cluster_time()).timestamp())
+    await _check_free(kube, namespace, name, now, stale_after)
+    body = build_service(name, namespace, ports, selector, user, now, external)
+    try:
+        created = await kube.call(kube.core.create_namespaced_service, namespace, body,
+                                  access=Access("create", "services", namespace))
+    except KubeError as exc:
+        if exc.status == 409:  # created between our check and now
+            raise _taken(name) from None
+        raise
+    log.info("Created service %s (%s)", name, "LoadBalancer" if external else "ClusterIP")
+    return created
+
+
+async def delete_service(kube: KubeClient, namespace: str, name: str) -> None:
+    """Delete a preview Service of ours; anything else by that name is left alone."""
+    try:
+        existing = await kube.call(kube.core.read_namespaced_service, name, namespace,
+                                   access=Access("get", "services", namespace))
+        if not is_ours(existing):
+            log.warning("service %s is not a ktctl preview; leaving it", name)
+            return
+        await kube.call(kube.core.delete_namespaced_service, name, namespace,
+                        access=Access("delete", "services", namespace))
+        log.info("Deleted service %s", name)
+    except KubeError as exc:
+        if exc.status != 404:
+            raise

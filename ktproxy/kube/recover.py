@@ -1,0 +1,134 @@
+"""`ktctl recover SVC`, and the matching `clean` hook: put a Service back whatever killed the exchange.
+
+Everything needed is on cluster objects: kt-selector/kt-lock on the Service, kt-config on exchange
+shadows (kt-connect's `service=<svc>` or `app=<deploy>,replicas=<n>`) and on a scaled Deployment.
+Shadows go first, so a still-running exchange's selector guard has no live shadow to re-point at.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from ktproxy.kube import lock, meta, scale, takeover
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError
+from ktproxy.kube.shadow import delete_shadow
+from ktproxy.kube.targets import is_subset, read_service
+
+log = logging.getLogger("ktproxy.kube.recover")
+
+_SHADOW_ROLES = (meta.ROLE_EXCHANGE_SHADOW, meta.ROLE_ROUTER)
+
+
+def _labels(obj: Any) -> dict[str, str]:
+    return dict((obj.metadata.labels or {}) if obj.metadata else {})
+
+
+def belongs_to(pod: Any, service: Any, deployments: list[str]) -> bool:
+    """Is this kt pod an exchange shadow (or router) of `service`?"""
+    labels = _labels(pod)
+    if labels.get(meta.KT_ROLE) not in _SHADOW_ROLES:
+        return False
+    current = dict(service.spec.selector or {})
+    config = scale.parse_kt_config(takeover.annotations_of(pod).get(meta.KT_CONFIG))
+    return (
+        (meta.KT_ROLE in current and is_subset(current, labels))  # selector mode: the Service points at it
+        or is_subset(takeover.original_selector(service), labels)  # scale mode: it wears the app's labels
+        or config.get("service") == service.metadata.name
+        or config.get("app") in deployments
+    )
+
+
+async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
+    """Undo every kt change to Service NAME; returns one line per action (or the 'clean and tidy' line)."""
+    service = await read_service(kube, namespace, name)
+    done: list[str] = []
+    original = takeover.original_selector(service)
+    deployments = []
+    if original:
+        resp = await kube.call(kube.apps.list_namespaced_deployment, namespace,
+                               access=Access("list", "deployments.apps", namespace))
+        deployments = [d for d in resp.items or [] if is_subset(original, scale.template_labels(d))]
+    names = [d.metadata.name for d in deployments]
+    pods = await kube.call(kube.core.list_namespaced_pod, namespace, label_selector=meta.SELECTOR,
+                           access=Access("list", "pods", namespace))
+    replicas: dict[str, int] = {}
+    for pod in pods.items or []:
+        if not belongs_to(pod, service, names):
+            continue
+        config = scale.parse_kt_config(takeover.annotations_of(pod).get(meta.KT_CONFIG))
+        if config.get("app") in names and config.get("replicas", "").isdigit():
+            replicas[config["app"]] = int(config["replicas"])
+        await delete_shadow(kube, pod.metadata.name, namespace, quiet=True)
+        done.append(f"Deleted shadow pod {pod.metadata.name}")
+    if meta.KT_LOCK in takeover.annotations_of(service):
+        await lock.release(kube, namespace, name)
+        done.append(f"Removed the kt-lock of service {name}")
+    if await takeover.restore_selector(kube, namespace, name):
+        done.append(f"Restored the original selector of service {name}: {takeover.encode_selector(original)}")
+    for dep in deployments:
+        count = scale.recorded_replicas(dep) or replicas.get(dep.metadata.name)
+        if count and (dep.spec.replicas or 0) == 0:
+            await scale.scale_back(kube, namespace, dep.metadata.name, count)
+            done.append(f"Scaled deployment {dep.metadata.name} back to {count}")
+    for line in done:
+        log.info("%s", line)
+    return done or [f"Service {name} is clean and tidy, nothing would be done"]
+
+
+# ------------------------------------------------------------------------------------------ clean hook
+def _idle(obj: Any, now: datetime) -> float:
+    beat = takeover.annotations_of(obj).get(meta.KT_LAST_HEART_BEAT, "")
+    if beat.isdigit():
+        return now.timestamp() - int(beat)
+    created = obj.metadata.creation_timestamp if obj.metadata else None
+    return (now - created).total_seconds() if created else 0.0
+
+
+async def clean_hook(
+    kube: KubeClient, namespace: str | None, now: datetime, threshold: float, dry_run: bool
+) -> list[str]:
+    """For `cleanup.register_recover_hook`: Services and Deployments whose exchange has no live shadow left
+    (its heartbeat went stale, so clean removed it) are recovered; a stale kt-lock is dropped."""
+    def listing(namespaced: Any, everywhere: Any, plural: str, **kw: Any) -> Any:
+        if namespace is None:
+            return kube.call(everywhere, access=Access("list", plural), **kw)
+        return kube.call(namespaced, namespace, access=Access("list", plural, namespace), **kw)
+
+    core, apps = kube.core, kube.apps
+    pods = await listing(core.list_namespaced_pod, core.list_pod_for_all_namespaces, "pods",
+                         label_selector=meta.SELECTOR)
+    live = [p for p in pods.items or [] if _labels(p).get(meta.KT_ROLE) in _SHADOW_ROLES
+            and _idle(p, now) <= threshold and not p.metadata.deletion_timestamp]
+    services = await listing(core.list_namespaced_service, core.list_service_for_all_namespaces, "services")
+    deployments = await listing(apps.list_namespaced_deployment, apps.list_deployment_for_all_namespaces,
+                                "deployments.apps")
+    lines: list[str] = []
+    for svc in services.items or []:
+        ns, name = svc.metadata.namespace, svc.metadata.name
+        ann = takeover.annotations_of(svc)
+        has_live = any(p.metadata.namespace == ns and belongs_to(p, svc, []) for p in live)
+        if meta.KT_SELECTOR in ann and not has_live:
+            lines.append(f"restore selector of service {ns}/{name} (its exchange is gone)")
+            if not dry_run:
+                await takeover.restore_selector(kube, ns, name)
+        age = lock.lock_age(svc, now.timestamp())
+        if age is not None and age >= lock.STALE_AFTER:
+            lines.append(f"remove stale kt-lock of service {ns}/{name}")
+            if not dry_run:
+                await lock.release(kube, ns, name)
+    for dep in deployments.items or []:
+        ns, name = dep.metadata.namespace, dep.metadata.name
+        count = scale.recorded_replicas(dep)
+        users = [p for p in live if p.metadata.namespace == ns
+                 and scale.parse_kt_config(takeover.annotations_of(p).get(meta.KT_CONFIG)).get("app") == name]
+        if count and not users and (dep.spec.replicas or 0) == 0:
+            lines.append(f"scale deployment {ns}/{name} back to {count} (its exchange is gone)")
+            if not dry_run:
+                try:
+                    await scale.scale_back(kube, ns, name, count)
+                except KubeError as exc:
+                    lines.append(f"could not scale deployment {ns}/{name}: {exc}")
+    return lines

@@ -1,0 +1,228 @@
+"""Pointing a Service at our shadow and back (exchange selector mode; mesh later).
+
+State lives on the Service, as kt-connect keeps it, so either tool can recover the other's leftovers:
+the original selector as JSON in the kt-selector annotation, the holder in kt-user. Every write carries
+the resourceVersion it was computed from; a 409 means someone wrote in between, so read again and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ktproxy.errors import KtError
+from ktproxy.kube import meta
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError
+
+log = logging.getLogger("ktproxy.kube.takeover")
+
+CONFLICT_RETRIES = 10
+GUARD_INTERVAL = 2.0
+
+
+def target_labels(role: str) -> dict[str, str]:
+    """A fresh selector for a shadow: its role plus a random kt-target nobody else has."""
+    return {meta.KT_ROLE: role, meta.KT_TARGET: meta.random_suffix(20)}
+
+
+def annotations_of(obj: Any) -> dict[str, str]:
+    return dict((obj.metadata.annotations or {}) if obj.metadata else {})
+
+
+def original_selector(service: Any) -> dict[str, str]:
+    """The selector the Service had before any kt tool took it over (kt-selector), else its selector."""
+    saved = annotations_of(service).get(meta.KT_SELECTOR)
+    if saved:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(saved)
+            if isinstance(parsed, dict):
+                return {str(k): str(v) for k, v in parsed.items()}
+    return dict(service.spec.selector or {})
+
+
+def encode_selector(selector: dict[str, str]) -> str:
+    """JSON as Go's json.Marshal writes a map (sorted keys, no spaces): kt-connect reads it back."""
+    return json.dumps(selector, sort_keys=True, separators=(",", ":"))
+
+
+def selector_patch(current: dict[str, str], wanted: dict[str, str]) -> dict[str, str | None]:
+    """A strategic-merge map that turns `current` into `wanted` (None deletes a key)."""
+    patch: dict[str, str | None] = {k: None for k in current if k not in wanted}
+    patch.update(wanted)
+    return patch
+
+
+async def read(kube: KubeClient, namespace: str, name: str) -> Any:
+    return await kube.call(kube.core.read_namespaced_service, name, namespace,
+                           access=Access("get", "services", namespace))
+
+
+async def patch(kube: KubeClient, namespace: str, name: str, body: dict[str, Any]) -> Any:
+    return await kube.call(kube.core.patch_namespaced_service, name, namespace, body,
+                           access=Access("patch", "services", namespace))
+
+
+async def update_with_retry(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    change: Callable[[Any], dict[str, Any] | None],
+    retries: int = CONFLICT_RETRIES,
+) -> Any:
+    """Read the Service, let `change` compute a patch (None: nothing to do), write it guarded by the
+    resourceVersion just read; on 409 read again. Returns the Service as last read or written."""
+    for _ in range(retries):
+        service = await read(kube, namespace, name)
+        body = change(service)
+        if body is None:
+            return service
+        body.setdefault("metadata", {})["resourceVersion"] = service.metadata.resource_version
+        try:
+            return await patch(kube, namespace, name, body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            log.debug("service %s/%s changed while we wrote it; retrying", namespace, name)
+    raise KtError(f"service '{name}' keeps changing under us; gave up after {retries} tries, try again later")
+
+
+async def holder_of(kube: KubeClient, namespace: str, service: Any) -> str:
+    """Who holds a taken-over Service: its kt-user, else the kt-user of a pod its selector picks."""
+    user = annotations_of(service).get(meta.KT_USER)
+    if user:
+        return user
+    selector = service.spec.selector or {}
+    if selector:
+        with contextlib.suppress(KubeError):
+            resp = await kube.call(kube.core.list_namespaced_pod, namespace,
+                                   label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items())))
+            for pod in resp.items or []:
+                if annotations_of(pod).get(meta.KT_USER):
+                    return annotations_of(pod)[meta.KT_USER]
+    return "another user"
+
+
+async def refuse_if_taken(kube: KubeClient, namespace: str, service: Any) -> None:
+    """One line naming the holder when another exchange or mesh has the Service."""
+    name = service.metadata.name
+    selector = service.spec.selector or {}
+    if meta.KT_SELECTOR in annotations_of(service):
+        who = await holder_of(kube, namespace, service)
+        verb = "meshed" if selector.get(meta.KT_ROLE) == meta.ROLE_ROUTER else "exchanged"
+        raise KtError(f"service '{name}' is already {verb} by {who} (if that session is dead: ktctl recover {name})")
+    if meta.KT_ROLE in selector:
+        raise KtError(f"service '{name}' selects ktctl's own pods ({meta.KT_ROLE}={selector[meta.KT_ROLE]}); "
+                      "it cannot be exchanged")
+
+
+async def switch_selector(
+    kube: KubeClient, namespace: str, name: str, labels: dict[str, str], user: str
+) -> dict[str, str]:
+    """Point the Service at pods labelled `labels`, saving the original selector; returns the original."""
+    taken: list[Any] = []
+    original: dict[str, str] = {}
+
+    def change(service: Any) -> dict[str, Any] | None:
+        if meta.KT_SELECTOR in annotations_of(service) or meta.KT_ROLE in (service.spec.selector or {}):
+            taken.append(service)
+            return None
+        current = dict(service.spec.selector or {})
+        if not current:
+            raise KtError(f"service '{name}' has no selector (its endpoints are managed by hand); "
+                          "it cannot be exchanged in selector mode")
+        original.clear()
+        original.update(current)
+        return {
+            "metadata": {"annotations": {meta.KT_SELECTOR: encode_selector(current), meta.KT_USER: user}},
+            "spec": {"selector": selector_patch(current, labels)},
+        }
+
+    await update_with_retry(kube, namespace, name, change)
+    if taken:
+        await refuse_if_taken(kube, namespace, taken[-1])
+    log.info("Service %s now selects %s", name, encode_selector(labels))
+    return original
+
+
+async def restore_selector(kube: KubeClient, namespace: str, name: str) -> bool:
+    """Put the selector saved in kt-selector back and drop our annotations; False if nothing was saved."""
+    restored: list[bool] = []
+
+    def change(service: Any) -> dict[str, Any] | None:
+        restored.clear()
+        ann = annotations_of(service)
+        if meta.KT_SELECTOR not in ann:
+            return None
+        original = original_selector(service)
+        restored.append(True)
+        return {
+            "metadata": {"annotations": {meta.KT_SELECTOR: None, meta.KT_USER: None}},
+            "spec": {"selector": selector_patch(dict(service.spec.selector or {}), original)},
+        }
+
+    try:
+        await update_with_retry(kube, namespace, name, change)
+    except KubeError as exc:
+        if exc.status == 404:
+            log.warning("service %s/%s is gone; nothing to restore", namespace, name)
+            return False
+        raise
+    if restored:
+        log.info("Original service %s recovered", name)
+    return bool(restored)
+
+
+async def _shadow_alive(kube: KubeClient, namespace: str, labels: dict[str, str]) -> bool:
+    resp = await kube.call(kube.core.list_namespaced_pod, namespace,
+                           label_selector=",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    return any(not (p.metadata and p.metadata.deletion_timestamp) for p in resp.items or [])
+
+
+async def guard_selector(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    original: dict[str, str],
+    user: str,
+    interval: float = GUARD_INTERVAL,
+) -> None:
+    """Until cancelled: when someone rewrites the Service's selector (or drops kt-selector), put ours
+    back. Polling (not a watch): a cancelled poll leaves no thread blocked in a watch behind.
+
+    Like kt-connect, nothing is re-applied while no live pod carries our labels: then the shadow is
+    being replaced (we re-apply once it is back) or `ktctl recover` is putting the Service back.
+    Cancel this before restoring the original selector."""
+    saved = encode_selector(original)
+    gone_logged = False
+
+    def change(service: Any) -> dict[str, Any] | None:
+        if dict(service.spec.selector or {}) == labels and annotations_of(service).get(meta.KT_SELECTOR) == saved:
+            return None
+        return {
+            "metadata": {"annotations": {meta.KT_SELECTOR: saved, meta.KT_USER: user}},
+            "spec": {"selector": selector_patch(dict(service.spec.selector or {}), labels)},
+        }
+
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            service = await read(kube, namespace, name)
+            gone_logged = False
+            if change(service) is None or not await _shadow_alive(kube, namespace, labels):
+                continue
+            log.warning("Selector of service %s was changed by someone else; putting ours back", name)
+            await update_with_retry(kube, namespace, name, change)
+            log.info("Service %s recovered", name)
+        except KtError as exc:
+            if isinstance(exc, KubeError) and exc.status == 404:
+                if not gone_logged:
+                    log.warning("service %s/%s was deleted while exchanged", namespace, name)
+                    gone_logged = True
+                continue
+            log.warning("checking the selector of service %s failed: %s", name, exc)
