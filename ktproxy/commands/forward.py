@@ -1,0 +1,158 @@
+"""`ktctl forward TARGET [LOCAL[:REMOTE]]`: a local port whose connections reach TARGET in the cluster.
+
+TARGET is a service (NAME or svc/NAME), pod/NAME, an IP address or a cluster DNS name. Every accepted
+connection asks the dial plan where to go *now* and opens its own stream through the shadow pod, so a
+pod that was deleted and replaced is simply not picked again (kt-connect and `kubectl port-forward`
+redial the dead pod forever). The local port is bound before anything is created in the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+from typing import Any
+
+import asyncssh
+
+from ktproxy import lifecycle
+from ktproxy.commands.reverse import print_banner
+from ktproxy.errors import KtError, UsageError
+from ktproxy.kube.expose import Remote, parse_port_pair
+from ktproxy.proxy.relay import relay
+
+log = logging.getLogger("ktproxy")
+
+DIAL_TIMEOUT = 15.0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("forward", parents=[common],
+                       help="reach a service, pod or address of the cluster on a local port",
+                       description="Listen on a local port and forward each connection to TARGET in the cluster: "
+                                   "a service (NAME, svc/NAME), pod/NAME, an IP address or a cluster DNS name.")
+    p.add_argument("target", help="NAME | svc/NAME | pod/NAME | IP | DNS name")
+    p.add_argument("ports", nargs="?", metavar="LOCAL[:REMOTE]",
+                   help="local port, and the service port / target port / port name to reach "
+                        "(default: the service's only port, on the same local port)")
+    p.add_argument("--address", default="127.0.0.1", help="local address to listen on (default 127.0.0.1)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
+    p.set_defaults(func=run)
+
+
+def parse_ports(text: str | None) -> tuple[int | None, Remote | None]:
+    """'' -> (None, None); '6060' -> (6060, None); '6060:8080' -> (6060, 8080); '6060:http' -> (6060, 'http')."""
+    if text is None:
+        return None, None
+    if ":" not in text:
+        return parse_port_pair(text, flag="forward's port").local, None
+    pair = parse_port_pair(text, flag="forward's port")
+    return pair.local, pair.remote
+
+
+def banner(plan: Any, address: str, port: int) -> str:
+    where = "localhost" if address in ("127.0.0.1", "localhost") else address
+    return f"Now you can access port {plan.remote_port} of {plan.description} via '{where}:{port}'"
+
+
+def run(args: argparse.Namespace) -> int:
+    local, remote = parse_ports(args.ports)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    return lifecycle.run(lambda life: _main(args, local, remote, life))
+
+
+class Forwarder:
+    """Accepted local connections -> a stream through the tunnel to an endpoint the plan picks now."""
+
+    def __init__(self, plan: Any, tunnel: Any) -> None:
+        self.plan = plan
+        self.tunnel = tunnel
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            remote = await self._dial()
+            if remote is None:
+                writer.close()
+                return
+            await relay(reader, writer, *remote)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _dial(self) -> tuple[Any, Any] | None:
+        """The first endpoint that answers; a failed one makes the plan ask the cluster again."""
+        try:
+            candidates = list(await self.plan.endpoints())
+        except KtError as exc:
+            log.warning("cannot forward a connection: %s", exc)
+            return None
+        random.shuffle(candidates)  # spread connections over the Ready pods, as the Service would
+        for host, port in candidates:
+            try:
+                return await asyncio.wait_for(self.tunnel.open_connection(host, port), DIAL_TIMEOUT)
+            except (asyncssh.ChannelOpenError, OSError, TimeoutError, asyncssh.Error) as exc:
+                log.warning("%s:%s (%s) did not answer: %s", host, port, self.plan.description,
+                            getattr(exc, "reason", None) or exc)
+                self.plan.invalidate()
+        return None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _listen(forwarder: Forwarder, address: str, port: int) -> asyncio.Server:
+    try:
+        return await asyncio.start_server(forwarder.handle, address, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"local port {address}:{port} is already in use") from None
+        raise UsageError(f"cannot listen on {address}:{port}: {exc.strerror or exc}") from None
+
+
+async def _main(args: argparse.Namespace, local: int | None, remote: Remote | None,
+                life: lifecycle.Lifecycle) -> int:
+    from ktproxy.commands.options import shadow_options
+    from ktproxy.keys import generate_session_keys
+    from ktproxy.kube.client import KubeClient
+    from ktproxy.kube.shadow_session import ShadowSession
+    from ktproxy.kube.targets import resolve_forward
+    from ktproxy.tunnel.session import SSHOptions, SSHTunnel
+
+    log.info("KtConnect start at %d", os.getpid())
+    kube = KubeClient.from_args(args)
+    life.on_cleanup("Kubernetes client", kube.close)
+    namespace = kube.namespace
+    plan = await life.until_stopped(resolve_forward(kube, namespace, args.target, remote))
+    port = local if local is not None else plan.default_local_port
+    keys = generate_session_keys()
+    shadow = ShadowSession(kube, namespace, shadow_options(args, namespace), keys)
+    await life.until_stopped(shadow.preflight())
+    tunnel = SSHTunnel(shadow.connect, SSHOptions.for_session(keys))
+    forwarder = Forwarder(plan, tunnel)
+    # Bound before the shadow exists: a port in use must leave nothing in the cluster.
+    server = await _listen(forwarder, args.address, port)
+    life.on_cleanup("shadow pod and secret", shadow.close)
+    life.on_cleanup("SSH session", tunnel.close)
+    life.on_cleanup("open connections", forwarder.close)
+    life.on_cleanup("local listener", server.close)
+    await life.until_stopped(shadow.start(timeout=args.timeout))
+    try:
+        await life.until_stopped(tunnel.start())
+    except (asyncssh.Error, ConnectionError) as exc:
+        raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
+    print_banner(banner(plan, args.address, port))
+    await life.wait()
+    return 0

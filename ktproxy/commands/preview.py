@@ -1,0 +1,98 @@
+"""`ktctl preview NAME --expose LOCAL[:REMOTE][,...] [--external]`: the laptop's service as a new Service
+NAME in the cluster (ClusterIP, or LoadBalancer with --external), backed by a shadow `<name>-kt-<rnd5>`.
+
+A name already taken by a Service that is not ours is refused before anything is created; the Service
+is created only once a connection made in the shadow pod has reached the laptop, and deleted first on
+exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+from typing import Any
+
+from ktproxy import lifecycle
+from ktproxy.commands.reverse import (
+    ReverseShadow,
+    ReverseSpec,
+    add_reverse_flags,
+    cancel_task,
+    check_local_ports,
+    print_banner,
+)
+from ktproxy.errors import UsageError
+from ktproxy.kube import meta
+
+log = logging.getLogger("ktproxy")
+
+# A Service name is a DNS-1035 label.
+_SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("preview", parents=[common], help="make a local service reachable in the cluster by name",
+                       description="Create Service NAME in the cluster whose traffic reaches local ports.")
+    p.add_argument("name", metavar="NAME", help="name of the new Service")
+    add_reverse_flags(p, "as Service NAME")
+    p.add_argument("--external", action="store_true", help="a LoadBalancer Service instead of ClusterIP")
+    p.set_defaults(func=run)
+
+
+def banner(name: str) -> str:
+    return f"Now you can access your local service in cluster by name '{name}'"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktproxy.kube.expose import parse_expose, standalone_ports
+
+    if not _SERVICE_NAME.match(args.name):
+        raise UsageError(f"{args.name!r} is not a valid service name (lower-case letters, digits and '-', "
+                         "starting with a letter, at most 63)")
+    ports = standalone_ports(parse_expose(args.expose, allow_names=False))
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    return lifecycle.run(lambda life: _main(args, ports, life))
+
+
+async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Lifecycle) -> int:
+    from ktproxy.kube import preview
+    from ktproxy.kube.client import Access, KubeClient
+    from ktproxy.kube.heartbeat import heartbeat_loop
+    from ktproxy.kube.takeover import target_labels
+
+    log.info("KtConnect start at %d", os.getpid())
+    kube = KubeClient.from_args(args)
+    life.on_cleanup("Kubernetes client", kube.close)
+    ns = kube.namespace
+    name = args.name
+    labels = target_labels(meta.ROLE_PREVIEW_SHADOW)
+    spec = ReverseSpec(role=meta.ROLE_PREVIEW_SHADOW, name_prefix=f"{name}-kt-", ports=ports, labels=labels,
+                       annotations={meta.KT_CONFIG: f"service={name}"})
+    shadow = ReverseShadow(life, kube, args, spec)
+    await shadow.preflight()
+    await life.until_stopped(kube.require([Access("create", "services", ns), Access("delete", "services", ns)]))
+    await life.until_stopped(_check_free(kube, ns, name))
+    await life.until_stopped(check_local_ports(ports, args.skip_port_checking))
+    await shadow.start()
+    user = shadow.shadow.options.user
+    # Not interruptible: a create cancelled in flight could leave a Service with no delete registered.
+    await preview.create_service(kube, ns, name, ports, labels, user, external=args.external)
+    life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name)
+    beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
+    life.on_cleanup("service heartbeat", cancel_task, beat)
+    print_banner(banner(name))
+    await life.wait()
+    return 0
+
+
+async def _check_free(kube: Any, ns: str, name: str) -> None:
+    """Refuse a name taken by something not ours before anything is created."""
+    from ktproxy.kube import preview
+    from ktproxy.kube.cleanup import DEFAULT_THRESHOLD
+
+    now = int((await kube.cluster_time()).timestamp())
+    await preview._check_free(kube, ns, name, now, DEFAULT_THRESHOLD)

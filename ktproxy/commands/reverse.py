@@ -1,0 +1,165 @@
+"""What exchange and preview share: the laptop's ports served by one shadow pod over ONE SSH session, and
+the proof that a connection made in the pod reaches the laptop before any cluster traffic is sent there.
+
+The shadow listens on the exposed target ports itself (started with --expose, readiness on its health
+port: Ready only while a laptop session has every port attached); the session asks for each port once
+and again after every reconnect (SSHTunnel.expose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from ktproxy import lifecycle
+from ktproxy.errors import KtError
+from ktproxy.kube.expose import ExposedPort, check_local_port
+
+log = logging.getLogger("ktproxy")
+
+RULE = "-" * 63
+LOCAL_HOST = "127.0.0.1"
+HEALTH_PORT_NAME = "kt-health"
+HEALTH_PORTS = (2280, 2281, 2282, 2283)  # the first one no exposed port uses
+PROOF_TIMEOUT = 30.0
+# A connection the laptop could not complete is closed by the shadow at once; one still open after this
+# long was relayed to the laptop's service (which waits for the client to speak).
+PROOF_SETTLE = 1.0
+
+
+def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--expose", required=True, metavar="LOCAL[:REMOTE][,...]",
+                   help=f"local ports to serve {what}; REMOTE defaults to LOCAL")
+    p.add_argument("--skip-port-checking", "--skipPortChecking", dest="skip_port_checking", action="store_true",
+                   help="do not check that something listens on the local ports (start it later)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
+
+
+def print_banner(text: str) -> None:
+    """kt-connect's three lines (63 dashes), as connect prints its own."""
+    log.info(RULE)
+    log.info(text)
+    log.info(RULE)
+
+
+async def check_local_ports(ports: list[ExposedPort], skip: bool) -> None:
+    if skip:
+        return
+    for p in ports:
+        await check_local_port(LOCAL_HOST, p.local)
+
+
+async def cancel_task(task: asyncio.Task[Any]) -> None:
+    """Clean-up step for a background task (a guard, a heartbeat): cancel it and let it finish."""
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
+def health_port(ports: list[ExposedPort]) -> int:
+    used = {p.target_port for p in ports}
+    return next(h for h in HEALTH_PORTS if h not in used)
+
+
+@dataclass(frozen=True)
+class ReverseSpec:
+    """One command's shadow: its role, name prefix, the ports it serves and the labels a Service selects."""
+
+    role: str
+    name_prefix: str
+    ports: list[ExposedPort]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def shadow_role(self) -> Any:
+        from ktproxy.kube.shadow import ShadowRole
+
+        health = health_port(self.ports)
+        declared: dict[int, str] = {}
+        for p in self.ports:
+            declared.setdefault(p.target_port, p.container_port_name)
+        numbers = ",".join(str(n) for n in declared)
+        return ShadowRole(
+            role=self.role,
+            name_prefix=self.name_prefix,
+            ports=(*((name, n) for n, name in declared.items()), (HEALTH_PORT_NAME, health)),
+            args=("--expose", numbers, "--health-port", str(health)),
+            health_port=HEALTH_PORT_NAME,
+            labels=dict(self.labels),
+            annotations=dict(self.annotations),
+        )
+
+
+class ReverseShadow:
+    """The shadow pod and the one session that carries every exposed port back to the laptop."""
+
+    def __init__(self, life: lifecycle.Lifecycle, kube: Any, args: argparse.Namespace, spec: ReverseSpec) -> None:
+        from ktproxy.commands.options import shadow_options
+        from ktproxy.keys import generate_session_keys
+        from ktproxy.kube.shadow_session import ShadowSession
+        from ktproxy.tunnel.session import SSHOptions, SSHTunnel
+
+        self.life = life
+        self.kube = kube
+        self.spec = spec
+        self.timeout = args.timeout
+        keys = generate_session_keys()
+        self.shadow = ShadowSession(kube, kube.namespace, shadow_options(args, kube.namespace), keys,
+                                    role=spec.shadow_role())
+        self.tunnel = SSHTunnel(self.shadow.connect, SSHOptions.for_session(keys))
+
+    @property
+    def pod_name(self) -> str:
+        return self.shadow.pod.name if self.shadow.pod else "?"
+
+    async def preflight(self) -> None:
+        await self.life.until_stopped(self.shadow.preflight())
+
+    async def start(self) -> None:
+        """Pod, session with every port, pod Ready, path proven. Clean-up is registered as each exists."""
+        life = self.life
+        life.on_cleanup("shadow pod and secret", self.shadow.close)
+        await life.until_stopped(self.shadow.start(timeout=self.timeout))
+        life.on_cleanup("SSH session", self.tunnel.close)
+        for p in self.spec.ports:
+            await self.tunnel.expose(p.target_port, LOCAL_HOST, p.local)
+        try:
+            await life.until_stopped(self.tunnel.start())
+        except (asyncssh.Error, ConnectionError) as exc:
+            raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
+        await life.until_stopped(self._wait_ready())
+        for p in self.spec.ports:
+            await life.until_stopped(prove_path(self.tunnel, p))
+
+    async def _wait_ready(self) -> None:
+        from ktproxy.kube.shadow import wait_ready
+
+        pod = self.shadow.pod
+        assert pod is not None
+        await wait_ready(self.kube, pod.namespace, pod.name, self.shadow.options.image, self.timeout)
+
+
+async def prove_path(tunnel: Any, port: ExposedPort, timeout: float = PROOF_TIMEOUT) -> None:
+    """Open a stream from inside the pod to its own exposed port: the shadow's listener hands it to this
+    session, which relays it to the laptop's service. A failure anywhere closes the stream at once."""
+    problem = (f"a connection made in the shadow pod to its port {port.target_port} did not reach local port "
+               f"{port.local}")
+    try:
+        reader, writer = await asyncio.wait_for(tunnel.open_connection(LOCAL_HOST, port.target_port), timeout)
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        raise KtError(f"{problem}: {getattr(exc, 'reason', None) or exc}") from None
+    try:
+        with contextlib.suppress(TimeoutError):
+            data = await asyncio.wait_for(reader.read(1), PROOF_SETTLE)
+            if not data:  # closed: the laptop side could not be reached
+                raise KtError(problem + " (is the local service still listening?)")
+        log.info("Checked: port %d of the shadow pod reaches local port %d", port.target_port, port.local)
+    finally:
+        writer.close()

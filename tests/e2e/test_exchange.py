@@ -1,0 +1,214 @@
+"""The seed's exchange on the real local cluster, ktctl run as an unprivileged user, plus what kt-connect
+gets wrong: SIGKILL then `ktctl recover`, a second exchange refused naming the first user, a selector
+overwritten with kubectl put back, scale mode, a named targetPort, two ports at once, the shadow pod
+deleted mid-exchange, and bad input that leaves nothing behind.
+
+The laptop's tomcat is a local HTTP server on 127.0.0.1:8080 answering "kt-connect local v2"; cluster
+traffic is a pod fetching http://tomcat:8080 with python3's urllib.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+
+import pytest
+
+pytest.register_assert_rewrite("ktctl_runner")
+from ktctl_runner import (  # noqa: E402
+    DEMO,
+    LOCAL,
+    RULE,
+    ClientPod,
+    Ktctl,
+    apply,
+    deploy_demo,
+    error_lines,
+    kt_annotations,
+    kt_objects,
+    kubectl,
+    serve_page,
+    service,
+    wait_for,
+    write_page,
+)
+
+pytestmark = pytest.mark.cluster
+pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, client_pod, local_server
+
+BANNER = "Now all request to service 'tomcat' will be redirected to local"
+URL = "http://tomcat:8080"
+
+
+@pytest.fixture(scope="module")
+def demo(module_namespace: str) -> str:
+    deploy_demo(module_namespace)
+    return module_namespace
+
+
+@pytest.fixture
+def settled(demo: str, client_pod: ClientPod) -> str:
+    """Each test starts from the seed's state: v1 answers, nothing of ours in the namespace."""
+    client_pod.wait_for(URL, DEMO)
+    assert kt_objects(demo) == []
+    return demo
+
+
+def _selector(ns: str) -> dict:
+    return service(ns, "tomcat")["spec"]["selector"]
+
+
+def _assert_pristine(ns: str, client_pod: ClientPod) -> None:
+    client_pod.wait_for(URL, DEMO)
+    svc = service(ns, "tomcat")
+    assert svc["spec"]["selector"] == {"app": "tomcat"}
+    assert kt_annotations(svc) == {}
+    wait_for("no kt objects left", lambda: kt_objects(ns) == [], timeout=60)
+
+
+def test_seed_exchange_and_ctrl_c(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    lines = ex.output().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith(BANNER))
+    assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), ex.output()
+    assert client_pod.get(URL) == LOCAL  # switched only once the path was proven: no wait needed
+    svc = service(settled, "tomcat")
+    assert json.loads(kt_annotations(svc)["kt-selector"]) == {"app": "tomcat"}
+    assert "kt-lock" not in kt_annotations(svc)  # the lock guards set-up only
+    shadows = [o for o in kt_objects(settled) if o.startswith("pod/tomcat-kt-exchange-")]
+    assert len(shadows) == 1, kt_objects(settled)
+    assert ex.stop(signal.SIGINT) in (0, 130)
+    _assert_pristine(settled, client_pod)
+
+
+def test_sigterm_and_sighup_also_restore(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+        ex.wait_banner(BANNER)
+        assert client_pod.get(URL) == LOCAL
+        assert ex.stop(sig) in (0, 130, 128 + sig)
+        _assert_pristine(settled, client_pod)
+
+
+def test_sigkill_then_recover(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    ex.kill()
+    assert "kt-selector" in kt_annotations(service(settled, "tomcat"))  # left switched by the crash
+    r = ktctl.run("recover", "tomcat")
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_pristine(settled, client_pod)
+    again = ktctl.run("recover", "tomcat")
+    assert again.returncode == 0 and "nothing" in again.stderr.lower(), again.stderr
+
+
+def test_second_exchange_refused_naming_the_first(ktctl: Ktctl, settled: str, client_pod: ClientPod,
+                                                   local_server: int) -> None:
+    first = ktctl.start("exchange", "tomcat", "--expose", "8080", KTCTL_USER="alice")
+    first.wait_banner(BANNER)
+    r = ktctl.run("exchange", "tomcat", "--expose", "8080", KTCTL_USER="bob")
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1 and "alice" in errors[0] and "tomcat" in errors[0], r.stderr
+    assert client_pod.get(URL) == LOCAL  # the first exchange is untouched
+    assert len([o for o in kt_objects(settled) if o.startswith("pod/")]) == 1
+    assert first.stop() in (0, 130)
+    _assert_pristine(settled, client_pod)
+
+
+def test_overwritten_selector_is_put_back(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    ours = _selector(settled)
+    kubectl("-n", settled, "patch", "svc", "tomcat", "--type=merge", "-p",
+            json.dumps({"spec": {"selector": {k: None for k in ours} | {"app": "tomcat"}}}))
+    wait_for("the watcher to put the selector back", lambda: _selector(settled) == ours, timeout=60)
+    client_pod.wait_for(URL, LOCAL)
+    assert ex.stop() in (0, 130)
+    _assert_pristine(settled, client_pod)
+
+
+def test_shadow_pod_deleted_mid_exchange(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    pod = next(o for o in kt_objects(settled) if o.startswith("pod/tomcat-kt-exchange-"))
+    kubectl("-n", settled, "delete", pod, "--wait=true", "--timeout=60s", timeout=90)
+    client_pod.wait_for(URL, LOCAL, timeout=120)
+    assert ex.proc.poll() is None, ex.output()
+    assert ex.stop() in (0, 130)
+    _assert_pristine(settled, client_pod)
+
+
+def test_scale_mode_round_trip(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    ex = ktctl.start("exchange", "deployment/tomcat", "--expose", "8080", "--mode", "scale")
+    ex.wait_banner("will be redirected to local")
+    wait_for("the deployment scaled to 0", lambda: kubectl(
+        "-n", settled, "get", "deploy", "tomcat", "-o", "jsonpath={.spec.replicas}").stdout == "0")
+    client_pod.wait_for(URL, LOCAL)
+    assert _selector(settled) == {"app": "tomcat"}  # scale mode leaves the service alone
+    assert ex.stop() in (0, 130)
+    ready = kubectl("-n", settled, "get", "deploy", "tomcat", "-o", "jsonpath={.status.readyReplicas}").stdout
+    assert ready == "1", "exit waits for the original pods to be ready"
+    # The new pod serves the image's empty docroot: give it the seed's page again.
+    write_page(settled, "deployment/tomcat", DEMO)
+    _assert_pristine(settled, client_pod)
+
+
+def test_named_target_port_and_two_ports(ktctl: Ktctl, module_namespace: str, client_pod: ClientPod,
+                                         local_server: int) -> None:
+    """REMOTE given as a named target port and as a service port; both ports ride one session."""
+    ns = module_namespace
+    apply(ns, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "named"},
+        "spec": {"selector": {"matchLabels": {"app": "named"}},
+                 "template": {"metadata": {"labels": {"app": "named"}},
+                              "spec": {"containers": [{"name": "tomcat", "image": "tomcat:9",
+                                                       "ports": [{"name": "http", "containerPort": 8080},
+                                                                 {"name": "alt", "containerPort": 9091}]}]}}},
+    })
+    apply(ns, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "named"},
+        "spec": {"selector": {"app": "named"},
+                 "ports": [{"name": "web", "port": 80, "targetPort": "http"},
+                           {"name": "other", "port": 9090, "targetPort": "alt"}]},
+    })
+    kubectl("-n", ns, "rollout", "status", "deployment/named", "--timeout=120s", timeout=150)
+    try:
+        with serve_page(0, "kt-connect local alt") as alt:
+            ex = ktctl.start("exchange", "named", "--expose", f"8080:http,{alt}:9090")
+            ex.wait_banner("Now all request to service 'named' will be redirected to local")
+            assert client_pod.get("http://named:80") == LOCAL
+            assert client_pod.get("http://named:9090") == "kt-connect local alt"
+            assert ex.output().count("Creating shadow pod") == 1
+            assert ex.stop() in (0, 130)
+        wait_for("no kt objects left", lambda: kt_objects(ns) == [], timeout=60)
+        assert service(ns, "named")["spec"]["selector"] == {"app": "named"}
+    finally:
+        kubectl("-n", ns, "delete", "svc,deployment", "named", check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["exchange", "no-such-svc", "--expose", "8080"], "no-such-svc"),
+    (["exchange", "tomcat", "--expose", "8080:9999"], "9999"),
+    (["exchange", "tomcat", "--expose", "abc"], "abc"),
+    (["exchange", "tomcat", "--expose", "{idle}:8080"], "{idle}"),
+    (["exchange", "tomcat", "--expose", "8080", "--mode", "nope"], "nope"),
+    (["-n", "no-such-namespace-xyz", "exchange", "tomcat", "--expose", "8080"], "no-such-namespace-xyz"),
+    (["recover", "no-such-svc"], "no-such-svc"),
+])
+def test_bad_input_one_line_nothing_left(ktctl: Ktctl, settled: str, local_server: int, args: list[str],
+                                         message: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        idle = str(s.getsockname()[1])  # bound, not listening: nothing answers there
+        args = [a.replace("{idle}", idle) for a in args]
+        r = ktctl.run(*args, timeout=60)
+    assert r.returncode != 0
+    message = message.replace("{idle}", idle)
+    errors = error_lines(r.stderr) or [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert kt_objects(settled) == []
+    svc = service(settled, "tomcat")
+    assert svc["spec"]["selector"] == {"app": "tomcat"} and kt_annotations(svc) == {}

@@ -1,0 +1,175 @@
+"""The seed's preview and forward on the real local cluster, ktctl run as an unprivileged user.
+
+preview registers the laptop's 127.0.0.1:8080 ("kt-connect local v2") as Service tomcat-v2; forward maps
+it (or any service, pod or address of the cluster) to a local port, and keeps answering when the pod
+behind a service is deleted and replaced.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.register_assert_rewrite("ktctl_runner")
+from ktctl_runner import (  # noqa: E402
+    DEMO,
+    LOCAL,
+    RULE,
+    ClientPod,
+    Ktctl,
+    deploy_demo,
+    error_lines,
+    free_port,
+    kt_objects,
+    kubectl,
+    local_get,
+    wait_for,
+    write_page,
+)
+
+pytestmark = pytest.mark.cluster
+pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, client_pod, local_server
+
+PREVIEW_BANNER = "Now you can access your local service in cluster by name 'tomcat-v2'"
+
+
+@pytest.fixture(scope="module")
+def demo(module_namespace: str) -> str:
+    deploy_demo(module_namespace)
+    return module_namespace
+
+
+@pytest.fixture(scope="module")
+def preview(ktctl: Ktctl, demo: str, local_server: int):
+    p = ktctl.start("preview", "tomcat-v2", "--expose", "8080")
+    p.wait_banner(PREVIEW_BANNER)
+    yield p
+    p.stop()
+
+
+def _port_free(port: int) -> int:
+    """The seed's fixed local port, if this machine has it free (else the test is meaningless)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            pytest.skip(f"local port {port} is taken on this machine")
+    return port
+
+
+def test_seed_preview(preview, demo: str, client_pod: ClientPod) -> None:
+    lines = preview.output().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith(PREVIEW_BANNER))
+    assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), preview.output()
+    assert client_pod.get("http://tomcat-v2:8080") == LOCAL
+    svc = kubectl("-n", demo, "get", "svc", "tomcat-v2", "-o", "jsonpath={.spec.type} {.metadata.labels.control-by}")
+    assert svc.stdout == "ClusterIP kt"
+
+
+def test_seed_forward_of_the_preview(ktctl: Ktctl, preview, demo: str) -> None:
+    port = _port_free(6060)
+    f = ktctl.start("forward", "tomcat-v2", "6060:8080")
+    f.wait_banner("Now you can access port 8080 of service 'tomcat-v2' via 'localhost:6060'")
+    assert local_get(f"http://localhost:{port}") == LOCAL
+    assert f.stop() in (0, 130)
+
+
+def test_preview_name_taken(ktctl: Ktctl, demo: str, local_server: int) -> None:
+    before = kt_objects(demo)
+    r = ktctl.run("preview", "tomcat", "--expose", "8080", timeout=60)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1 and "tomcat" in errors[0], r.stderr
+    assert kt_objects(demo) == before
+    assert kubectl("-n", demo, "get", "svc", "tomcat", "-o", "jsonpath={.spec.selector.app}").stdout == "tomcat"
+
+
+def test_preview_ctrl_c_leaves_nothing(ktctl: Ktctl, demo: str, local_server: int) -> None:
+    before = kt_objects(demo)
+    p = ktctl.start("preview", "tomcat-v3", "--expose", "8080")
+    p.wait_banner("by name 'tomcat-v3'")
+    assert "service/tomcat-v3" in kt_objects(demo)
+    assert p.stop() in (0, 130)
+    wait_for("preview's objects gone", lambda: kt_objects(demo) == before, timeout=60)
+
+
+def test_forward_follows_a_replaced_pod(ktctl: Ktctl, demo: str) -> None:
+    port = free_port()
+    f = ktctl.start("forward", "tomcat", str(port))
+    f.wait_banner(f"Now you can access port 8080 of service 'tomcat' via 'localhost:{port}'")
+    assert local_get(f"http://127.0.0.1:{port}") == DEMO
+    old = kubectl("-n", demo, "get", "pod", "-l", "app=tomcat", "-o", "jsonpath={.items[0].metadata.name}").stdout
+    kubectl("-n", demo, "delete", "pod", old, "--wait=true", "--timeout=60s", timeout=90)
+    kubectl("-n", demo, "rollout", "status", "deployment/tomcat", "--timeout=120s", timeout=150)
+    new = kubectl("-n", demo, "get", "pod", "-l", "app=tomcat", "--field-selector=status.phase=Running",
+                  "-o", "jsonpath={.items[0].metadata.name}").stdout
+    assert new and new != old
+    write_page(demo, f"pod/{new}", "kt-connect demo v1 (replaced)")
+    wait_for("forward to reach the new pod",
+             lambda: local_get(f"http://127.0.0.1:{port}") == "kt-connect demo v1 (replaced)", timeout=60)
+    assert f.proc.poll() is None
+    assert f.stop() in (0, 130)
+    write_page(demo, "deployment/tomcat", DEMO)
+
+
+def test_forward_to_a_pod_ip(ktctl: Ktctl, demo: str) -> None:
+    ip = kubectl("-n", demo, "get", "pod", "-l", "app=tomcat", "-o", "jsonpath={.items[0].status.podIP}").stdout
+    port = free_port()
+    f = ktctl.start("forward", ip, f"{port}:8080")
+    f.wait_banner(f"via 'localhost:{port}'")
+    assert local_get(f"http://127.0.0.1:{port}") == DEMO
+    assert f.stop() in (0, 130)
+
+
+def test_forward_to_a_dns_name(ktctl: Ktctl, demo: str) -> None:
+    port = free_port()
+    f = ktctl.start("forward", f"tomcat.{demo}.svc.cluster.local", f"{port}:8080")
+    f.wait_banner(f"via 'localhost:{port}'")
+    assert local_get(f"http://127.0.0.1:{port}") == DEMO
+    assert f.stop() in (0, 130)
+
+
+@pytest.fixture(scope="module")
+def two_port_service(demo: str) -> str:
+    kubectl("-n", demo, "create", "service", "clusterip", "twoports", "--tcp=8080:8080", "--tcp=9090:9090")
+    return "twoports"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["forward", "twoports"], "several ports"),
+    (["forward", "no-such-svc", "6061:8080"], "no-such-svc"),
+    (["forward", "tomcat", "6061:9999"], "9999"),
+    (["forward", "tomcat", "abc"], "abc"),
+    (["forward", "10.1.2.3"], "10.1.2.3"),
+    (["preview", "tomcat-v9", "--expose", "{idle}"], "{idle}"),
+    (["preview", "tomcat-v9", "--expose", "8080:http"], "http"),
+])
+def test_bad_input_one_line_nothing_left(ktctl: Ktctl, demo: str, two_port_service: str, local_server: int,
+                                         args: list[str], message: str) -> None:
+    import socket
+
+    before = kt_objects(demo)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        idle = str(s.getsockname()[1])  # bound, not listening: nothing answers there
+        r = ktctl.run(*[a.replace("{idle}", idle) for a in args], timeout=60)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr) or [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message.replace("{idle}", idle) in errors[0], r.stderr
+    assert kt_objects(demo) == before
+
+
+def test_forward_local_port_in_use(ktctl: Ktctl, demo: str) -> None:
+    import socket
+
+    before = kt_objects(demo)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = ktctl.run("forward", "tomcat", f"{port}:8080", timeout=60)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1 and "in use" in errors[0], r.stderr
+    assert kt_objects(demo) == before
