@@ -15,7 +15,7 @@ each its own process (so its RSS can be read from /proc/PID/status):
   pproxy CLI, ssh:// / direct
                            `pproxy -l ... -r ...`. The CLI does not start beside uvloop (recorded), so these
                            run its `main()` with `import uvloop` made to fail.
-  ktproxy                  `python -m ktproxy.dataplane` through `benchmarks.launch dataplane`, which
+  ktproxy                  `python -m devtools.dataplane_main` through `benchmarks.launch dataplane`, which
                            forces loopback targets through the tunnel (ktproxy never tunnels loopback on
                            its own) and refuses direct dials, plus `--route all` so the name `localhost`
                            (check 4) is tunnelled too.
@@ -816,7 +816,7 @@ def run(args: argparse.Namespace) -> int:
             ("pproxy_cli_direct", "pproxy CLI, direct",
              "pproxy CLI main() -l http+socks5://127.0.0.1:P, uvloop hidden"),
             ("ktproxy", "ktproxy",
-             "python -m benchmarks.launch dataplane -- (= python -m ktproxy.dataplane with loopback forced "
+             "python -m benchmarks.launch dataplane -- (= python -m devtools.dataplane_main with loopback forced "
              "through the tunnel) --ssh 127.0.0.1:P --cidr 127.0.0.0/8 --route all --dns-port -1, uvloop"),
         ]
         for key, title, how in plans:

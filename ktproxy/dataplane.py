@@ -1,32 +1,23 @@
 """connect's local side: the proxy port (SOCKS5/HTTP/PAC) and the DNS stub, fed by one SSH tunnel.
 
-`python -m ktproxy.dataplane` runs it against a shadow server reached over plain TCP: that is how the
-integration tests and the loopback benchmarks drive the data plane without Kubernetes.
+The integration tests and the loopback benchmarks drive it without Kubernetes through
+`python -m devtools.dataplane_main` (a harness kept out of the wheel).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import errno
 import logging
-import signal
-import sys
 from dataclasses import dataclass
 
-import asyncssh
-
-from ktproxy.dns_stub import DNSStub
+from ktproxy.dns import DNSStub
 from ktproxy.errors import KtError, UsageError
 from ktproxy.pac import pac_script
 from ktproxy.proxy.dialer import Dialer
-from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy.server import ProxyServer
-from ktproxy.proxy_env import export_lines, proxy_env, reachable_host, run_with_env
-from ktproxy.routing import ClusterRules
-from ktproxy.tunnel.session import SSHOptions, SSHTunnel, connect_tcp
-from ktwire import sshwire
+from ktproxy.proxy_env import proxy_env, reachable_host
+from ktproxy.routing import ClusterRules, is_loopback_host
+from ktproxy.tunnel.session import SSHTunnel
 
 log = logging.getLogger("ktproxy")
 
@@ -44,13 +35,19 @@ class DataPlaneSettings:
 
 
 def is_loopback_bind(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    """A loopback address literal or `localhost`: a name like 127.lan.example.com may resolve anywhere."""
+    return is_loopback_host(host)
+
+
+def check_bind(proxy_host: str, credentials: tuple[str, str] | None) -> None:
+    """Anything but a loopback bind is reachable by others: it must ask for credentials."""
+    if not is_loopback_bind(proxy_host) and credentials is None:
+        raise UsageError(f"binding the proxy to {proxy_host} needs --proxy-auth user:password")
 
 
 class DataPlane:
     def __init__(self, rules: ClusterRules, tunnel: SSHTunnel, settings: DataPlaneSettings) -> None:
-        if not is_loopback_bind(settings.proxy_host) and settings.credentials is None:
-            raise UsageError(f"binding the proxy to {settings.proxy_host} needs --proxy-auth user:password")
+        check_bind(settings.proxy_host, settings.credentials)
         self.rules = rules
         self.tunnel = tunnel
         self.settings = settings
@@ -111,104 +108,3 @@ def _bind_error(what: str, host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return f"cannot start the {what}: no permission to bind {host}:{port}"
     return f"cannot start the {what} on {host}:{port}: {exc.strerror or exc}"
-
-
-def install_uvloop() -> None:
-    """uvloop where it exists (not on Windows); plain asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    uvloop.install()
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-async def _run_local(args: argparse.Namespace) -> int:
-    try:
-        client_key = asyncssh.read_private_key(args.identity)
-        host_key = asyncssh.read_public_key(args.host_key_pub)
-    except (OSError, asyncssh.KeyImportError) as exc:
-        raise KtError(f"cannot read the session keys: {exc}") from None
-    try:
-        credentials = basic_credentials(args.proxy_auth)
-    except ValueError as exc:
-        raise UsageError(f"--proxy-auth: {exc}") from None
-    ssh_host, ssh_port = _host_port(args.ssh)
-    options = SSHOptions(client_key, host_key)
-    tunnel = SSHTunnel(lambda o: connect_tcp(ssh_host, ssh_port, o), options)
-    rules = ClusterRules(namespace=args.namespace, domain=args.domain, cidrs=args.cidr or [],
-                         namespaces=set(args.known_namespace or []), route_all=args.route == "all")
-    settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=args.proxy_port,
-                                 dns_port=args.dns_port, credentials=credentials,
-                                 cluster_dns=_host_port(args.cluster_dns) if args.cluster_dns else None,
-                                 dns_upstream=[_host_port(u) for u in args.dns_upstream]
-                                 if args.dns_upstream else None)
-    plane = DataPlane(rules, tunnel, settings)  # checks the settings before anything connects
-    try:
-        try:
-            await tunnel.start()
-        except ConnectionError as exc:
-            raise KtError(str(exc)) from None
-        await plane.start()
-        for line in plane.describe():
-            log.info("%s", line)
-        if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(f"{plane.proxy_port} {plane.dns.bound_port if plane.dns else -1}\n")
-        if args.command:
-            return await run_with_env(args.command, plane.env())
-        for line in export_lines(plane.env()):
-            print(line, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl-C cancels instead
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        return 0
-    finally:
-        await plane.close()
-        await tunnel.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ktproxy.log import setup_logging
-
-    p = argparse.ArgumentParser(prog="python -m ktproxy.dataplane")
-    p.add_argument("--ssh", required=True, help="shadow server host:port")
-    p.add_argument("--identity", required=True, help="client private key file")
-    p.add_argument("--host-key-pub", required=True, help="the shadow's public host key file")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--domain", default="cluster.local")
-    p.add_argument("--cidr", action="append")
-    p.add_argument("--known-namespace", action="append")
-    p.add_argument("--cluster-dns", help="ip:port of the cluster DNS, reached through the tunnel")
-    p.add_argument("--dns-upstream", action="append",
-                   help="ip:port of a resolver for non-cluster names (default: the system's)")
-    p.add_argument("--proxy-host", default="127.0.0.1")
-    p.add_argument("--proxy-port", type=int, default=2223)
-    p.add_argument("--dns-port", type=int, default=10053)
-    p.add_argument("--proxy-auth")
-    p.add_argument("--route", choices=["cluster", "all"], default="cluster")
-    p.add_argument("--ready-file")
-    p.add_argument("-d", "--debug", action="store_true")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
-    setup_logging(args.debug)
-    sshwire.install()
-    install_uvloop()
-    try:
-        return asyncio.run(_run_local(args))
-    except KtError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,15 +8,21 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote
 
+from ktproxy.routing import normalise_name, parse_ip
+
 KEYS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
-# A listener on the wildcard address is reached through loopback; "0.0.0.0" is not a destination
-# every platform accepts.
-_REACHABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def reachable_host(bind_host: str) -> str:
-    """Where clients connect for a given bind address (a wildcard bind is reached on loopback)."""
-    return _REACHABLE.get(bind_host, bind_host)
+    """Where clients connect for a given bind address. A wildcard bind (0.0.0.0, ::, [::], 0:0::0, or
+    empty) is reached on the loopback of its family: a wildcard is not a destination every platform
+    accepts. Anything else, loopback included, is reached where it is bound."""
+    if not normalise_name(bind_host):
+        return "127.0.0.1"
+    ip = parse_ip(bind_host)
+    if ip is not None and ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return normalise_name(bind_host) if ip is not None else bind_host
 
 
 def proxy_env(

@@ -1,33 +1,35 @@
 """`ktctl connect`: shadow pod + port-forward + one SSH session + local proxy, DNS stub and PAC.
 
-Order matters for "bad input leaves nothing behind": local ports are bound and permissions checked
-before anything is created in the cluster.
+Order matters for "bad input leaves nothing behind": the user's input is checked before any API call,
+and local ports are bound and permissions checked before anything is created in the cluster.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import ipaddress
 import logging
 import os
-import signal
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
-from ktproxy.dataplane import DataPlane, DataPlaneSettings, install_uvloop
+from ktproxy import lifecycle
+from ktproxy.dataplane import DataPlane, DataPlaneSettings, check_bind
 from ktproxy.errors import KtError, UsageError
 from ktproxy.keys import generate_session_keys
 from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy_env import export_lines, run_with_env
-from ktproxy.routing import ClusterRules
+from ktproxy.routing import ClusterRules, IPNetwork
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
 log = logging.getLogger("ktproxy")
 
 BANNER = "All looks good, now you can access to resources in the kubernetes cluster"
 RULE = "-" * 63
+DEFAULT_PROXY_PORT = 2223
+DEFAULT_DNS_PORT = 10053
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -35,9 +37,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Shadow pod + local SOCKS5/HTTP proxy, DNS stub and PAC.")
     p.add_argument("--proxy-host", "--proxyHost", dest="proxy_host", default="127.0.0.1",
                    help="address of the proxy port (default 127.0.0.1; others need --proxy-auth)")
-    p.add_argument("--proxy-port", "--proxyPort", dest="proxy_port", type=int, default=2223)
-    p.add_argument("--dns-port", "--dnsPort", dest="dns_port", type=int, default=10053,
-                   help="DNS stub port on 127.0.0.1, UDP and TCP (-1 disables it)")
+    p.add_argument("--proxy-port", "--proxyPort", dest="proxy_port", type=int,
+                   help=f"proxy port (default {DEFAULT_PROXY_PORT}; with -- CMD a free port, named in CMD's env)")
+    p.add_argument("--dns-port", "--dnsPort", dest="dns_port", type=int,
+                   help=f"DNS stub port on 127.0.0.1, UDP and TCP (default {DEFAULT_DNS_PORT}; with -- CMD a "
+                        "free port; -1 disables it)")
     p.add_argument("--proxy-auth", dest="proxy_auth", help="user:password required from proxy clients")
     p.add_argument("--route", choices=["cluster", "all"], default="cluster",
                    help="cluster: only cluster destinations go through the pod (default); all: everything")
@@ -51,118 +55,41 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
-    elif args.command:
-        raise UsageError(f"unexpected argument {args.command[0]!r} (put a command after --)")
+@dataclass(frozen=True)
+class ConnectInput:
+    """The user's connect flags, checked before anything talks to the cluster."""
+
+    credentials: tuple[str, str] | None
+    extra_cidrs: tuple[IPNetwork, ...]
+    proxy_port: int
+    dns_port: int
+
+
+def check_input(args: argparse.Namespace) -> ConnectInput:
+    """Every check of the user's own input; raises UsageError. Runs before any API call."""
     try:
         credentials = basic_credentials(args.proxy_auth)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    install_uvloop()
-    return asyncio.run(_main(args, credentials))
+    check_bind(args.proxy_host, credentials)
+    # With a command, the defaults give way to free ports: another connect may hold 2223 and 10053,
+    # and CMD learns the real ones from its env.
+    proxy_port = _port("--proxy-port", args.proxy_port, 0 if args.command else DEFAULT_PROXY_PORT)
+    dns_port = _port("--dns-port", args.dns_port, 0 if args.command else DEFAULT_DNS_PORT, allow_off=True)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    return ConnectInput(credentials, _extra_cidrs(args.include_ips), proxy_port, dns_port)
 
 
-class _Stopper:
-    """First Ctrl-C/SIGTERM: clean up and exit. Second Ctrl-C: exit at once."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def install(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows
-                loop.add_signal_handler(sig, self._fire, sig)
-
-    def _fire(self, sig: int) -> None:
-        if self.event.is_set():
-            log.warning("interrupted again: exiting without clean-up (`ktctl clean` removes leftovers)")
-            os._exit(130)
-        log.info("shutting down; cleaning up what connect created (Ctrl-C again to exit at once)")
-        self.event.set()
-
-
-async def _main(args: argparse.Namespace, credentials: tuple[str, str] | None) -> int:
-    from ktproxy.kube.client import KubeClient
-    from ktproxy.kube.session import ShadowSession
-
-    stopper = _Stopper()
-    stopper.install()
-    log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
-    namespace = kube.namespace
-    rules = ClusterRules(namespace=namespace, route_all=args.route == "all")
-    settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=args.proxy_port,
-                                 dns_port=args.dns_port, credentials=credentials,
-                                 direct_hosts=(kube.server_host,))
-    keys = generate_session_keys()
-    shadow = ShadowSession(kube, namespace, args, keys)
-    tunnel = SSHTunnel(shadow.connect, SSHOptions.for_session(keys))
-    plane = DataPlane(rules, tunnel, settings)
-    try:
-        # Read-only checks and discovery, then the local ports: a missing permission or a port in
-        # use must fail before anything exists in the cluster.
-        await _until_stopped(stopper, shadow.preflight())
-        found = await _until_stopped(stopper, shadow.discover(args.cluster_domain))
-        rules.domain = found.domain
-        rules.cidrs = found.cidrs + _extra_cidrs(args.include_ips)
-        rules.add_namespaces(found.namespaces)
-        settings.cluster_dns = (found.dns, 53) if found.dns else None
-        await plane.start()
-        await _until_stopped(stopper, shadow.sweep())
-        await _until_stopped(stopper, shadow.start(timeout=args.timeout))
-        await _until_stopped(stopper, tunnel.start())
-        for line in plane.describe():
-            log.info("%s", line)
-        log.info(RULE)
-        log.info(BANNER)
-        log.info(RULE)
-        env = plane.env()
-        if args.command:
-            return await _until_stopped(stopper, run_with_env(args.command, env), default=130)
-        for line in export_lines(env):
-            print(line, flush=True)
-        print(f"# PAC: {plane.pac_url}", flush=True)
-        await stopper.event.wait()
-        return 0
-    except _Stopped:
-        return 130
-    except (asyncssh.Error, ConnectionError) as exc:
-        raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
-    finally:
-        await plane.close()
-        await tunnel.close()
-        await shadow.close()
-        kube.close()
-
-
-class _Stopped(Exception):
-    pass
-
-
-async def _until_stopped(stopper: _Stopper, coro: Any, default: Any = None) -> Any:
-    """Await `coro` unless the user interrupts first (then clean-up runs at once)."""
-    task = asyncio.ensure_future(coro)
-    stop = asyncio.ensure_future(stopper.event.wait())
-    try:
-        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    if default is not None:
+def _port(flag: str, value: int | None, default: int, allow_off: bool = False) -> int:
+    if value is None:
         return default
-    raise _Stopped()
+    if not (0 <= value <= 65535 or (allow_off and value < 0)):
+        raise UsageError(f"{flag}: {value} is not a port number")
+    return value
 
 
-def _extra_cidrs(value: str | None) -> list[Any]:
-    import ipaddress
-
+def _extra_cidrs(value: str | None) -> tuple[IPNetwork, ...]:
     out = []
     for item in (value or "").split(","):
         if item.strip():
@@ -170,6 +97,66 @@ def _extra_cidrs(value: str | None) -> list[Any]:
                 out.append(ipaddress.ip_network(item.strip(), strict=False))
             except ValueError:
                 raise UsageError(f"--include-ips: {item.strip()!r} is not a CIDR") from None
-    return out
+    return tuple(out)
 
 
+def cluster_rules(namespace: str, route_all: bool, found: Any, extra_cidrs: tuple[IPNetwork, ...]) -> ClusterRules:
+    """The routing rules, built once discovery is done (so ClusterRules normalises every input)."""
+    return ClusterRules(namespace=namespace, domain=found.domain, cidrs=[*found.cidrs, *extra_cidrs],
+                        namespaces=set(found.namespaces), route_all=route_all)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    elif args.command:
+        raise UsageError(f"unexpected argument {args.command[0]!r} (put a command after --)")
+    given = check_input(args)
+    return lifecycle.run(lambda life: _main(args, given, life))
+
+
+async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
+    from ktproxy.kube.client import KubeClient
+    from ktproxy.commands.options import shadow_options
+    from ktproxy.kube.shadow_session import ShadowSession
+
+    log.info("KtConnect start at %d", os.getpid())
+    kube = KubeClient.from_args(args)
+    life.on_cleanup("Kubernetes client", kube.close)
+    namespace = kube.namespace
+    keys = generate_session_keys()
+    shadow = ShadowSession(kube, namespace, shadow_options(args, namespace), keys)
+    life.on_cleanup("shadow pod and secret", shadow.close)
+    tunnel = SSHTunnel(shadow.connect, SSHOptions.for_session(keys))
+    life.on_cleanup("SSH session", tunnel.close)
+    try:
+        # Read-only checks and discovery, then the local ports: a missing permission or a port in
+        # use must fail before anything exists in the cluster.
+        await life.until_stopped(shadow.preflight())
+        found = await life.until_stopped(shadow.discover(args.cluster_domain))
+        rules = cluster_rules(namespace, args.route == "all", found, given.extra_cidrs)
+        settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=given.proxy_port,
+                                     dns_port=given.dns_port, credentials=given.credentials,
+                                     cluster_dns=(found.dns, 53) if found.dns else None,
+                                     direct_hosts=(kube.server_host,))
+        plane = DataPlane(rules, tunnel, settings)
+        life.on_cleanup("local proxy and DNS stub", plane.close)
+        await plane.start()
+        await life.until_stopped(shadow.sweep())
+        await life.until_stopped(shadow.start(timeout=args.timeout))
+        await life.until_stopped(tunnel.start())
+        for line in plane.describe():
+            log.info("%s", line)
+        log.info(RULE)
+        log.info(BANNER)
+        log.info(RULE)
+        env = plane.env()
+        if args.command:
+            return await life.until_stopped(run_with_env(args.command, env))
+        for line in export_lines(env):
+            print(line, flush=True)
+        print(f"# PAC: {plane.pac_url}", flush=True)
+        await life.wait()
+        return 0
+    except (asyncssh.Error, ConnectionError) as exc:
+        raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None

@@ -1,5 +1,5 @@
 """Integration set-up: a network namespace that plays the cluster, the shadow SSH server inside it, and
-`python -m ktproxy.dataplane` on the host.
+`python -m devtools.dataplane_main` on the host.
 
 Layout (NS = ktp-it-<pid>, X = a per-run /24):
   host  veth 10.250.X.1/24  <---->  10.250.X.2/24 veth  NS   shadow sshd listens here (:2222, :2223)
@@ -230,7 +230,7 @@ class Launcher:
         self.counter += 1
         ready = self.workdir / f"dataplane-{self.counter}.ready"
         log = self.workdir / f"dataplane-{self.counter}.log"
-        argv = [PY, "-m", "ktproxy.dataplane", "--ssh", shadow.address,
+        argv = [PY, "-m", "devtools.dataplane_main", "--ssh", shadow.address,
                 "--identity", str(identity or self.keys.identity), "--host-key-pub", str(self.keys.host_key_pub),
                 "--namespace", "default", "--known-namespace", "demo", "--cidr", CLUSTER_CIDR,
                 "--cidr", CLUSTER_CIDR6,

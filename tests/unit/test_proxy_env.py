@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ktproxy.errors import KtError
-from ktproxy.proxy_env import export_lines, proxy_env, run_with_env
+from ktproxy.proxy_env import export_lines, proxy_env, reachable_host, run_with_env
 
 
 def test_env_values():
@@ -34,10 +34,17 @@ def test_env_ipv6_proxy_host_is_bracketed():
     assert env["ALL_PROXY"] == "socks5h://[::1]:2223"
 
 
-@pytest.mark.parametrize("bind,expected", [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
+@pytest.mark.parametrize("bind,expected", [("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("", "127.0.0.1"),
+                                           ("[::]", "[::1]"), ("0:0::0", "[::1]")])
 def test_env_wildcard_bind_points_tools_at_loopback(bind, expected):
     # A listener on 0.0.0.0 is reachable at loopback; 0.0.0.0 itself is not a destination everywhere.
+    # Decided by parsing the address, as routing does, so every spelling of the wildcard counts.
     assert proxy_env(bind, 2223)["HTTP_PROXY"] == f"http://{expected}:2223"
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.2", "::1", "[::1]", "localhost", "192.0.2.1", "127.lan.example.com"])
+def test_reachable_host_is_the_bind_address_itself(bind):
+    assert reachable_host(bind) == bind.strip("[]")
 
 
 def test_env_with_credentials():
