@@ -8,6 +8,7 @@ lose a race (someone else writes first).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +30,9 @@ def _merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
     for k, v in patch.items():
         if v is None:
             into.pop(k, None)
-        elif isinstance(v, dict) and isinstance(into.get(k), dict):
+        elif isinstance(v, dict):
+            if not isinstance(into.get(k), dict):
+                into[k] = {}
             _merge(into[k], v)
         else:
             into[k] = json.loads(json.dumps(v))
@@ -57,6 +60,14 @@ class Store:
         self.version = 100
         self.conflicts = 0
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
+        self.changed = asyncio.Event()  # set on every write, for tests that wait for one
+
+    async def until(self, predicate: Any, limit: float = 5.0) -> None:
+        """Wait until predicate() holds, re-checking after each write to the store."""
+        async with asyncio.timeout(limit):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
 
     def put(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         md = obj.setdefault("metadata", {})
@@ -65,6 +76,7 @@ class Store:
         self.version += 1
         md["resourceVersion"] = str(self.version)
         self.objects[(kind, md["namespace"], md["name"])] = obj
+        self.changed.set()
         return obj
 
     def get(self, kind: str, ns: str, name: str) -> dict[str, Any]:
@@ -94,6 +106,7 @@ class Store:
                 del obj["metadata"][key]
         self.version += 1
         obj["metadata"]["resourceVersion"] = str(self.version)
+        self.changed.set()
         return model(kind, obj)
 
     def create(self, kind: str, ns: str, body: dict[str, Any], **_: Any) -> Any:
@@ -105,6 +118,7 @@ class Store:
     def delete(self, kind: str, name: str, ns: str, **_: Any) -> None:
         self.get(kind, ns, name)
         del self.objects[(kind, ns, name)]
+        self.changed.set()
 
     def list(self, kind: str, ns: str | None = None, label_selector: str | None = None, **_: Any) -> _List:
         items = [model(kind, o) for (k, n, _name), o in sorted(self.objects.items())
