@@ -18,30 +18,78 @@ if [[ -z "${KUBECONFIG:-}" ]]; then
   export KUBECONFIG="$ROOT/.cluster/kubeconfig"
   export PATH="$ROOT/.cluster/bin:$PATH"
 fi
-command -v kubectl >/dev/null || { echo "demo: kubectl not found on PATH" >&2; exit 1; }
+command -v kubectl >/dev/null || { echo "[demo] stopping: kubectl not found on PATH" >&2; exit 1; }
 
 work=$(mktemp -d)
 connect_pid=""
+# The demo deletes only what it created: objects it makes carry this label, so a leftover of an earlier,
+# interrupted demo is recognised as its own too. Anything else named tomcat is never touched.
+DEMO_LABEL=ktproxy-demo
+DEMO_IMAGE=tomcat:9
+mine=()   # kind/name of the objects this demo owns, deleted at exit
+stop() { echo "[demo] stopping: $*" >&2; exit 1; }
+trap 'echo "[demo] stopping: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 cleanup() {
   set +e
+  trap - ERR
   if [[ -n "$connect_pid" ]] && kill -0 "$connect_pid" 2>/dev/null; then
     kill -INT "$connect_pid"; wait "$connect_pid"
   fi
-  echo; echo "[demo] removing the demo deployment and service"
-  kubectl delete service tomcat --ignore-not-found >/dev/null
-  kubectl delete deployment tomcat --ignore-not-found >/dev/null
+  if (( ${#mine[@]} )); then
+    echo; echo "[demo] removing what the demo created: ${mine[*]}"
+    kubectl delete "${mine[@]}" --ignore-not-found >/dev/null
+  fi
   rm -rf "$work"
   if [[ $started_cluster == 1 && "${KTPROXY_KEEP_CLUSTER:-0}" != 1 ]]; then bash tests/cluster/down.sh; fi
 }
 trap cleanup EXIT
 
-step "kubectl create deployment tomcat --image=tomcat:9 --port=8080"
-kubectl create deployment tomcat --image=tomcat:9 --port=8080
-step "kubectl expose deployment tomcat --port=8080 --target-port=8080"
-kubectl expose deployment tomcat --port=8080 --target-port=8080
+# What already exists under the demo's names decides: create it, reuse it, or stop without touching it.
+# Prints "absent", "mine" (labelled by an earlier demo) or "foreign".
+owner() {
+  local out
+  out=$(kubectl get "$1" tomcat --ignore-not-found -o "jsonpath={.metadata.name} {.metadata.labels.$DEMO_LABEL}") \
+    || return 1
+  case "$out" in
+    "") echo absent ;;
+    "tomcat 1") echo mine ;;
+    *) echo foreign ;;
+  esac
+}
+deploy_owner=$(owner deployment) || stop "cannot read deployment tomcat (kubectl's error is above)"
+svc_owner=$(owner service) || stop "cannot read service tomcat (kubectl's error is above)"
+if [[ $deploy_owner == foreign ]]; then
+  image=$(kubectl get deployment tomcat -o 'jsonpath={.spec.template.spec.containers[*].image}')
+  [[ $image == "$DEMO_IMAGE" ]] || stop "this namespace already has a deployment 'tomcat' (image $image) that the demo" \
+    "did not create; it is left untouched. Remove it or run the demo in another namespace (kubectl config set-context --current --namespace=...)."
+  echo "[demo] reusing the existing deployment tomcat ($DEMO_IMAGE); the demo did not create it and will not delete it"
+fi
+if [[ $svc_owner == foreign ]]; then
+  selector=$(kubectl get service tomcat -o 'jsonpath={.spec.selector.app} {.spec.ports[0].port}')
+  [[ $selector == "tomcat 8080" ]] || stop "this namespace already has a service 'tomcat' (selector app=${selector% *}," \
+    "port ${selector#* }) that the demo did not create; it is left untouched. Remove it or use another namespace."
+  echo "[demo] reusing the existing service tomcat; the demo did not create it and will not delete it"
+fi
+
+if [[ $deploy_owner == absent ]]; then
+  step "kubectl create deployment tomcat --image=$DEMO_IMAGE --port=8080"
+  kubectl create deployment tomcat --image=$DEMO_IMAGE --port=8080
+  mine+=(deployment/tomcat)
+  kubectl label deployment tomcat "$DEMO_LABEL=1" >/dev/null
+elif [[ $deploy_owner == mine ]]; then
+  mine+=(deployment/tomcat)
+fi
+if [[ $svc_owner == absent ]]; then
+  step "kubectl expose deployment tomcat --port=8080 --target-port=8080"
+  kubectl expose deployment tomcat --port=8080 --target-port=8080
+  mine+=(service/tomcat)
+  kubectl label service tomcat "$DEMO_LABEL=1" >/dev/null
+elif [[ $svc_owner == mine ]]; then
+  mine+=(service/tomcat)
+fi
 kubectl rollout status deployment/tomcat --timeout=120s
-step "kubectl exec deployment/tomcat -c tomcat -- /bin/bash -c 'mkdir webapps/ROOT; echo \"kt-connect demo v1\" > webapps/ROOT/index.html'"
-kubectl exec deployment/tomcat -c tomcat -- /bin/bash -c 'mkdir webapps/ROOT; echo "kt-connect demo v1" > webapps/ROOT/index.html'
+step "kubectl exec deployment/tomcat -c tomcat -- /bin/bash -c 'mkdir -p webapps/ROOT; echo \"kt-connect demo v1\" > webapps/ROOT/index.html'"
+kubectl exec deployment/tomcat -c tomcat -- /bin/bash -c 'mkdir -p webapps/ROOT; echo "kt-connect demo v1" > webapps/ROOT/index.html'
 step "kubectl get pod -o wide --selector app=tomcat"
 kubectl get pod -o wide --selector app=tomcat
 step "kubectl get svc tomcat"
@@ -54,10 +102,10 @@ step "ktctl connect        # no sudo"
 connect_pid=$!
 for _ in $(seq 1 180); do
   grep -q "All looks good" "$work/connect.log" 2>/dev/null && break
-  kill -0 "$connect_pid" 2>/dev/null || { echo "demo: ktctl connect exited" >&2; exit 1; }
+  kill -0 "$connect_pid" 2>/dev/null || stop "ktctl connect exited (its log is above)"
   sleep 1
 done
-grep -q "All looks good" "$work/connect.log" || { echo "demo: ktctl connect did not become ready" >&2; exit 1; }
+grep -q "All looks good" "$work/connect.log" || stop "ktctl connect did not become ready in 180 s (its log is above)"
 cat "$work/connect.out"
 # shellcheck disable=SC1090
 source <(grep '^export ' "$work/connect.out")
