@@ -45,38 +45,28 @@ def split_target(text: str) -> tuple[str | None, str]:
 
 
 # -------------------------------------------------------------------------------------------- reads
-async def read_service(kube: KubeClient, namespace: str, name: str) -> Any:
-    """The Service, or 'service 'X' is not found in namespace Y' (or 'namespace Y not found')."""
+async def _read(kube: KubeClient, namespace: str, kind: str, name: str, fn: Any, plural: str) -> Any:
+    """The object, or 'KIND 'X' is not found in namespace Y' (or 'namespace Y not found')."""
     try:
-        return await kube.call(kube.core.read_namespaced_service, name, namespace,
-                               access=Access("get", "services", namespace))
+        return await kube.call(fn, name, namespace, access=Access("get", plural, namespace))
     except KubeError as exc:
         if exc.status != 404:
             raise
     await kube.check_namespace(namespace)
-    raise KubeError(f"service '{name}' is not found in namespace {namespace}", 404, "NotFound")
+    raise KubeError(f"{kind} '{name}' is not found in namespace {namespace}", 404, "NotFound")
+
+
+async def read_service(kube: KubeClient, namespace: str, name: str) -> Any:
+    return await _read(kube, namespace, "service", name, kube.core.read_namespaced_service, "services")
 
 
 async def read_deployment(kube: KubeClient, namespace: str, name: str) -> Any:
-    try:
-        return await kube.call(kube.apps.read_namespaced_deployment, name, namespace,
-                               access=Access("get", "deployments.apps", namespace))
-    except KubeError as exc:
-        if exc.status != 404:
-            raise
-    await kube.check_namespace(namespace)
-    raise KubeError(f"deployment '{name}' is not found in namespace {namespace}", 404, "NotFound")
+    return await _read(kube, namespace, "deployment", name, kube.apps.read_namespaced_deployment,
+                       "deployments.apps")
 
 
 async def read_pod(kube: KubeClient, namespace: str, name: str) -> Any:
-    try:
-        return await kube.call(kube.core.read_namespaced_pod, name, namespace,
-                               access=Access("get", "pods", namespace))
-    except KubeError as exc:
-        if exc.status != 404:
-            raise
-    await kube.check_namespace(namespace)
-    raise KubeError(f"pod '{name}' is not found in namespace {namespace}", 404, "NotFound")
+    return await _read(kube, namespace, "pod", name, kube.core.read_namespaced_pod, "pods")
 
 
 # -------------------------------------------------------------------------------------------- exchange
