@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import socket
 import sys
 from pathlib import Path
@@ -156,15 +155,6 @@ class _Cluster:
             closer("plane")()
 
         monkeypatch.setattr(DataPlane, "close", plane_close)
-
-
-@pytest.fixture
-def kt_log(caplog: pytest.LogCaptureFixture):
-    logger = logging.getLogger("ktproxy")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="ktproxy")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_clean_up_steps_cannot_skip_each_other(monkeypatch: pytest.MonkeyPatch, kt_log: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import subprocess
@@ -87,15 +86,6 @@ def test_second_signal_exits_at_once_naming_ktctl_clean(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert "`ktctl clean` removes leftovers" in err
     assert not mark.exists()  # exited at once: the remaining steps did not run
-
-
-@pytest.fixture
-def kt_log(caplog: pytest.LogCaptureFixture):
-    logger = logging.getLogger("ktproxy")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="ktproxy")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 async def test_a_raising_step_does_not_skip_the_next(kt_log: pytest.LogCaptureFixture) -> None:
