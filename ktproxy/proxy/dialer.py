@@ -42,14 +42,31 @@ class Dialer:
         ip = parse_ip(host)
         if ip is not None:
             host = str(ip)  # '10.96.0.1.' or '[::1]' as the resolver-free literal
-        if self.via_tunnel(host):
-            target = self.rules.qualify(host) if self.rules.is_cluster_name(host) else host
+        if not self.via_tunnel(host):
+            return await self._dial_direct(host, port)
+        target = self.rules.qualify(host) if self.rules.is_cluster_name(host) else host
+        try:
             return await self._dial_tunnel(target, port)
+        except DialError as exc:
+            if exc.kind != "dns" or not self._may_exist_outside(host):
+                raise
+            # A name the cluster does not know (a corporate short name, a public domain under a
+            # namespace-like suffix) may still exist outside: ask the system resolver (finding B1).
+            log.debug("%s; dialing %s directly", exc, host)
         return await self._dial_direct(host, port)
+
+    def _may_exist_outside(self, host: str) -> bool:
+        """A name (never an IP literal) that is not the cluster's alone (not under its domain, svc, pod)."""
+        if parse_ip(host) is not None:
+            return False
+        return not self.rules.is_cluster_name(host) or self.rules.may_be_public_name(host)
 
     async def _dial_tunnel(self, host: str, port: int) -> tuple[Any, Any]:
         try:
-            return await asyncio.wait_for(self.tunnel.open_connection(host, port), CONNECT_TIMEOUT)
+            # The tunnel's open waits for the session without ever cancelling its rebuild, and closes
+            # a channel confirmed after this deadline (R2, R7).
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await self.tunnel.open_connection(host, port)
         except asyncssh.ChannelOpenError as exc:
             # The shadow reports the pod-side failure text; map the common ones.
             reason = (exc.reason or "").lower()
@@ -62,7 +79,7 @@ class Dialer:
             raise DialError("failure", f"{host}:{port}: {exc.reason}") from exc
         except TimeoutError as exc:
             raise DialError("timeout", f"{host}:{port}: timed out through the cluster") from exc
-        except (OSError, asyncssh.Error) as exc:
+        except Exception as exc:  # TunnelDown, KubeError from a rebuild, ...: always a protocol reply
             raise DialError("failure", f"{host}:{port}: tunnel unavailable: {exc}") from exc
 
     async def _dial_direct(self, host: str, port: int) -> tuple[Any, Any]:

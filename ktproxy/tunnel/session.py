@@ -1,8 +1,9 @@
 """The one SSH session every proxied stream rides on.
 
-It owns reconnection: when the transport (a port-forward, or plain TCP in tests) or the shadow pod
-goes away, the next stream request, or the supervisor, rebuilds the session through the `connector`
-the command supplied, and remote forwards are registered again.
+Reconnection has one owner, the supervisor (supervisor.py): when the transport (a port-forward, or
+plain TCP in tests) or the shadow pod goes away, it rebuilds the session through the `connector` the
+command supplied and asks for the exposed remote ports again (remote.py). Stream opens only wait for
+the session, within their own deadline.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
 from ktproxy.keys import SessionKeys
+from ktproxy.tunnel.channels import close_channel, close_stream, open_shielded, session_gone
+from ktproxy.tunnel.remote import Exposure, PortRefused, RemotePorts
+from ktproxy.tunnel.supervisor import StateCallback, Supervisor, TunnelDown
 from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW
 
 log = logging.getLogger("ktproxy.tunnel")
 
+__all__ = ["Connector", "PortRefused", "SSHOptions", "SSHTunnel", "TunnelDown", "connect_tcp"]
+
+T = TypeVar("T")
+
 Connector = Callable[["SSHOptions"], Awaitable[asyncssh.SSHClientConnection]]
-
-
-class TunnelDown(ConnectionError):
-    """The SSH session is gone and could not be rebuilt (yet)."""
 
 
 @dataclass
@@ -53,7 +57,6 @@ class SSHOptions:
             max_pktsize=MAX_PKTSIZE,
         )
 
-
     @classmethod
     def for_session(cls, keys: SessionKeys, **kwargs: Any) -> SSHOptions:
         return cls(keys.client_key, keys.host_key_public, **kwargs)
@@ -64,113 +67,101 @@ async def connect_tcp(host: str, port: int, options: SSHOptions) -> asyncssh.SSH
     return await asyncssh.connect(host, port, **options.connect_kwargs())
 
 
-RemoteForward = tuple[str, int, Callable[..., Any]]
-
-
 class SSHTunnel:
     """Opens streams through the shadow pod and keeps the session alive across failures."""
 
-    def __init__(self, connector: Connector, options: SSHOptions, *, name: str = "shadow") -> None:
+    def __init__(self, connector: Connector, options: SSHOptions, *, name: str = "shadow",
+                 backoff: tuple[float, float] = (0.5, 10.0)) -> None:
         self._connector = connector
         self._options = options
         self._name = name
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._lock = asyncio.Lock()
-        self._supervisor: asyncio.Task[None] | None = None
-        self._closing = False
-        self._remote_forwards: list[RemoteForward] = []
-        self._listeners: list[asyncssh.SSHListener] = []
-        self.reconnects = 0
+        self._ports = RemotePorts()
+        self._supervisor: Supervisor[asyncssh.SSHClientConnection] = Supervisor(
+            self._connect, name=name, backoff=backoff, on_down=lambda _conn: self._ports.release())
 
     @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
+    def is_up(self) -> bool:
+        return self._supervisor.is_up
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions rebuilt since start()."""
+        return self._supervisor.reconnects
+
+    @property
+    def state_changed(self) -> list[StateCallback]:
+        """Callbacks called with True when a session is up (ports granted), False when it dropped."""
+        return self._supervisor.state_changed
 
     async def start(self) -> None:
-        await self._ensure()
-        self._supervisor = asyncio.create_task(self._supervise())
+        """The first connect (its failure is raised as TunnelDown); from then on the supervisor reconnects."""
+        await self._supervisor.start()
 
-    async def _ensure(self) -> asyncssh.SSHClientConnection:
-        conn = self._conn
-        if conn is not None and not conn.is_closed():
-            return conn
-        async with self._lock:
-            if self._conn is not None and not self._conn.is_closed():
-                return self._conn
-            if self._closing:
-                raise TunnelDown("tunnel is closing")
-            first = self._conn is None and self.reconnects == 0
-            try:
-                self._conn = await self._connector(self._options)
-            except asyncssh.PermissionDenied as exc:
-                raise TunnelDown(f"the {self._name} refused this session's key ({exc.reason})") from exc
-            except asyncssh.HostKeyNotVerifiable as exc:
-                raise TunnelDown(f"the {self._name}'s host key is not the pinned one ({exc.reason})") from exc
-            except (TimeoutError, OSError, asyncssh.Error) as exc:
-                raise TunnelDown(f"cannot reach the {self._name}: {exc}") from exc
-            if not first:
-                self.reconnects += 1
-                log.info("session to the %s re-established", self._name)
-            await self._register_remote_forwards()
-            return self._conn
+    async def wait_up(self, timeout: float | None = None) -> asyncssh.SSHClientConnection:  # noqa: ASYNC109
+        """The live session; TimeoutError after `timeout` s, TunnelDown when the attempt waited for fails."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return await self._supervisor.wait_up(deadline)
 
-    async def _supervise(self) -> None:
-        """Rebuild the session as soon as it drops, so the first request after an outage is quick."""
-        delay = 0.5
-        while not self._closing:
-            conn = self._conn
-            if conn is not None and not conn.is_closed():
-                await conn.wait_closed()
-                if self._closing:
-                    return
-                log.warning("session to the %s lost; reconnecting", self._name)
-            try:
-                await self._ensure()
-                delay = 0.5
-            except TunnelDown as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+    async def expose(self, remote_port: int, local_host: str, local_port: int) -> None:
+        """Have the shadow listen on `remote_port` and relay its connections to local_host:local_port,
+        on this session (at once, when up) and on every later one. Raises PortRefused if the live
+        session's shadow will not listen there."""
+        exposure = Exposure(remote_port, local_host, local_port)
+        self._ports.add(exposure)
+        conn = self._supervisor.session
+        if conn is None or conn.is_closed():
+            return  # the supervisor's next session asks for it before it counts as up
+        try:
+            await self._ports.request(conn, exposure)
+        except Exception:
+            if conn.is_closed():
+                return  # the session died under the request: the next one asks again
+            self._ports.discard(remote_port)
+            raise
+        except BaseException:
+            self._ports.discard(remote_port)
+            raise
 
     async def open_connection(self, host: str, port: int) -> tuple[asyncssh.SSHReader, asyncssh.SSHWriter]:
-        """A TCP stream from the shadow pod to host:port (names resolved in the pod)."""
-        conn = await self._ensure()
-        try:
-            return await conn.open_connection(host, port)
-        except asyncssh.ChannelOpenError:
-            raise
-        except (OSError, asyncssh.Error) as exc:
-            # The session died under us: one retry on a fresh session.
-            log.debug("open_connection on a dead session (%s); retrying", exc)
-            conn = await self._ensure()
-            return await conn.open_connection(host, port)
+        """A TCP stream from the shadow pod to host:port (names resolved in the pod). Safe to cancel:
+        bound it with the caller's own deadline (asyncio.timeout / wait_for)."""
+        return await self._open(lambda conn: conn.open_connection(host, port), close_stream)
 
     async def create_connection(self, session_factory: Callable[[], asyncssh.SSHTCPSession],
                                 host: str, port: int) -> tuple[asyncssh.SSHTCPChannel, Any]:
-        conn = await self._ensure()
-        return await conn.create_connection(session_factory, host, port)
+        return await self._open(lambda conn: conn.create_connection(session_factory, host, port), close_channel)
 
-    async def forward_remote_port(self, listen_host: str, listen_port: int,
-                                  handler: Callable[..., Any]) -> None:
-        """A listener inside the pod whose connections are handed to `handler`; kept across reconnects."""
-        self._remote_forwards.append((listen_host, listen_port, handler))
-        conn = await self._ensure()
-        self._listeners.append(await conn.start_server(handler, listen_host, listen_port))
+    async def _open(self, opener: Callable[[asyncssh.SSHClientConnection], Awaitable[T]],
+                    discard: Callable[[T], None]) -> T:
+        conn = await self._supervisor.wait_up()
+        try:
+            return await open_shielded(opener(conn), discard)
+        except Exception as exc:
+            if not session_gone(conn, exc):
+                raise  # the shadow's answer (refused, no such name): a new session would say the same
+            log.debug("stream open on a dead session (%s); retrying on the next one", exc)
+        conn = await self._supervisor.wait_up(stale=conn)
+        return await open_shielded(opener(conn), discard)
 
-    async def _register_remote_forwards(self) -> None:
-        assert self._conn is not None
-        self._listeners = []
-        for host, port, handler in self._remote_forwards:
-            self._listeners.append(await self._conn.start_server(handler, host, port))
-            log.info("remote forward %s:%s registered again", host or "*", port)
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        """One attempt: a session whose exposed ports are all granted, or an error and nothing open."""
+        try:
+            conn = await self._connector(self._options)
+        except asyncssh.PermissionDenied as exc:
+            raise TunnelDown(f"the {self._name} refused this session's key ({exc.reason})") from exc
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise TunnelDown(f"the {self._name}'s host key is not the pinned one ({exc.reason})") from exc
+        try:
+            await self._ports.request_all(conn)
+        except BaseException as exc:
+            self._ports.release()
+            conn.close()
+            if isinstance(exc, PortRefused):
+                raise TunnelDown(str(exc)) from exc
+            raise
+        return conn
 
     async def close(self) -> None:
-        self._closing = True
-        if self._supervisor:
-            self._supervisor.cancel()
-        if self._conn is not None:
-            self._conn.close()
-            try:
-                await asyncio.wait_for(self._conn.wait_closed(), 5)
-            except (TimeoutError, OSError):
-                pass
+        """Stop reconnecting (awaited), close the remote listeners and the session."""
+        await self._supervisor.close()
+        self._ports.release()
