@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,20 +48,32 @@ COMMAND = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path: Path, phase: str) -> tuple[subprocess.Popen[str], Path]:
-    mark = tmp_path / "mark"
-    proc = subprocess.Popen([sys.executable, "-c", COMMAND, str(mark), phase], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
-    return proc, mark
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Popen[str], Path]]]:
+    """Start the command in a subprocess (waits for "ready"); a test that fails leaves no process behind."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def _start(phase: str) -> tuple[subprocess.Popen[str], Path]:
+        mark = tmp_path / "mark"
+        proc = subprocess.Popen([sys.executable, "-c", COMMAND, str(mark), phase], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        return proc, mark
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 @POSIX
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT", "SIGTERM"])
-def test_stop_signal_cleans_up(tmp_path: Path, sig: str) -> None:
+def test_stop_signal_cleans_up(start: Any, sig: str) -> None:
     # SIGHUP is what a closed terminal sends: it must clean up like Ctrl-C (R7), not kill the process.
-    proc, mark = _start(tmp_path, "served")
+    proc, mark = start("served")
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -68,8 +82,8 @@ def test_stop_signal_cleans_up(tmp_path: Path, sig: str) -> None:
 
 
 @POSIX
-def test_stop_during_start_up_cleans_up_and_exits_130(tmp_path: Path) -> None:
-    proc, mark = _start(tmp_path, "starting")
+def test_stop_during_start_up_cleans_up_and_exits_130(start: Any) -> None:
+    proc, mark = start("starting")
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -77,8 +91,8 @@ def test_stop_during_start_up_cleans_up_and_exits_130(tmp_path: Path) -> None:
 
 
 @POSIX
-def test_second_signal_exits_at_once_naming_ktctl_clean(tmp_path: Path) -> None:
-    proc, mark = _start(tmp_path, "slow-cleanup")
+def test_second_signal_exits_at_once_naming_ktctl_clean(start: Any) -> None:
+    proc, mark = start("slow-cleanup")
     proc.send_signal(signal.SIGINT)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "cleaning"
     proc.send_signal(signal.SIGINT)
