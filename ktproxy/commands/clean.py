@@ -3,43 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
-from ktproxy.commands import add_all_namespaces, scope, where
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, clean, fmt_age
+from ktproxy.commands import where
+from ktproxy.commands.listing import add_listing_parser, in_scope
+from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, CleanResult, RecoverHook, clean, fmt_age
+from ktproxy.kube.client import KubeClient
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "clean",
-        parents=[common],
-        help="delete kt objects whose heartbeat is stale",
+    p = add_listing_parser(
+        sub, common, "clean", run, summary="delete kt objects whose heartbeat is stale",
         description="Delete the pods, secrets, services and configmaps (label control-by=kt) that no "
-        "running ktctl keeps alive, i.e. whose kt-last-heart-beat is older than the threshold.",
-    )
+        "running ktctl keeps alive, i.e. whose kt-last-heart-beat is older than the threshold.")
     p.add_argument("--dry-run", "--dryRun", dest="dry_run", action="store_true",
-                   help="only print what would be deleted")  # fmt: skip
-    add_all_namespaces(p)
+                   help="only print what would be deleted")
     p.add_argument("--threshold-in-minutes", "--thresholdInMinus", dest="threshold", type=float,
                    default=DEFAULT_THRESHOLD / 60,
-                   help="minutes without heartbeat before an object counts as left behind (default 5)")  # fmt: skip
-    p.set_defaults(func=run)
+                   help="minutes without heartbeat before an object counts as left behind (default 5)")
+
+
+def recover_hooks() -> list[RecoverHook]:
+    """What puts back objects ktproxy changed but does not own (a command that changes such an object
+    adds its hook here, so `clean` runs it without depending on which modules happen to be imported)."""
+    return []
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_main(args))
+    async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, CleanResult]:
+        return namespace, await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run,
+                                      hooks=recover_hooks())
 
-
-async def _main(args: argparse.Namespace) -> int:
-    from ktproxy.kube.client import KubeClient
-
-    kube = KubeClient.from_args(args)
-    try:
-        namespace = await scope(kube, args)
-        result = await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run)
-    finally:
-        kube.close()
+    namespace, result = in_scope(args, work)
     verb = "Would delete" if args.dry_run else "Deleted"
     for obj in result.removed:
         idle = obj.heartbeat_age(result.now)

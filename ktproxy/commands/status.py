@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+from datetime import datetime
 from typing import Any
 
-from ktproxy.commands import add_all_namespaces, scope, where
+from ktproxy.commands import where
+from ktproxy.commands.listing import add_listing_parser, in_scope
 from ktproxy.kube import meta
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, KtObject, fmt_age, list_objects
+from ktproxy.kube.cleanup import KtObject, fmt_age, list_objects, stale
+from ktproxy.kube.client import KubeClient
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "status",
-        parents=[common],
-        help="list the kt objects you have in the cluster",
+    p = add_listing_parser(
+        sub, common, "status", run, summary="list the kt objects you have in the cluster",
         description="List the objects ktproxy created (label control-by=kt) for the current user "
-        "(annotation kt-user), with their age and the age of their last heartbeat.",
-    )
-    add_all_namespaces(p)
+        "(annotation kt-user), with their age and the age of their last heartbeat.")
     p.add_argument("--all-users", dest="all_users", action="store_true", help="show every user's objects")
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_main(args))
-
-
-def render(objs: list[KtObject], now, show_user: bool) -> list[str]:
+def render(objs: list[KtObject], now: datetime, show_user: bool) -> list[str]:
     """A kubectl-like table; STATE says whether `clean` would consider the object left behind."""
     header = [
         "NAMESPACE",
@@ -41,27 +34,23 @@ def render(objs: list[KtObject], now, show_user: bool) -> list[str]:
         "STATE",
     ]
     rows = [header]
+    left_behind = {id(o) for o in stale(objs, now)}
     for o in objs:
         hb = o.heartbeat_age(now)
-        state = "stale" if (o.idle(now) or 0) > DEFAULT_THRESHOLD else "active"
         rows.append([
             o.namespace, o.kind, o.name, o.role or "-", *([o.user or "unknown"] if show_user else []),
-            fmt_age(o.age(now)), f"{fmt_age(hb)} ago" if hb is not None else "never", state,
-        ])  # fmt: skip
+            fmt_age(o.age(now)), f"{fmt_age(hb)} ago" if hb is not None else "never",
+            "stale" if id(o) in left_behind else "active",
+        ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from ktproxy.kube.client import KubeClient
+def run(args: argparse.Namespace) -> int:
+    async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, datetime, list[KtObject]]:
+        return namespace, await kube.cluster_time(), await list_objects(kube, namespace)
 
-    kube = KubeClient.from_args(args)
-    try:
-        namespace = await scope(kube, args)
-        now = await kube.cluster_time()
-        objs = await list_objects(kube, namespace)
-    finally:
-        kube.close()
+    namespace, now, objs = in_scope(args, work)
     user = meta.local_user()
     if not args.all_users:
         objs = [o for o in objs if o.user == user]

@@ -3,25 +3,26 @@
 No local state: an object is stale when its kt-last-heart-beat (cluster time) is older than the
 threshold; an object without one (created by an older tool, or a crash before the first stamp) counts
 from its creationTimestamp. Objects ktproxy changed but does not own (a service whose selector exchange
-rewrote, a deployment scale mode set to 0) are restored by hooks the commands that changed them register.
+rewrote, a deployment scale mode set to 0) are restored by the recover hooks `clean` is given (the `clean`
+command passes them explicitly).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from ktproxy.kube import meta
-from ktproxy.kube.client import Access, KubeClient, KubeError
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError
+from ktproxy.kube.kinds import KINDS, kind_api
 
 log = logging.getLogger("ktproxy.kube.cleanup")
 
 DEFAULT_THRESHOLD = 300.0  # seconds; kt-connect's clean threshold, 5 heartbeats of margin
-# Deletion order: what routes traffic first, then pods, then what pods mount.
-KINDS = ("service", "configmap", "pod", "deployment", "secret")
 
 
 @dataclass
@@ -33,7 +34,6 @@ class KtObject:
     user: str | None = None
     created: datetime | None = None
     heartbeat: int | None = None  # epoch seconds, cluster time
-    owned_by_pod: bool = False  # a Secret its pod owns goes away with the pod (garbage collector)
 
     @property
     def ref(self) -> str:
@@ -62,7 +62,6 @@ def _to_object(kind: str, item) -> KtObject:
     md = item.metadata
     ann = md.annotations or {}
     labels = md.labels or {}
-    owners = md.owner_references or []
     return KtObject(
         kind=kind,
         namespace=md.namespace,
@@ -71,30 +70,7 @@ def _to_object(kind: str, item) -> KtObject:
         user=ann.get(meta.KT_USER),
         created=md.creation_timestamp,
         heartbeat=_parse_heartbeat(ann.get(meta.KT_LAST_HEART_BEAT)),
-        owned_by_pod=any(o.kind == "Pod" for o in owners),
     )
-
-
-def _listers(kube: KubeClient, kind: str) -> tuple[Callable, Callable]:
-    c, a = kube.core, kube.apps
-    return {
-        "pod": (c.list_namespaced_pod, c.list_pod_for_all_namespaces),
-        "secret": (c.list_namespaced_secret, c.list_secret_for_all_namespaces),
-        "service": (c.list_namespaced_service, c.list_service_for_all_namespaces),
-        "configmap": (c.list_namespaced_config_map, c.list_config_map_for_all_namespaces),
-        "deployment": (a.list_namespaced_deployment, a.list_deployment_for_all_namespaces),
-    }[kind]
-
-
-def _deleter(kube: KubeClient, kind: str) -> Callable:
-    c, a = kube.core, kube.apps
-    return {
-        "pod": c.delete_namespaced_pod,
-        "secret": c.delete_namespaced_secret,
-        "service": c.delete_namespaced_service,
-        "configmap": c.delete_namespaced_config_map,
-        "deployment": a.delete_namespaced_deployment,
-    }[kind]
 
 
 async def list_objects(
@@ -103,14 +79,13 @@ async def list_objects(
     """Every control-by=kt object of `kinds` in `namespace` (None: all namespaces)."""
 
     async def one(kind: str) -> list[KtObject]:
-        namespaced, everywhere = _listers(kube, kind)
-        plural = "deployments.apps" if kind == "deployment" else f"{kind}s"
+        api = kind_api(kube, kind)
         if namespace is None:
-            resp = await kube.call(everywhere, label_selector=meta.SELECTOR, access=Access("list", plural))
+            resp = await kube.call(api.list_everywhere, label_selector=meta.SELECTOR,
+                                   access=Access("list", api.plural))
         else:
-            resp = await kube.call(
-                namespaced, namespace, label_selector=meta.SELECTOR, access=Access("list", plural, namespace)
-            )
+            resp = await kube.call(api.list_namespaced, namespace, label_selector=meta.SELECTOR,
+                                   access=Access("list", api.plural, namespace))
         return [_to_object(kind, item) for item in resp.items or []]
 
     results = await asyncio.gather(*(one(k) for k in kinds))
@@ -129,25 +104,14 @@ def stale(objs: list[KtObject], now: datetime, threshold: float = DEFAULT_THRESH
 # scale mode's replicas=0). It gets (kube, namespace or None, now, threshold, dry_run) and returns one
 # human-readable line per action it took (or would take).
 RecoverHook = Callable[[KubeClient, str | None, datetime, float, bool], Awaitable[list[str]]]
-RECOVER_HOOKS: list[RecoverHook] = []
-
-
-def register_recover_hook(hook: RecoverHook) -> None:
-    if hook not in RECOVER_HOOKS:
-        RECOVER_HOOKS.append(hook)
 
 
 async def delete_object(kube: KubeClient, obj: KtObject) -> bool:
     """Delete one object; False if it was already gone."""
-    plural = "deployments.apps" if obj.kind == "deployment" else f"{obj.kind}s"
+    api = kind_api(kube, obj.kind)
     try:
-        await kube.call(
-            _deleter(kube, obj.kind),
-            obj.name,
-            obj.namespace,
-            grace_period_seconds=0,
-            access=Access("delete", plural, obj.namespace),
-        )
+        await kube.call(api.delete, obj.name, obj.namespace, grace_period_seconds=0,
+                        access=Access("delete", api.plural, obj.namespace))
         return True
     except KubeError as exc:
         if exc.status == 404:
@@ -169,6 +133,7 @@ async def clean(
     namespace: str | None,
     threshold: float = DEFAULT_THRESHOLD,
     dry_run: bool = False,
+    hooks: Sequence[RecoverHook] = (),
 ) -> CleanResult:
     """Delete (or, with dry_run, only list) stale kt objects, then run the recover hooks."""
     now = await kube.cluster_time()
@@ -187,7 +152,7 @@ async def clean(
         except KubeError as exc:
             failed.append((obj, str(exc)))
     recovered: list[str] = []
-    for hook in RECOVER_HOOKS:
+    for hook in hooks:
         recovered += await hook(kube, namespace, now, threshold, dry_run)
     return CleanResult(now, removed, kept, recovered, failed)
 

@@ -11,11 +11,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -27,25 +24,19 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from ktproxy.errors import KtError
+from ktproxy.kube.errors import (
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
+    Access,
+    KubeError,
+    api_error,
+    local_file_error,
+    short,
+)
 
 log = logging.getLogger("ktproxy.kube")
 
 T = TypeVar("T")
-
-# A dead or black-holed API server must fail in seconds, not after urllib3's default retries of an
-# OS-level connect timeout (minutes). Reads stay generous: list calls on big clusters can be slow.
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 60.0
-
-
-class KubeError(KtError):
-    """A Kubernetes failure already phrased as one line for the user."""
-
-    def __init__(self, message: str, status: int | None = None, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
 
 
 class _TimeoutApiClient(k8s.ApiClient):
@@ -57,113 +48,30 @@ class _TimeoutApiClient(k8s.ApiClient):
         return super().call_api(method, url, header_params, body, post_params, _request_timeout)
 
 
-@dataclass(frozen=True)
-class Access:
-    """What a call needs, so a 403 can say which permission is missing."""
-
-    verb: str
-    resource: str
-    namespace: str | None = None
-
-    def describe(self) -> str:
-        where = f" in namespace {self.namespace}" if self.namespace else " (cluster scope)"
-        return f"{self.verb} {self.resource}{where}"
-
-
-_FORBIDDEN_RE = re.compile(
-    r'cannot (?P<verb>[\w-]+) resource "(?P<resource>[^"]+)"'
-    r'(?: in API group "(?P<group>[^"]*)")?(?: in the namespace "(?P<ns>[^"]+)")?'
-)
-
-
-def _status_message(body: str | None) -> str:
-    """The apiserver's Status.message if the body is a Status object, else the raw body."""
-    if not body:
-        return ""
-    try:
-        import json
-
-        data = json.loads(body)
-        if isinstance(data, dict) and data.get("message"):
-            return str(data["message"])
-    except ValueError:
-        pass
-    return body.strip().splitlines()[0] if body.strip() else ""
-
-
-def forbidden_message(body: str | None, access: Access | None) -> str:
-    """'no permission to VERB RESOURCE in namespace NS', taken from the apiserver's message if it says."""
-    m = _FORBIDDEN_RE.search(_status_message(body))
-    if m:
-        resource = m.group("resource")
-        if m.group("group"):
-            resource = f"{resource}.{m.group('group')}"
-        return "no permission to " + Access(m.group("verb"), resource, m.group("ns")).describe()
-    if access:
-        return "no permission to " + access.describe()
-    return "forbidden: " + (_status_message(body) or "the API server refused the request")
-
-
-def api_error(exc: BaseException, server: str, access: Access | None = None) -> KubeError:
-    """Map an exception from the kubernetes client or urllib3 to one clear line."""
-    if isinstance(exc, KubeError):
-        return exc
-    if isinstance(exc, ApiException):
-        status = exc.status or 0
-        msg = _status_message(exc.body)
-        reason = None
-        try:
-            import json
-
-            reason = json.loads(exc.body or "{}").get("reason")
-        except (ValueError, AttributeError):
-            pass
-        if status == 401:
-            return KubeError(
-                f"the API server {server} rejected the credentials (401 Unauthorized)", 401, reason
-            )
-        if status == 403:
-            return KubeError(forbidden_message(exc.body, access), 403, reason)
-        if status == 404 and access and access.namespace and re.search(r'namespaces? "', msg):
-            return KubeError(f"namespace {access.namespace} not found", 404, "NotFound")
-        return KubeError(msg or f"API server error {status} {exc.reason or ''}".strip(), status, reason)
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        exc = exc.reason
-    if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
-        return KubeError(f"TLS error talking to the API server {server}: {_short(exc)}")
-    if isinstance(exc, urllib3.exceptions.ProxyError):
-        return KubeError(f"cannot reach the API server {server} through the configured proxy: {_short(exc)}")
-    if isinstance(
-        exc,
-        urllib3.exceptions.NewConnectionError
-        | urllib3.exceptions.ConnectTimeoutError
-        | urllib3.exceptions.ProtocolError
-        | urllib3.exceptions.ReadTimeoutError
-        | ConnectionError
-        | TimeoutError
-        | socket.gaierror
-        | OSError,
-    ):
-        return KubeError(f"cannot reach the Kubernetes API server at {server}: {_short(exc)}")
-    return KubeError(f"Kubernetes API call failed: {_short(exc)}")
-
-
-def _short(exc: BaseException) -> str:
-    """The most telling part of a urllib3/OS error, without the nested reprs."""
-    text = str(exc)
-    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if m:
-        return m.group(1).strip()
-    if "timed out" in text.lower():
-        return f"connection timed out after {CONNECT_TIMEOUT:g}s"
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _kubeconfig_paths(explicit: str | None) -> str:
     """The kubeconfig search string the loader takes (KUBECONFIG may list several files)."""
     if explicit:
         return os.path.expanduser(explicit)
     return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+def unreadable_file(cfg: k8s.Configuration) -> str | None:
+    """'cannot read the client key file PATH: Permission denied' for the first file the loader named
+    (client key, certificate, CA) that this user cannot open; None when all are readable.
+
+    The loader only checks that the files exist; without this, the first request fails inside the
+    TLS set-up and urllib3 reports it like a network failure.
+    """
+    for what, path in (("client key", cfg.key_file), ("client certificate", cfg.cert_file),
+                       ("CA certificate", cfg.ssl_ca_cert)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return f"cannot read the {what} file {path}: {exc.strerror or exc}"
+    return None
 
 
 class KubeClient:
@@ -218,7 +126,7 @@ class KubeClient:
         except ConfigException as exc:
             raise KubeError(f"cannot read kubeconfig {paths}: {exc}") from None
         except Exception as exc:  # yaml errors, permission errors
-            raise KubeError(f"cannot read kubeconfig {paths}: {_short(exc)}") from None
+            raise KubeError(f"cannot read kubeconfig {paths}: {short(exc)}") from None
         if context:
             chosen = next((c for c in contexts or [] if c.get("name") == context), None)
             if chosen is None:
@@ -236,7 +144,10 @@ class KubeClient:
         except ConfigException as exc:
             raise KubeError(f"kubeconfig context {chosen['name']}: {exc}") from None
         except Exception as exc:  # exec plugin failures surface as plain exceptions
-            raise KubeError(f"kubeconfig context {chosen['name']}: {_short(exc)}") from None
+            raise KubeError(f"kubeconfig context {chosen['name']}: {short(exc)}") from None
+        problem = unreadable_file(cfg)
+        if problem:
+            raise KubeError(f"kubeconfig context {chosen['name']}: {problem}")
         ns = namespace or (chosen.get("context") or {}).get("namespace") or "default"
         return cls(cfg, ns, context=chosen["name"])
 
@@ -276,6 +187,10 @@ class KubeClient:
         return urlparse(self.configuration.host).hostname or ""
 
     def error(self, exc: BaseException, access: Access | None = None) -> KubeError:
+        if local_file_error(exc) is not None:
+            problem = unreadable_file(self.configuration)
+            if problem:
+                return KubeError(problem)
         return api_error(exc, self.server, access)
 
     async def call(self, fn: Callable[..., T], *args: Any, access: Access | None = None, **kwargs: Any) -> T:
@@ -299,10 +214,11 @@ class KubeClient:
         with contextlib.suppress(Exception):
             resp.release_conn()
         date = headers.get("Date")
-        if not date:
-            log.debug("API response has no Date header; using local time")
+        try:
+            return parsedate_to_datetime(date).astimezone(UTC)
+        except (TypeError, ValueError):  # absent or odd Date header: a heartbeat must still go out
+            log.debug("API response has no usable Date header (%r); using local time", date)
             return datetime.now(UTC)
-        return parsedate_to_datetime(date).astimezone(UTC)
 
     async def check_namespace(self, namespace: str | None = None) -> None:
         """Fail with 'namespace X not found' before creating anything in it.
@@ -312,15 +228,12 @@ class KubeClient:
         """
         ns = namespace or self.namespace
         try:
-            await asyncio.to_thread(self.core.read_namespace, ns)
-        except ApiException as exc:
+            await self.call(self.core.read_namespace, ns, access=Access("get", "namespaces", None))
+        except KubeError as exc:
             if exc.status == 404:
                 raise KubeError(f"namespace {ns} not found", 404, "NotFound") from None
-            if exc.status == 403:
-                return
-            raise self.error(exc, Access("get", "namespaces", None)) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self.error(exc) from None
+            if exc.status != 403:
+                raise
 
     async def can_i(self, verb: str, resource: str, namespace: str | None = None) -> bool:
         """SelfSubjectAccessReview: lets connect fail early, before creating a pod it could not reach."""
@@ -357,12 +270,6 @@ class KubeClient:
         for a in accesses:
             if not await self.can_i(a.verb, a.resource, a.namespace):
                 raise KubeError("no permission to " + a.describe(), 403, "Forbidden")
-
-    async def open_stream(self, namespace: str, pod: str, port: int):
-        """(reader, writer) to POD:PORT over a WebSocket port-forward."""
-        from ktproxy.kube.portforward import open_stream
-
-        return await open_stream(self, namespace, pod, port)
 
     def close(self) -> None:
         try:

@@ -11,25 +11,16 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ktproxy.kube import meta
-from ktproxy.kube.client import Access, KubeClient, KubeError
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError
+from ktproxy.kube.kinds import kind_api
 
 log = logging.getLogger("ktproxy.kube.heartbeat")
 
 INTERVAL = 60.0  # clean's default threshold is 5 minutes: several missed beats before a sweep
 
-# (kind, namespace, name); kind is one of KINDS
+# (kind, namespace, name); kind is one of kinds.KINDS
 ObjectRef = tuple[str, str, str]
-KINDS = ("pod", "secret", "service", "configmap", "deployment")
-
-
-def _patcher(kube: KubeClient, kind: str) -> Callable[..., object]:
-    return {
-        "pod": kube.core.patch_namespaced_pod,
-        "secret": kube.core.patch_namespaced_secret,
-        "service": kube.core.patch_namespaced_service,
-        "configmap": kube.core.patch_namespaced_config_map,
-        "deployment": kube.apps.patch_namespaced_deployment,
-    }[kind]
 
 
 def heartbeat_patch(epoch: int) -> dict:
@@ -49,8 +40,9 @@ async def beat_once(kube: KubeClient, objects: Iterable[ObjectRef]) -> int:
     body = heartbeat_patch(now)
     done = 0
     for kind, ns, name in objects:
+        api = kind_api(kube, kind)
         try:
-            await kube.call(_patcher(kube, kind), name, ns, body, access=Access("patch", f"{kind}s", ns))
+            await kube.call(api.patch, name, ns, body, access=Access("patch", api.plural, ns))
             done += 1
         except KubeError as exc:
             if exc.status == 404:
@@ -69,5 +61,7 @@ async def heartbeat_loop(
         try:
             n = await beat_once(kube, objects())
             log.debug("heartbeat: %d object(s) stamped", n)
-        except KubeError as exc:  # API server briefly unreachable: try again next round
-            log.warning("heartbeat failed: %s", exc)
+        except Exception as exc:
+            # Whatever went wrong (API server unreachable, an odd response), the next round may work,
+            # and a loop that ended would let another user's sweep delete this live session's pod.
+            log.warning("heartbeat failed: %s", exc or type(exc).__name__)

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -29,7 +28,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ktproxy.errors import KtError
-from ktproxy.kube.client import Access, KubeClient, KubeError, _status_message, forbidden_message
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError, forbidden_message, status_message, unauthorized
 
 log = logging.getLogger("ktproxy.kube.portforward")
 
@@ -105,13 +105,13 @@ def _handshake_error(exc: BaseException, kube: KubeClient, namespace: str, pod: 
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
-        msg = _status_message(body)
+        msg = status_message(body)
         if status == 403:
             return KubeError(
                 forbidden_message(body, Access("create", "pods/portforward", namespace)), 403, "Forbidden"
             )
         if status == 401:
-            return KubeError(f"the API server {kube.server} rejected the credentials (401 Unauthorized)", 401)
+            return unauthorized(kube.server)
         if status == 404:
             return KubeError(f"cannot port-forward to {target}: {msg or 'not found'}", 404, "NotFound")
         return KubeError(f"cannot port-forward to {target}: {msg or f'HTTP {status}'}", status)
@@ -208,7 +208,6 @@ class PortForwardTransport(asyncio.Transport):
         self._prefix_left = {DATA_CHANNEL: PORT_PREFIX_LEN, ERROR_CHANNEL: PORT_PREFIX_LEN}
         self._error = bytearray()
         self._tasks: list[asyncio.Task[None]] = []
-        self.last_received = time.monotonic()
 
     def _start(self) -> None:
         self._tasks.append(self._loop.create_task(self._reader(), name=f"pf-read {self._label}"))
@@ -224,7 +223,6 @@ class PortForwardTransport(asyncio.Transport):
                 if self._reading_paused:
                     await self._resume.wait()
                 msg = await self._ws.recv(decode=False)
-                self.last_received = time.monotonic()
                 if not msg:
                     continue
                 channel = msg[0]

@@ -1,4 +1,5 @@
-"""connect's view of the cluster: checks, discovery, the shadow pod's life, and SSH over port-forward.
+"""A command's view of its shadow pod: checks, the pod's life (create, heartbeat, replace, delete) and SSH
+over the port-forward.
 
 `connect(options)` is the SSHTunnel's connector: every (re)connect checks the pod first and creates a
 new one when the old one is gone, so deleting the shadow pod mid-session costs one reconnect.
@@ -7,30 +8,54 @@ new one when the old one is gone, so deleting the shadow pod mid-session costs o
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 import asyncssh
 
 from ktproxy.keys import SessionKeys
-from ktproxy.kube.client import Access, KubeClient, KubeError
-from ktproxy.kube.shadow import ShadowOptions, ShadowPod, create_shadow, delete_shadow, pod_state
+from ktproxy.kube.cleanup import clean
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.discovery import discover
+from ktproxy.kube.errors import Access, KubeError
+from ktproxy.kube.heartbeat import ObjectRef, heartbeat_loop
+from ktproxy.kube.shadow import (
+    CONNECT,
+    ShadowOptions,
+    ShadowPod,
+    ShadowRole,
+    create_shadow,
+    delete_shadow,
+    pod_state,
+)
 from ktproxy.tunnel.session import SSHOptions
 
-log = logging.getLogger("ktproxy")
+log = logging.getLogger("ktproxy.kube.shadow_session")
 
 SSH_CONNECT_TIMEOUT = 30.0
+CLEAN_HINT = "`ktctl clean` removes what is left once its heartbeat is stale"
 
 
 class ShadowSession:
-    def __init__(self, kube: KubeClient, namespace: str, args: Any, keys: SessionKeys) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        namespace: str,
+        options: ShadowOptions,
+        keys: SessionKeys,
+        role: ShadowRole = CONNECT,
+    ) -> None:
         self.kube = kube
         self.namespace = namespace
         self.keys = keys
-        self.options = ShadowOptions.from_args(args, namespace)
+        self.options = dataclasses.replace(options, namespace=namespace)
+        self.role = role
         self.pod: ShadowPod | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # The pod being created, shared by every caller: a caller's deadline or cancellation must
+        # neither abort the creation (and so delete a pod about to be ready) nor start a second one.
+        self._creating: asyncio.Task[ShadowPod] | None = None
         self._replace_lock = asyncio.Lock()
 
     async def preflight(self) -> None:
@@ -48,37 +73,40 @@ class ShadowSession:
 
     async def sweep(self) -> None:
         """Remove what crashed sessions left in this namespace (stale heartbeat), as kt-connect does."""
-        from ktproxy.kube.cleanup import clean
-
         try:
             result = await clean(self.kube, self.namespace)
         except KubeError as exc:  # a user who may not list everything can still connect
             log.debug("sweep of stale objects skipped: %s", exc)
             return
         for obj in result.removed:
-            log.info("Removed stale %s (left by an earlier session)", obj.ref())
+            log.info("Removed stale %s (left by an earlier session)", obj.ref)
 
     async def discover(self, domain_override: str | None = None) -> Any:
-        from ktproxy.kube.discovery import discover
-
         return await discover(self.kube, self.namespace, domain_override)
 
-    async def start(self, timeout: float) -> None:
-        self.options.ready_timeout = timeout
-        self.pod = await create_shadow(self.kube, self.options, self.keys.authorized_keys,
-                                       self.keys.host_key_private)
-        self._heartbeat = asyncio.create_task(self._beat())
+    async def start(self, timeout: float) -> None:  # noqa: ASYNC109 - the pod's readiness budget (see wait_ready)
+        self.options = dataclasses.replace(self.options, ready_timeout=timeout)
+        await self._create()
+        self._heartbeat = asyncio.create_task(heartbeat_loop(self.kube, self._objects))
 
-    async def _beat(self) -> None:
-        from ktproxy.kube.heartbeat import heartbeat_loop
-
-        await heartbeat_loop(self.kube, self._objects)
-
-    def _objects(self) -> list[tuple[str, str, str]]:
+    def _objects(self) -> list[ObjectRef]:
         """(kind, namespace, name) of every object this session keeps alive."""
         if self.pod is None:
             return []
         return [("pod", self.pod.namespace, self.pod.name), ("secret", self.pod.namespace, self.pod.secret)]
+
+    async def _create(self) -> None:
+        """Create a pod (or join the creation under way) and make it the session's pod."""
+        if self._creating is None or self._creating.done():
+            self._creating = asyncio.ensure_future(self._create_and_adopt())
+        await asyncio.shield(self._creating)
+
+    async def _create_and_adopt(self) -> ShadowPod:
+        # Adopted here, not by the caller: a caller that gave up must not orphan a pod that got ready.
+        pod = await create_shadow(self.kube, self.options, self.keys.authorized_keys,
+                                  self.keys.host_key_private, role=self.role)
+        self.pod = pod
+        return pod
 
     async def _pod_usable(self) -> bool:
         assert self.pod is not None
@@ -90,7 +118,9 @@ class ShadowSession:
             raise
         if pod.metadata and pod.metadata.deletion_timestamp:
             return False
-        return pod_state(pod).ready
+        state = pod_state(pod)
+        # A pod whose readiness needs the laptop is not Ready while the laptop reconnects: started will do.
+        return state.ready or (self.role.ready_needs_laptop and state.started)
 
     async def _replace_pod(self) -> None:
         async with self._replace_lock:
@@ -99,10 +129,8 @@ class ShadowSession:
             old = self.pod
             log.warning("shadow pod %s is gone; creating a new one", old.name if old else "?")
             if old is not None:
-                with contextlib.suppress(KubeError):
-                    await delete_shadow(self.kube, old, quiet=True)
-            self.pod = await create_shadow(self.kube, self.options, self.keys.authorized_keys,
-                                           self.keys.host_key_private)
+                await delete_shadow(self.kube, old, quiet=True)
+            await self._create()
 
     async def connect(self, options: SSHOptions) -> asyncssh.SSHClientConnection:
         """SSH to the shadow over a fresh port-forward, replacing the pod first when it is gone."""
@@ -116,12 +144,24 @@ class ShadowSession:
                              **options.connect_kwargs()),
             SSH_CONNECT_TIMEOUT)
 
-    async def close(self) -> None:
-        if self._heartbeat:
-            self._heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await self._heartbeat
-        if self.pod is not None:
-            pod, self.pod = self.pod, None
-            # Shielded: a second signal during clean-up must not leave the pod behind half-deleted.
-            await asyncio.shield(delete_shadow(self.kube, pod, quiet=False))
+    async def close(self) -> bool:
+        """Stop the heartbeat, abandon a creation in progress (it removes what it made) and delete the pod
+        and its Secret. Every step runs whatever the one before did; a delete that fails is logged with
+        the way out. True when nothing is known to be left behind."""
+        clean_exit = True
+        for task in (self._heartbeat, self._creating):
+            if task is not None and not task.done():
+                task.cancel()
+                # asyncio.wait never raises: a task's own failure must not skip the deletes.
+                await asyncio.wait([task])
+        pod, self.pod = self.pod, None
+        if pod is not None:
+            try:
+                # Shielded: a second signal during clean-up must not leave the pod half-deleted.
+                failed = await asyncio.shield(delete_shadow(self.kube, pod))
+            except Exception as exc:
+                failed = [f"could not delete shadow pod {pod.namespace}/{pod.name}: {exc}"]
+            for line in failed:
+                log.warning("%s; %s", line, CLEAN_HINT)
+            clean_exit = not failed
+        return clean_exit

@@ -47,8 +47,8 @@ def _gone(kubectl, ns: str, kind: str, name: str) -> bool:
     return r.returncode != 0 and "NotFound" in r.stderr
 
 
-async def _wait_gone(kubectl, ns, kind, name, timeout=30):
-    deadline = time.monotonic() + timeout
+async def _wait_gone(kubectl, ns, kind, name, within=30):
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if _gone(kubectl, ns, kind, name):
             return True

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import ipaddress
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+from kube_fake import fake_kube
+from kubernetes.client import Configuration
 
 from ktproxy.commands.status import render
-from ktproxy.kube.cleanup import KtObject, fmt_age, stale
+from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, KtObject, clean, fmt_age, stale
+from ktproxy.kube.client import KubeClient
 from ktproxy.kube.discovery import ClusterInfo, covering, parse_service_range_error
 from ktproxy.kube.heartbeat import heartbeat_patch
+from ktproxy.kube.kinds import KINDS, kind_api
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -69,3 +77,55 @@ def test_status_table():
     assert lines[0].split() == ["NAMESPACE", "KIND", "NAME", "ROLE", "AGE", "HEARTBEAT", "STATE"]
     assert lines[1].split() == ["ns", "pod", "a", "shadow-connect", "1h", "30s", "ago", "active"]
     assert lines[2].split() == ["ns", "secret", "b", "shadow-connect", "1h", "1h6m", "ago", "stale"]
+
+
+def test_status_calls_stale_what_clean_would_delete():
+    objs = [_obj("edge", hb_ago=DEFAULT_THRESHOLD), _obj("over", hb_ago=DEFAULT_THRESHOLD + 1)]
+    states = [line.split()[-1] for line in render(objs, NOW, show_user=False)[1:]]
+    assert states == ["stale" if o in stale(objs, NOW) else "active" for o in objs] == ["active", "stale"]
+
+
+def test_every_kind_has_its_client_calls():
+    kube = KubeClient(Configuration(), "ns")
+    for kind in KINDS:
+        api = kind_api(kube, kind)
+        assert callable(api.patch) and callable(api.delete)
+        assert callable(api.list_namespaced) and callable(api.list_everywhere)
+
+
+def _listing_kube():
+    kube, _ = fake_kube("team")
+
+    def empty(*_a, **_kw):
+        return SimpleNamespace(items=[])
+
+    stems = ["pod", "secret", "service", "config_map"]
+    kube.core = SimpleNamespace(**{f"list_namespaced_{s}": empty for s in stems})
+    kube.apps = SimpleNamespace(list_namespaced_deployment=empty)
+    return kube
+
+
+async def test_clean_runs_the_recover_hooks_it_is_given():
+    seen = []
+
+    async def hook(kube, namespace, now, threshold, dry_run):
+        seen.append((namespace, threshold, dry_run))
+        return ["Would restore the selector of service team/tomcat"]
+
+    result = await clean(_listing_kube(), "team", threshold=60, dry_run=True, hooks=[hook])
+    assert seen == [("team", 60, True)]
+    assert result.recovered == ["Would restore the selector of service team/tomcat"]
+
+
+def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
+    """No global registry that works only if the right module happens to be imported: `ktctl clean`
+    hands clean() the hooks it lists."""
+    import ktproxy.commands.clean as clean_cmd
+
+    async def hook(kube, namespace, now, threshold, dry_run):
+        return [f"Restored service {namespace}/tomcat"]
+
+    monkeypatch.setattr(clean_cmd, "recover_hooks", lambda: [hook])
+    monkeypatch.setattr(clean_cmd, "in_scope", lambda args, work: asyncio.run(work(_listing_kube(), "team")))
+    assert clean_cmd.run(argparse.Namespace(threshold=5, dry_run=False)) == 0
+    assert "Restored service team/tomcat" in capsys.readouterr().out

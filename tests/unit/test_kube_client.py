@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import urllib3
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from ktproxy.kube.client import Access, KubeClient, KubeError, api_error, forbidden_message
+from ktproxy.kube.client import KubeClient
+from ktproxy.kube.errors import Access, KubeError, api_error, forbidden_message
 
 
 def _kubeconfig(tmp_path, server="https://127.0.0.1:1", ns=None, name="kubeconfig"):
@@ -185,3 +192,66 @@ async def test_cluster_time_leaves_the_pooled_connection_reusable(tmp_path):
     finally:
         k.close()
         server.close()
+
+
+@pytest.fixture
+def unreadable_key():
+    """A kubeconfig whose client key file has mode 000, and a way to act as a user (nobody) who cannot
+    read it. The tests run as root, who reads anything: the effective uid is dropped around the calls
+    only (the real uid stays root, so it can be restored), with what those calls import loaded first."""
+    if not hasattr(os, "seteuid"):
+        pytest.skip("POSIX only")
+    import concurrent.futures.thread  # noqa: F401 - imported before the uid drop: nobody cannot read /root
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="ktp-unit-"))  # pytest's tmp_path is private to root
+    key = tmp_path / "client.key"
+    cert = tmp_path / "client.crt"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    for p in (cert, cfg):
+        p.chmod(0o644)
+    key.chmod(0o000)
+    tmp_path.chmod(0o755)
+
+    @contextlib.contextmanager
+    def as_nobody():
+        if os.geteuid() != 0:
+            yield  # already unprivileged: mode 000 is enough
+            return
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    yield cfg, key, as_nobody
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_unreadable_key_file_is_named_at_load(unreadable_key):
+    cfg, key, as_nobody = unreadable_key
+    with as_nobody(), pytest.raises(KubeError) as ei:
+        KubeClient.load(str(cfg))
+    assert str(ei.value) == f"kubeconfig context c: cannot read the client key file {key}: Permission denied"
+
+
+async def test_unreadable_key_file_is_named_on_a_call(unreadable_key):
+    """The loader's own path: the key is read at the first request, inside urllib3's TLS set-up, which
+    reports the PermissionError as 'Connection aborted' (it used to read 'cannot reach the API server')."""
+    cfg, key, as_nobody = unreadable_key
+    kube = KubeClient.load(str(cfg))  # as root: readable now, not when the request goes out
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # TLS set-up starts once TCP connects
+        kube.configuration.host = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        kube.api.configuration.host = kube.configuration.host
+        with as_nobody(), pytest.raises(KubeError) as ei:
+            await kube.cluster_time()
+    assert str(ei.value) == f"cannot read the client key file {key}: Permission denied"

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 from kubernetes.client import V1Pod
 
+from ktproxy import __version__
+from ktproxy.commands.options import shadow_options
 from ktproxy.errors import KtError, UsageError
 from ktproxy.kube import meta
 from ktproxy.kube.shadow import (
+    CONNECT,
     DEFAULT_IMAGE,
     ShadowOptions,
+    ShadowRole,
     build_pod,
     build_secret,
     new_name,
@@ -77,7 +82,7 @@ def _args(**kw):
 
 
 def test_default_pod_spec():
-    opts = ShadowOptions.from_args(_args(), "team")
+    opts = shadow_options(_args(), "team")
     opts.user = "alice"
     pod = build_pod("kt-connect-shadow-abcde", "kt-connect-shadow-abcde", opts, 1700000000)
     md, spec = pod["metadata"], pod["spec"]
@@ -86,15 +91,16 @@ def test_default_pod_spec():
     assert md["namespace"] == "team"
     (c,) = spec["containers"]
     assert c["name"] == "shadow"
-    assert c["image"] == DEFAULT_IMAGE == "docker.io/ktproxy/shadow:0.1.0"
+    assert c["image"] == DEFAULT_IMAGE == f"docker.io/ktproxy/shadow:{__version__}"
     assert c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["/opt/ktproxy/bin/python", "-m", "shadow_image"]
     assert c["args"] == [
-        "--listen", "0.0.0.0:2222",
         "--authorized-keys", "/etc/ktproxy/authorized_keys",
         "--host-key", "/etc/ktproxy/ssh_host_key",
     ]  # fmt: skip
-    assert c["readinessProbe"]["tcpSocket"] == {"port": 2222}
+    assert c["ports"] == [{"name": "ssh", "containerPort": 2222, "protocol": "TCP"}]
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "ssh"}
+    assert "startupProbe" not in c
     assert c["volumeMounts"] == [{"name": "ktproxy", "mountPath": "/etc/ktproxy", "readOnly": True}]
     assert spec["volumes"] == [
         {"name": "ktproxy", "secret": {"secretName": "kt-connect-shadow-abcde", "defaultMode": 0o400}}
@@ -108,10 +114,10 @@ def test_default_pod_spec():
 
 
 def test_pod_spec_honours_flags():
-    opts = ShadowOptions.from_args(
+    opts = shadow_options(
         _args(
             image="registry.local/shadow:dev",
-            image_pull_secret="regcred",
+            image_pull_secret="regcred, other",
             service_account="kt-sa",
             node_selector="kubernetes.io/os=linux,pool=dev",
             with_label="team=a,control-by=someone-else",
@@ -124,7 +130,7 @@ def test_pod_spec_honours_flags():
     spec, c = pod["spec"], pod["spec"]["containers"][0]
     assert c["image"] == "registry.local/shadow:dev"
     assert "command" not in c  # a custom image keeps its own entrypoint
-    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
     assert spec["serviceAccountName"] == "kt-sa"
     assert spec["automountServiceAccountToken"] is True
     assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "pool": "dev"}
@@ -230,3 +236,83 @@ def test_pod_state_phrases():
     )
     assert s.ready
     assert pod_state(_pod({"phase": "Running"}, deleting=True)).fatal
+
+
+# ------------------------------------------------------------------------------------------- roles
+EXCHANGE = ShadowRole(
+    role=meta.ROLE_EXCHANGE_SHADOW,
+    name_prefix="tomcat-kt-exchange-",
+    ports=(("http", 8080), ("kt-9090", 9090), ("health", 2280)),
+    args=("--expose", "8080,9090", "--health-port", "2280"),
+    health_port="health",
+    labels={"app": "tomcat"},
+    annotations={meta.KT_CONFIG: "expose=8080"},
+)
+
+
+def test_role_shapes_the_pod():
+    pod = build_pod("tomcat-kt-exchange-abcde", "s", ShadowOptions(namespace="team", user="a"), 1, EXCHANGE)
+    md, c = pod["metadata"], pod["spec"]["containers"][0]
+    assert md["labels"] == {"app": "tomcat", "control-by": "kt", "kt-role": "shadow-exchange"}
+    assert md["annotations"]["kt-config"] == "expose=8080"
+    # named ports: a Service whose targetPort is "http" resolves against the shadow
+    assert c["ports"] == [
+        {"name": "ssh", "containerPort": 2222, "protocol": "TCP"},
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "kt-9090", "containerPort": 9090, "protocol": "TCP"},
+        {"name": "health", "containerPort": 2280, "protocol": "TCP"},
+    ]
+    assert c["args"][-4:] == ["--expose", "8080,9090", "--health-port", "2280"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+    assert "tcpSocket" not in c["readinessProbe"]
+    # `started` says the SSH port listens (the client may attach); Ready waits for the laptop
+    assert c["startupProbe"]["tcpSocket"] == {"port": "ssh"}
+    assert "sysctls" not in pod["spec"]["securityContext"]  # every port >= 1024
+
+
+def test_secret_gets_no_selector_labels():
+    secret = build_secret("n", ShadowOptions(namespace="team", user="a"), PUB, HOST, 1, EXCHANGE)
+    assert secret["metadata"]["labels"] == {"control-by": "kt", "kt-role": "shadow-exchange"}
+    assert "kt-config" not in secret["metadata"]["annotations"]
+
+
+def test_every_role_runs_locked_down():
+    for role in (CONNECT, EXCHANGE):
+        pod = build_pod("n", "s", ShadowOptions(namespace="team"), 1, role)
+        sc = pod["spec"]["containers"][0]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 65534
+        assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_ports_below_1024_lower_the_unprivileged_port_start():
+    low = dataclasses.replace(EXCHANGE, ports=(("http", 80), ("health", 2280)))
+    pod = build_pod("n", "s", ShadowOptions(namespace="team"), 1, low)
+    assert pod["spec"]["securityContext"]["sysctls"] == [
+        {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    # no capability can do it for a non-root process: none is added back
+    assert pod["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+@pytest.mark.parametrize("ports,health,message", [
+    ((("HTTP", 80),), None, "not a valid port name"),
+    ((("a-very-long-port-name", 80),), None, "not a valid port name"),
+    ((("web", 2222),), None, "twice"),
+    ((("ssh", 80),), None, "twice"),
+    ((("web", 80), ("web", 81)), None, "twice"),
+    ((("web", 0),), None, "not a port number"),
+    ((("web", 80),), "health", "health port"),
+])
+def test_bad_role_ports_fail_before_any_call(ports, health, message):
+    role = ShadowRole(role=meta.ROLE_PREVIEW_SHADOW, name_prefix="p-kt-", ports=ports, health_port=health)
+    with pytest.raises(KtError, match=message):
+        build_pod("n", "s", ShadowOptions(namespace="team"), 1, role)
+
+
+def test_role_names():
+    assert ShadowRole(meta.ROLE_PREVIEW_SHADOW, "tomcat-v2-kt-").new_name().startswith("tomcat-v2-kt-")
+    long = ShadowRole(meta.ROLE_EXCHANGE_SHADOW, "s" * 70 + "-kt-exchange-").new_name()
+    assert len(long) == 63 and long[-6] == "-"

@@ -1,0 +1,23 @@
+"""Typed options built from the parsed command line: the kube and tunnel layers never see argparse."""
+
+from __future__ import annotations
+
+import argparse
+
+from ktproxy.kube import meta
+from ktproxy.kube.shadow import DEFAULT_IMAGE, ShadowOptions
+
+
+def shadow_options(args: argparse.Namespace, namespace: str) -> ShadowOptions:
+    """The global flags that shape every shadow pod (-i, --image-pull-secret, --with-label, ...)."""
+    return ShadowOptions(
+        namespace=namespace,
+        image=getattr(args, "image", None) or DEFAULT_IMAGE,
+        image_pull_secrets=tuple(s.strip() for s in (getattr(args, "image_pull_secret", None) or "").split(",")
+                                 if s.strip()),
+        service_account=getattr(args, "service_account", None),
+        node_selector=meta.parse_kv_list(getattr(args, "node_selector", None), "--node-selector"),
+        labels=meta.parse_kv_list(getattr(args, "with_label", None), "--with-label"),
+        annotations=meta.parse_kv_list(getattr(args, "with_annotation", None), "--with-annotation"),
+        quota=meta.parse_pod_quota(getattr(args, "pod_quota", None)),
+    )
