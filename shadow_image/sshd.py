@@ -1,103 +1,106 @@
 """Shadow SSH server: port forwarding only, for exactly one session key.
 
-It permits direct-tcpip to any host:port (names resolved by this pod's own resolver, so cluster
-names work) and tcpip-forward (listeners inside the pod, for exchange/mesh/preview). Sessions (shell,
-exec, subsystems), passwords and keyboard-interactive are refused: asyncssh rejects a session when
-no session factory is given, and we enable public-key auth only.
+direct-tcpip goes to any host:port (names resolved by this pod's own resolver, so cluster names work);
+tcpip-forward only to the ports given with --expose, which the shadow binds itself (ports.py) and hands
+to the newest laptop session. Sessions (shell, exec, subsystems), passwords and keyboard-interactive are
+refused: asyncssh rejects a session when no session factory is given, and we enable public-key auth only.
+The modules: options (flags), server (per-session policy), ports (exposed ports and their owners),
+inbound (relaying their connections), health (probes), listeners (dual-stack sockets).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 
 import asyncssh
 
 from ktwire import sshwire
-from ktwire.addr import split_host_port
 from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW
+from shadow_image import listeners
+from shadow_image.health import readiness, serve_health
+from shadow_image.inbound import InboundForwarder
+from shadow_image.options import Options, parse_args
+from shadow_image.ports import PortTable
+from shadow_image.server import ShadowServer
 
 log = logging.getLogger("shadow")
 
 
-
-class ShadowServer(asyncssh.SSHServer):
-    def __init__(self) -> None:
-        self._peer = "?"
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        peer = conn.get_extra_info("peername")
-        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        log.info("connection from %s", self._peer)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        log.info("connection from %s closed%s", self._peer, f": {exc}" if exc else "")
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def kbdint_auth_supported(self) -> bool:
-        return False
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def auth_completed(self) -> None:
-        log.info("session key accepted for %s", self._peer)
-
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        log.debug("direct-tcpip %s:%s", dest_host, dest_port)
-        return True
-
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        log.info("tcpip-forward listening on %s:%s", listen_host or "*", listen_port)
-        return True
-
-    def session_requested(self) -> bool:
-        log.warning("refused a session (shell/exec) request from %s", self._peer)
-        return False
-
-
 async def serve(host: str, port: int, authorized_keys: str, host_key: str,
-                ready: asyncio.Event | None = None) -> asyncssh.SSHAcceptor:
-    acceptor = await asyncssh.create_server(
-        ShadowServer, host, port,
-        server_host_keys=[host_key],
-        authorized_client_keys=authorized_keys,
-        allow_pty=False,
-        x11_forwarding=False,
-        agent_forwarding=False,
-        keepalive_interval=30,
-        keepalive_count_max=3,
-        window=WINDOW,
-        max_pktsize=MAX_PKTSIZE,
-        encryption_algs=CIPHERS,
-        # Reply to the first failed key quickly instead of waiting for more attempts.
-        login_timeout=30,
-    )
-    log.info("shadow sshd listening on %s:%s", host, acceptor.sockets[0].getsockname()[1])
+                ready: asyncio.Event | None = None, *, ports: PortTable | None = None) -> listeners.Listening:
+    """The SSH server on host:port ("" = every address, dual stack). Without `ports` it grants no
+    tcpip-forward. WINDOW and MAX_PKTSIZE are read here, at call time (benchmarks/launch.py sets them)."""
+    table = ports if ports is not None else PortTable()
+
+    async def start(sock: socket.socket) -> asyncssh.SSHAcceptor:
+        return await asyncssh.listen(
+            sock=sock,
+            server_factory=lambda: ShadowServer(table, WINDOW, MAX_PKTSIZE),
+            server_host_keys=[host_key],
+            authorized_client_keys=authorized_keys,
+            allow_pty=False,
+            x11_forwarding=False,
+            agent_forwarding=False,
+            keepalive_interval=30,
+            keepalive_count_max=3,
+            window=WINDOW,
+            max_pktsize=MAX_PKTSIZE,
+            encryption_algs=CIPHERS,
+            # A client that has not authenticated 30 s after connecting is dropped: an unauthenticated
+            # connection must not hold the server's resources for long (clients here log in within a second).
+            login_timeout=30,
+        )
+
+    acceptor = await listeners.listen(host, port, start)
+    log.info("shadow sshd listening on %s", listeners.describe(acceptor))
     if ready:
         ready.set()
     return acceptor
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shadow_image", description="ktproxy shadow SSH server")
-    parser.add_argument("--listen", default="0.0.0.0:2222", help="host:port to listen on")
-    parser.add_argument("--authorized-keys", default="/etc/ktproxy/authorized_keys")
-    parser.add_argument("--host-key", default="/etc/ktproxy/ssh_host_key")
-    parser.add_argument("--port-file", help="write the bound port here (for --listen host:0)")
-    parser.add_argument("-d", "--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+def _write_port_file(path: str, port: int) -> None:
+    # Whole or absent: a reader polling for the file never sees it empty.
+    with open(path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(path + ".tmp", path)
+
+
+async def run(opts: Options, stop: asyncio.Event | None = None) -> None:
+    """Everything the shadow serves, until `stop` (or SIGINT/SIGTERM) is set."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    ports = PortTable(opts.expose)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(ports.close)
+        await ports.start(InboundForwarder)
+        acceptor = await serve(opts.listen_host, opts.listen_port, opts.authorized_keys, opts.host_key, ports=ports)
+        stack.push_async_callback(acceptor.wait_closed)
+        stack.callback(acceptor.close)
+        if opts.health_port is not None:
+            health = await serve_health(opts.health_port, lambda: readiness(acceptor.is_serving(), ports.states()))
+            stack.push_async_callback(health.wait_closed)
+            stack.callback(health.close)
+            log.info("probes on %s (/ready, /live)", listeners.describe(health))
+        if opts.port_file:
+            _write_port_file(opts.port_file, acceptor.port)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
     try:
         import uvloop
         uvloop.install()
@@ -105,26 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     sshwire.install()
     try:
-        host, port = split_host_port(args.listen)
-    except ValueError as exc:
-        parser.error(f"--listen: {exc}")
-    host = host or "0.0.0.0"
-
-    async def run() -> None:
-        acceptor = await serve(host, port, args.authorized_keys, args.host_key)
-        if args.port_file:
-            with open(args.port_file, "w") as f:
-                f.write(str(acceptor.sockets[0].getsockname()[1]))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        acceptor.close()
-        await acceptor.wait_closed()
-
-    try:
-        asyncio.run(run())
+        asyncio.run(run(opts))
     except (OSError, asyncssh.Error, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
