@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ktproxy.dns import DNSStub
 from ktproxy.errors import KtError, UsageError
 from ktproxy.pac import pac_script
-from ktproxy.proxy.dialer import Dialer
+from ktproxy.proxy.dialer import Dialer, upstream_resolve
 from ktproxy.proxy.server import ProxyServer
 from ktproxy.proxy_env import proxy_env, reachable_host
 from ktproxy.routing import ClusterRules, is_loopback_host
@@ -51,7 +51,10 @@ class DataPlane:
         self.rules = rules
         self.tunnel = tunnel
         self.settings = settings
-        self.proxy = ProxyServer(Dialer(rules, tunnel), pac=self._pac, credentials=settings.credentials)
+        # Direct names go to the DNS stub's upstreams when given (tests: never the machine's resolver).
+        resolve = upstream_resolve(settings.dns_upstream) if settings.dns_upstream else None
+        self.proxy = ProxyServer(Dialer(rules, tunnel, resolve=resolve), pac=self._pac,
+                                 credentials=settings.credentials)
         self.dns: DNSStub | None = None
 
     @property

@@ -6,6 +6,8 @@ import asyncio
 import errno
 import logging
 import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import asyncssh
@@ -17,6 +19,10 @@ log = logging.getLogger("ktproxy.proxy")
 
 class StreamOpener(Protocol):
     async def open_connection(self, host: str, port: int) -> tuple[Any, Any]: ...
+
+
+# Addresses for a name dialed directly; the default is the system resolver (inside open_connection).
+Resolve = Callable[[str], Awaitable[list[str]]]
 
 
 class DialError(Exception):
@@ -31,9 +37,10 @@ CONNECT_TIMEOUT = 15.0
 
 
 class Dialer:
-    def __init__(self, rules: ClusterRules, tunnel: StreamOpener) -> None:
+    def __init__(self, rules: ClusterRules, tunnel: StreamOpener, *, resolve: Resolve | None = None) -> None:
         self.rules = rules
         self.tunnel = tunnel
+        self.resolve = resolve
 
     def via_tunnel(self, host: str) -> bool:
         return self.rules.via_tunnel(host)
@@ -83,8 +90,11 @@ class Dialer:
             raise DialError("failure", f"{host}:{port}: tunnel unavailable: {exc}") from exc
 
     async def _dial_direct(self, host: str, port: int) -> tuple[Any, Any]:
+        target = host
+        if self.resolve is not None and parse_ip(host) is None:
+            target = await self._resolve(host)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), CONNECT_TIMEOUT)
         except TimeoutError as exc:
             raise DialError("timeout", f"{host}:{port}: timed out") from exc
         except socket.gaierror as exc:
@@ -96,6 +106,35 @@ class Dialer:
             raise DialError(kind, f"{host}:{port}: {exc.strerror or exc}") from exc
         set_nodelay(writer)
         return reader, writer
+
+
+    async def _resolve(self, host: str) -> str:
+        assert self.resolve is not None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                addresses = await self.resolve(host)
+        except TimeoutError as exc:
+            raise DialError("timeout", f"{host}: no answer from the resolver") from exc
+        except Exception as exc:
+            raise DialError("dns", f"{host}: {exc}") from exc
+        if not addresses:
+            raise DialError("dns", f"{host}: no such name")
+        return addresses[0]
+
+
+def upstream_resolve(servers: Sequence[tuple[str, int]]) -> Resolve:
+    """Resolve direct names with these DNS servers (the DNS stub's upstreams) instead of the system's."""
+    from dnslib import QTYPE, DNSRecord
+
+    from ktproxy.dns.upstream import UpstreamResolver
+
+    resolver = UpstreamResolver(servers)
+
+    async def resolve(name: str) -> list[str]:
+        reply = await resolver.resolve(DNSRecord.question(name, "A"), time.monotonic() + CONNECT_TIMEOUT)
+        return [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A]
+
+    return resolve
 
 
 def set_nodelay(writer: Any) -> None:

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from itlib import HALFCLOSE_PORT, TOMCAT_MARKER, Shadow, curl, socks5_connect
+from itlib import HALFCLOSE_PORT, TOMCAT_MARKER, Shadow, curl, socks5_connect, wait_for
 
 RECONNECT_PORT = 2225
 
@@ -84,12 +84,26 @@ def test_reconnect_after_long_outage(launcher, own_shadow):
     try:
         assert TOMCAT_MARKER in get(plane, "-x", plane.http_proxy)
         own_shadow.stop()
-        time.sleep(6)  # several failed attempts: the supervisor's delay is now several seconds
+        # Several failed attempts: the supervisor now sleeps 4 s before the next one.
+        wait_for(lambda: "retrying in 4.0 s" in plane.log_text(), 15, "the supervisor's back-off", plane.proc)
         own_shadow.start()
         started = time.monotonic()
         ok = get(plane, "--socks5-hostname", plane.socks)
         assert TOMCAT_MARKER in ok, plane.log_text()[-3000:]
         assert time.monotonic() - started < 3
+    finally:
+        plane.stop()
+
+
+def test_supervisor_reconnects_without_any_request(launcher, own_shadow):
+    """The session comes back on its own: the first request after an outage finds it up."""
+    plane = launcher.start(own_shadow, "--dns-port", "-1")
+    try:
+        own_shadow.stop()
+        wait_for(lambda: "lost; reconnecting" in plane.log_text(), 15, "the session loss", plane.proc)
+        own_shadow.start()
+        wait_for(lambda: "re-established" in plane.log_text(), 15, "the background reconnect", plane.proc)
+        assert TOMCAT_MARKER in get(plane, "-x", plane.http_proxy)
     finally:
         plane.stop()
 

@@ -129,6 +129,23 @@ async def test_other_tunnel_failures_do_not_fall_back(fake_resolver):
     assert fake_resolver == []
 
 
+async def test_a_given_resolver_replaces_the_systems(local_site, fake_resolver):
+    asked: list[str] = []
+
+    async def resolve(name: str) -> list[str]:
+        asked.append(name)
+        return ["127.0.0.1"] if name == "intranet" else []
+
+    dialer = Dialer(rules(), Opener(NO_SUCH_NAME), resolve=resolve)
+    reader, writer = await dialer.dial("intranet", local_site)
+    assert await reader.read() == b"hello from outside the cluster"
+    writer.close()
+    with pytest.raises(DialError) as caught:
+        await dialer.dial("nosuchsvc", local_site)
+    assert caught.value.kind == "dns"
+    assert asked == ["intranet", "nosuchsvc"] and fake_resolver == []  # the system resolver never asked
+
+
 # -- the real tunnel underneath ----------------------------------------------------------------------
 
 @pytest.fixture
