@@ -114,3 +114,27 @@ def test_many_concurrent_queries(dataplane, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert lines.count(TOMCAT_IP) == 80 and lines.count(DEMO_IP) == 40 and lines.count("127.0.0.9") == 40
+
+
+def _authority(plane, name: str) -> str:
+    r = dig(plane, "+noall", "+authority", name, "A")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_short_names_fall_back_and_tld_namespaces_do_not_capture(launcher, shadow):
+    # B1, through the real data plane. Namespaces `test` and `dev` are "discovered" (--known-namespace):
+    # - `test` is not an IANA TLD, so outside.example.test is a cluster name (x.y.<ns>); the cluster
+    #   says NXDOMAIN and the stub asks the upstream, which knows it;
+    # - `dev` is a TLD: web.dev never reaches the cluster (the upstream's NXDOMAIN has no cluster SOA).
+    plane = launcher.start(shadow, "--known-namespace", "test", "--known-namespace", "dev")
+    try:
+        for tcp in (False, True):
+            assert short(plane, "outside.example.test", "A", tcp=tcp) == ["127.0.0.9"]
+        assert status(plane, "web.dev", "A") == "NXDOMAIN"
+        assert "cluster.local" not in _authority(plane, "web.dev")
+        # a name only the cluster could have keeps the cluster's NXDOMAIN
+        assert "cluster.local" in _authority(plane, "nosuchsvc.test")
+        assert short(plane, "tomcat", "A") == [TOMCAT_IP]
+    finally:
+        plane.stop()

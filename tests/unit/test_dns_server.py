@@ -23,7 +23,7 @@ from dnslib.server import BaseResolver, DNSHandler, DNSServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ktproxy.dns_stub import (
+from ktproxy.dns import (
     DNSStub,
     candidate_names,
     label_text,
@@ -53,6 +53,8 @@ REVERSE_SOA = "in-addr.arpa. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.
 UPSTREAM_ZONE = """
 www.example.com. 60 IN A 192.0.2.10
 www.example.com. 60 IN AAAA 2001:db8::10
+jira. 60 IN A 192.0.2.20
+docs.other. 60 IN A 192.0.2.21
 """ + "".join(f'big.example.com. 60 IN TXT "{"x" * 200}{i}"\n' for i in range(6))
 UPSTREAM_SOA = "example.com. 60 IN SOA ns.example.com. root.example.com. 1 7200 1800 86400 15"
 
@@ -95,6 +97,8 @@ class ClusterDNS:
     queries: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     connections: int = 0
     close_after_answer: bool = False
+    hang_up_on_next_query: bool = False  # read one query, then close unanswered (an idle close racing it)
+    ids: list[int] = field(default_factory=list)
     silent: bool = False  # read queries, never answer: a wedged tunnel
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -117,6 +121,10 @@ class ClusterDNS:
                 (length,) = struct.unpack("!H", await reader.readexactly(2))
                 request = DNSRecord.parse(await reader.readexactly(length))
                 self.queries[(str(request.q.qname).lower(), request.q.qtype)] += 1
+                self.ids.append(request.header.id)
+                if self.hang_up_on_next_query:
+                    self.hang_up_on_next_query = False
+                    break
                 if self.silent:
                     continue
                 name = str(request.q.qname).lower()
@@ -171,9 +179,11 @@ class UpstreamResolver(BaseResolver):
         self.zone = _zone(UPSTREAM_ZONE)
         self.soa = next(iter(_zone(UPSTREAM_SOA).values()))
         self.queries: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.ids: list[int] = []
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         self.queries[(str(request.q.qname).lower(), request.q.qtype)] += 1
+        self.ids.append(request.header.id)
         return _answer(request, self.zone, self.soa)
 
 
@@ -230,6 +240,7 @@ def make_rules(**kw: Any) -> ClusterRules:
 async def env(upstream: tuple[UpstreamResolver, tuple[str, int]]) -> AsyncIterator[Env]:
     resolver, addr = upstream
     resolver.queries.clear()
+    resolver.ids.clear()
     cluster = ClusterDNS()
     await cluster.start()
     tunnel = Tunnel()
@@ -261,12 +272,12 @@ class _Catch(asyncio.DatagramProtocol):
         self.got.put_nowait(data)
 
 
-async def udp_raw(port: int, data: bytes, timeout: float = 2.0) -> bytes | None:
+async def udp_raw(port: int, data: bytes, wait: float = 2.0) -> bytes | None:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(_Catch, remote_addr=(LOOP, port))
     try:
         transport.sendto(data)
-        return await asyncio.wait_for(proto.got.get(), timeout)
+        return await asyncio.wait_for(proto.got.get(), wait)
     except TimeoutError:
         return None
     finally:
@@ -277,7 +288,7 @@ async def udp_query(port: int, name: str, qtype: str = "A", edns: bool = False) 
     q = DNSRecord.question(name, qtype)
     if edns:
         q.add_ar(EDNS0(udp_len=4096))
-    raw = await udp_raw(port, q.pack(), timeout=5.0)
+    raw = await udp_raw(port, q.pack(), wait=5.0)
     assert raw is not None, f"no UDP answer for {name} {qtype}"
     reply = DNSRecord.parse(raw)
     assert reply.header.id == q.header.id
@@ -393,9 +404,10 @@ async def test_nxdomain_carries_cluster_soa(env: Env) -> None:
     assert not reply.rr
     assert [QTYPE.get(rr.rtype) for rr in reply.auth] == ["SOA"]
     assert str(reply.auth[0].rname) == "cluster.local."
-    # The whole search list was tried, and nothing leaked upstream.
+    # The whole search list was tried; then (B1: a short name may be a LAN name) the upstream once,
+    # which denies it too, so the cluster's answer stands.
     assert env.cluster.total() == 3
-    assert env.upstream.queries == {}
+    assert env.upstream.queries == {("nosuchsvc.", QTYPE.A): 1}
 
 
 async def test_nodata_is_noerror_with_soa(env: Env) -> None:
@@ -425,9 +437,45 @@ async def test_other_types_pass_through(env: Env) -> None:
     assert env.cluster.queries[("tomcat.default.svc.cluster.local.", QTYPE.TXT)] == 1
 
 
+@pytest.mark.parametrize(("name", "ip"), [("jira", "192.0.2.20"), ("docs.other", "192.0.2.21")])
+async def test_short_name_the_cluster_does_not_know_falls_back_upstream(env: Env, name: str, ip: str) -> None:
+    # B1: `jira` (one label) and `docs.other` (svc.ns) are cluster names only by the short-name rules;
+    # after the whole search list says NXDOMAIN, the system's resolver answers.
+    for query in (udp_query, tcp_query):
+        env.stub.clear_cache()
+        reply = await query(env.port, name)
+        assert reply.header.rcode == RCODE.NOERROR and addrs(reply) == [ip]
+        assert str(reply.rr[0].rname).rstrip(".") == name
+    assert env.upstream.queries[(name + ".", QTYPE.A)] == 2
+    assert env.cluster.total() == 6  # the cluster was asked first, every name of the search list
+
+
+@pytest.mark.parametrize("name", ["nosuchsvc.default.svc.cluster.local", "nosuchsvc.default.svc", "x.default.pod"])
+async def test_names_only_the_cluster_has_never_go_upstream(env: Env, name: str) -> None:
+    assert (await udp_query(env.port, name)).header.rcode == RCODE.NXDOMAIN
+    assert env.upstream.queries == {}
+
+
+async def test_fallback_needs_an_nxdomain_not_an_outage(env: Env) -> None:
+    env.tunnel.fail = True
+    assert (await udp_query(env.port, "jira")).header.rcode == RCODE.SERVFAIL
+    assert env.upstream.queries == {}
+
+
 # --------------------------------------------------------------------------------------------------
 # Upstream
 # --------------------------------------------------------------------------------------------------
+async def test_query_ids_come_from_secrets(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # S3/S311: the id of every query the stub sends (upstream and cluster) is drawn from `secrets`.
+    import secrets
+
+    monkeypatch.setattr(secrets, "randbelow", lambda n: 0x5EC7 % n)
+    await udp_query(env.port, "www.example.com")
+    await udp_query(env.port, "tomcat")
+    assert env.upstream.ids == [0x5EC7]
+    assert env.cluster.ids == [0x5EC7]
+
+
 async def test_non_cluster_names_go_upstream(env: Env) -> None:
     reply = await udp_query(env.port, "www.example.com")
     assert addrs(reply) == ["192.0.2.10"]
@@ -441,7 +489,7 @@ async def test_non_cluster_names_go_upstream(env: Env) -> None:
 
 
 async def test_route_all_does_not_change_dns(upstream: tuple[UpstreamResolver, tuple[str, int]]) -> None:
-    resolver, addr = upstream
+    _, addr = upstream
     cluster = ClusterDNS()
     await cluster.start()
     tunnel = Tunnel()
@@ -526,6 +574,19 @@ async def test_negative_cache_uses_soa_minimum(env: Env) -> None:
     assert env.cluster.total() == 6
 
 
+async def test_cache_key_includes_do_and_cd(env: Env) -> None:
+    # A DNSSEC-aware client (DO) or one that disabled checking (CD) gets its own answer, not one
+    # cached for a plain client (without RRSIGs, or validated).
+    plain = DNSRecord.question("www.example.com")
+    do = DNSRecord.question("www.example.com")
+    do.add_ar(EDNS0(udp_len=4096, flags="do"))
+    cd = DNSRecord.question("www.example.com")
+    cd.header.cd = 1
+    for q in (plain, do, cd, plain, do, cd):
+        assert addrs(DNSRecord.parse(await udp_raw(env.port, q.pack()) or b"")) == ["192.0.2.10"]
+    assert env.upstream.queries[("www.example.com.", QTYPE.A)] == 3
+
+
 async def test_upstream_answers_are_cached_too(env: Env) -> None:
     await udp_query(env.port, "www.example.com")
     env.now[0] += 59
@@ -571,9 +632,12 @@ async def test_cluster_closing_idle_streams_is_transparent(env: Env) -> None:
 
 async def test_stream_dropped_under_a_query_is_retried(env: Env) -> None:
     assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
-    # Close the server side without the stub noticing yet: the next query races the close.
-    env.cluster.drop_connections()
+    # The cluster DNS closes the stream the moment the next query arrives on it (an idle close that
+    # crossed the query): deterministically the case the pool's one retry on a fresh stream is for.
+    env.cluster.hang_up_on_next_query = True
     assert addrs(await udp_query(env.port, "kubernetes")) == ["10.96.0.1"]
+    assert env.cluster.queries[("kubernetes.default.svc.cluster.local.", QTYPE.A)] == 2
+    assert env.tunnel.opens == 2 and env.cluster.connections == 2
 
 
 async def test_tunnel_failure_servfail_then_recovery(env: Env) -> None:
@@ -608,8 +672,8 @@ async def test_wedged_tunnel_times_out_then_recovers(env: Env) -> None:
 # Malformed input and transports
 # --------------------------------------------------------------------------------------------------
 async def test_garbage_udp_is_dropped_and_service_continues(env: Env) -> None:
-    assert await udp_raw(env.port, b"\x01\x02\x03", timeout=0.3) is None
-    assert await udp_raw(env.port, b"", timeout=0.3) is None
+    assert await udp_raw(env.port, b"\x01\x02\x03", wait=0.3) is None
+    assert await udp_raw(env.port, b"", wait=0.3) is None
     assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
 
 
@@ -630,7 +694,7 @@ async def test_bad_question_gets_formerr(env: Env) -> None:
 async def test_responses_are_not_answered_and_other_opcodes_notimp(env: Env) -> None:
     resp = DNSRecord.question("tomcat")
     resp.header.qr = 1
-    assert await udp_raw(env.port, resp.pack(), timeout=0.3) is None
+    assert await udp_raw(env.port, resp.pack(), wait=0.3) is None
     status = DNSRecord.question("tomcat")
     status.header.opcode = 2
     reply = DNSRecord.parse(await udp_raw(env.port, status.pack()) or b"")
@@ -667,7 +731,7 @@ async def test_tcp_garbage_closes_connection(env: Env) -> None:
 
 
 async def test_tcp_client_vanishing_mid_message(env: Env) -> None:
-    reader, writer = await asyncio.open_connection(LOOP, env.port)
+    _, writer = await asyncio.open_connection(LOOP, env.port)
     writer.write(b"\x00\x40\x12")  # promises 64 bytes, sends one
     await writer.drain()
     writer.close()
