@@ -233,8 +233,16 @@ class ClientPod:
         return r.stdout.strip() or r.stderr.strip()
 
     def wait_for(self, url: str, expected: str, timeout: float = 60) -> None:
-        wait_for(f"{url} to answer {expected!r} in the cluster", lambda: self.get(url) == expected and expected,
-                 timeout=timeout, interval=1)
+        answers: list[str] = []
+
+        def probe() -> bool:
+            answers.append(self.get(url))
+            return answers[-1] == expected
+
+        try:
+            wait_for(f"{url} to answer {expected!r} in the cluster", probe, timeout=timeout, interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answer: {answers[-1] if answers else None!r}") from None
 
 
 @pytest.fixture(scope="module")

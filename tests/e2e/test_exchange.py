@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -25,6 +26,7 @@ from ktctl_runner import (  # noqa: E402
     apply,
     deploy_demo,
     error_lines,
+    free_port,
     kt_annotations,
     kt_objects,
     kubectl,
@@ -212,3 +214,34 @@ def test_bad_input_one_line_nothing_left(ktctl: Ktctl, settled: str, local_serve
     assert kt_objects(settled) == []
     svc = service(settled, "tomcat")
     assert svc["spec"]["selector"] == {"app": "tomcat"} and kt_annotations(svc) == {}
+
+
+def test_sigkill_then_clean(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    """`ktctl clean` also puts back what a killed exchange changed, once its heartbeat is stale."""
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    ex.kill()
+    r = ktctl.run("clean", "--threshold-in-minutes", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_pristine(settled, client_pod)
+
+
+def test_exchange_through_connects_proxy(ktctl: Ktctl, settled: str, local_server: int) -> None:
+    """The seed's `curl http://tomcat:8080` on the laptop, through connect, during an exchange."""
+    proxy = free_port()
+    connect = ktctl.start("connect", "--proxy-port", str(proxy), "--dns-port", str(free_port()))
+    connect.wait_banner("All looks good")
+
+    def curl() -> str:
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{proxy}", URL],
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() or r.stderr.strip()
+
+    assert curl() == DEMO
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    ex.wait_banner(BANNER)
+    assert curl() == LOCAL
+    assert ex.stop() in (0, 130)
+    wait_for("v1 through connect again", lambda: curl() == DEMO, timeout=30)
+    assert connect.stop() in (0, 130)
+    wait_for("no kt objects left", lambda: kt_objects(settled) == [], timeout=60)
