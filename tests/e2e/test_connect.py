@@ -22,16 +22,19 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
+pytest.register_assert_rewrite("ktctl_runner")
 # The unprivileged user cannot run the developer venv (its interpreter lives under /root), so it gets
-# its own: Debian's python3 with `pip install .`, as a user would install ktctl.
-USER_VENV = ROOT / ".cluster" / "user-venv"
-KTCTL = USER_VENV / "bin" / "ktctl"
-USER = "ktproxy-e2e"
-DEMO = "kt-connect demo v1"
+# its own: Debian's python3 with `pip install .`, as a user would install ktctl (ktctl_runner.user_ktctl).
+from ktctl_runner import (  # noqa: E402
+    DEMO,
+    KTCTL,
+    KUBECONFIG,
+    ROOT,
+    free_port,
+)
 
 pytestmark = pytest.mark.cluster
+pytest_plugins = ["ktctl_runner"]  # its fixtures: unprivileged_user, user_kubeconfig, user_ktctl
 
 
 def _kubectl_bin() -> str | None:
@@ -60,52 +63,10 @@ def kubectl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.
     return r
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def unprivileged_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.getuid())  # already unprivileged
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
-        return pwd.getpwnam(USER)
-
-
 @pytest.fixture(scope="module", autouse=True)
-def user_install() -> Path:
-    if not (USER_VENV / "bin" / "python").exists():
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(USER_VENV)], check=True)
-        subprocess.run([str(USER_VENV / "bin" / "pip"), "install", "-q", "-r", str(ROOT / "requirements.lock")],
-                       check=True, timeout=600)
-    with tempfile.TemporaryDirectory() as build:
-        # Built from a copy so the checkout gets no build/ or egg-info left in it.
-        src = Path(build) / "src"
-        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cluster", ".git", "*.egg-info",
-                                                                   "build", "__pycache__", "benchmarks"))
-        subprocess.run([str(USER_VENV / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall",
-                        str(src)], check=True, timeout=300)
-    os.chmod(USER_VENV, 0o755)
-    return KTCTL
-
-
-@pytest.fixture(scope="module")
-def user_kubeconfig(unprivileged_user: pwd.struct_passwd) -> str:
-    """A copy of the admin kubeconfig the unprivileged user can read (certificates are inlined)."""
-    d = tempfile.mkdtemp(prefix="ktp-e2e-")
-    os.chmod(d, 0o755)
-    dest = Path(d) / "kubeconfig"
-    r = kubectl("config", "view", "--raw", "--flatten")
-    dest.write_text(r.stdout)
-    os.chown(dest, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-    os.chmod(dest, 0o600)
-    yield str(dest)
-    shutil.rmtree(d, ignore_errors=True)
+def user_install(user_ktctl: Path) -> Path:
+    """ktctl installed for the unprivileged user (ktctl_runner.user_ktctl) before any test here."""
+    return user_ktctl
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +87,10 @@ def demo_app() -> dict[str, str]:
 class Connect:
     """`ktctl connect` as a background process of the unprivileged user."""
 
-    def __init__(self, user: pwd.struct_passwd, kubeconfig: str, *extra: str) -> None:
-        self.proxy_port = free_port()
-        self.dns_port = free_port()
+    def __init__(self, user: pwd.struct_passwd, kubeconfig: str, *extra: str, proxy_port: int | None = None,
+                 dns_port: int | None = None) -> None:
+        self.proxy_port = proxy_port or free_port()
+        self.dns_port = dns_port or free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ktctl-", suffix=".log", delete=False)
         os.chmod(self.log.name, 0o666)
         cmd = [str(KTCTL), "--kubeconfig", kubeconfig, "connect", "--proxy-port", str(self.proxy_port),
@@ -251,12 +213,13 @@ def test_survives_shadow_pod_deletion(connect: Connect) -> None:
     assert connect.shadow_pod() != pod  # a new pod replaced the deleted one
 
 
-def test_ctrl_c_leaves_nothing(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+def test_stop_signal_leaves_nothing(unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, sig: int) -> None:
     c = Connect(unprivileged_user, user_kubeconfig)
     c.wait_ready()
     mine = {f"pod/{c.shadow_pod()}", f"secret/{c.shadow_pod()}"}
     assert mine <= set(kt_objects()), "connect's pod and secret should exist while it runs"
-    assert c.stop(signal.SIGINT) in (0, 130)
+    assert c.stop(sig) in (0, 130), c.output()
     # Compared by name: the module's long-running connect keeps (and may replace) its own objects.
     assert not mine & set(kt_objects())
 
@@ -287,10 +250,34 @@ def test_connect_runs_one_command(unprivileged_user: pwd.struct_passwd, user_kub
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, user=unprivileged_user.pw_uid)
     assert r.returncode == 0, r.stderr
     assert DEMO in r.stdout
-    fail = subprocess.run(cmd[:-1] + ["http://tomcat:1"], capture_output=True, text=True, timeout=240,
+    fail = subprocess.run([*cmd[:-1], "http://tomcat:1"], capture_output=True, text=True, timeout=240,
                           env=env, user=unprivileged_user.pw_uid)
     assert fail.returncode != 0
     assert set(kt_objects()) <= before
+
+
+def test_command_while_another_connect_holds_the_default_ports(
+    unprivileged_user: pwd.struct_passwd, user_kubeconfig: str, demo_app: dict[str, str]
+) -> None:
+    # A second `ktctl connect -- CMD` picks free ports when none are given, and CMD's env says which.
+    held = Connect(unprivileged_user, user_kubeconfig, proxy_port=2223, dns_port=10053)
+    try:
+        try:
+            held.wait_ready()
+        except AssertionError:
+            if "already in use" not in held.output():  # held by something else: the same situation
+                raise
+        env = {"PATH": "/usr/bin:/bin", "HOME": unprivileged_user.pw_dir}
+        script = 'printf "%s\\n" "$ALL_PROXY" "$http_proxy"; curl -fsS --max-time 20 http://tomcat:8080'
+        r = subprocess.run([str(KTCTL), "--kubeconfig", user_kubeconfig, "connect", "--", "sh", "-c", script],
+                           capture_output=True, text=True, timeout=240, env=env, user=unprivileged_user.pw_uid)
+        assert r.returncode == 0, r.stdout + r.stderr
+        all_proxy, http_proxy, page = r.stdout.splitlines()[:3]
+        port = urlparse(all_proxy).port
+        assert port not in (None, 2223) and urlparse(http_proxy).port == port, r.stdout
+        assert page == DEMO
+    finally:
+        held.stop()
 
 
 @pytest.mark.parametrize("args, message", [
