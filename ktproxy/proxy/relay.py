@@ -1,18 +1,22 @@
-"""Copy bytes both ways between two streams, with half-close and back-pressure.
+"""Copy bytes both ways between two streams, with half-close, back-pressure and an inactivity timeout.
 
 Half-close: EOF from one side becomes write_eof on the other, and the opposite direction keeps
 flowing until it ends too. Back-pressure: each chunk is drained before the next read, so a slow
 reader stalls its writer instead of growing a buffer (asyncio streams and SSH channel windows
-then push back to the sender).
+then push back to the sender). Inactivity: a stream with no byte either way for IDLE_TIMEOUT seconds
+is closed, so forgotten connections do not hold their SSH channels for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import TracebackType
 from typing import Any, Protocol
 
 CHUNK = 256 * 1024
+# Long: an idle database or SSH session through the proxy is legitimate; a day-old dead one is not.
+IDLE_TIMEOUT = 3600.0
 
 
 class Reader(Protocol):
@@ -27,7 +31,61 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
-async def pipe(reader: Reader, writer: Writer) -> int:
+class Idle:
+    """`async with Idle(s) as idle:` raises TimeoutError once `idle.touch()` has not been called for s seconds.
+
+    touch() is one float store, cheap enough for every chunk; the timer only wakes up once per period.
+    Any task may touch; the task that entered the block is the one cancelled.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._timeout = asyncio.timeout(None)
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._check_handle: asyncio.TimerHandle | None = None
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        deadline = self.last + self.seconds
+        if self._loop.time() >= deadline:
+            self._timeout.reschedule(self._loop.time())  # expire now: asyncio.timeout cancels the task
+        else:
+            self._check_handle = self._loop.call_at(deadline, self._check)
+
+    async def __aenter__(self) -> Idle:
+        await self._timeout.__aenter__()
+        self.touch()
+        self._check_handle = self._loop.call_at(self.last + self.seconds, self._check)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        if self._check_handle is not None:
+            self._check_handle.cancel()
+        return await self._timeout.__aexit__(exc_type, exc, tb)
+
+
+class Touching:
+    """A writer that tells an Idle about every write and counts what went through it."""
+
+    def __init__(self, writer: Any, idle: Idle) -> None:
+        self.writer = writer
+        self.idle = idle
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self.idle.touch()
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+
+async def pipe(reader: Reader, writer: Writer, idle: Idle | None = None) -> int:
     """Copy until EOF, then half-close the writer. Returns the byte count."""
     total = 0
     while True:
@@ -35,6 +93,8 @@ async def pipe(reader: Reader, writer: Writer) -> int:
         if not data:
             break
         total += len(data)
+        if idle is not None:
+            idle.touch()
         writer.write(data)
         await writer.drain()
     if writer.can_write_eof():
@@ -44,15 +104,19 @@ async def pipe(reader: Reader, writer: Writer) -> int:
 
 
 async def relay(a_reader: Reader, a_writer: Writer, b_reader: Reader, b_writer: Writer) -> None:
-    """Both directions until both end or either side fails; then both are closed."""
-    tasks = [asyncio.ensure_future(pipe(a_reader, b_writer)), asyncio.ensure_future(pipe(b_reader, a_writer))]
+    """Both directions until both end, either side fails or nothing moves for IDLE_TIMEOUT (then
+    TimeoutError); both are closed in every case."""
+    tasks: list[asyncio.Future[int]] = []
     try:
-        pending: set[asyncio.Future[int]] = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # A reset on one side makes the other direction pointless: stop it rather than leave it hanging.
-            if any(t.exception() is not None for t in done if not t.cancelled()):
-                break
+        async with Idle(IDLE_TIMEOUT) as idle:
+            tasks = [asyncio.ensure_future(pipe(a_reader, b_writer, idle)),
+                     asyncio.ensure_future(pipe(b_reader, a_writer, idle))]
+            pending: set[asyncio.Future[int]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                # A reset on one side makes the other direction pointless: stop it rather than leave it hanging.
+                if any(t.exception() is not None for t in done if not t.cancelled()):
+                    break
     finally:
         for t in tasks:
             if not t.done():

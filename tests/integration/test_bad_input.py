@@ -70,6 +70,7 @@ def test_socks4_bind_refused(dataplane):
     pytest.param(b"GET http://tomcat:8080/ HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 10) + b"\r\n\r\n", 431,
                  id="huge-head"),
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", 404, id="origin-form-not-pac"),
+    pytest.param(b"1234\r\n\r\n", 400, id="digits"),  # a token character: sniffed as HTTP
 ])
 def test_malformed_http(dataplane, request_bytes, status):
     answer = raw(dataplane, request_bytes)
@@ -78,9 +79,19 @@ def test_malformed_http(dataplane, request_bytes, status):
     still_serves(dataplane)
 
 
-@pytest.mark.parametrize("garbage", [b"\x00\xff\xfe", b"\x16\x03\x01\x02\x00", b"\xff" * 100, b"1234\r\n"])
+@pytest.mark.parametrize("garbage", [b"\x00\xff\xfe", b"\x16\x03\x01\x02\x00", b"\xff" * 100, b"(1234)\r\n"])
 def test_garbage_first_byte_closed(dataplane, garbage):
     assert raw(dataplane, garbage) == b""
+    still_serves(dataplane)
+
+
+@pytest.mark.parametrize("body", [b"ZZ\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n"])
+def test_bad_chunked_body_answers_400(dataplane, body):
+    """B2: the origin waits for the rest of a body the proxy could not frame; the proxy answers at once."""
+    answer = raw(dataplane, b"POST http://tomcat:8080/echo HTTP/1.1\r\nHost: tomcat:8080\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n" + body, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Connection: close" in answer
     still_serves(dataplane)
 
 
@@ -228,6 +239,16 @@ def test_proxy_auth(launcher, shadow, netns):
         assert denied.returncode != 0 and TOMCAT_MARKER not in denied.stdout
         denied = curl("--socks4a", hp, url)  # SOCKS4 has no passwords: refused, not a bypass
         assert denied.returncode != 0 and TOMCAT_MARKER not in denied.stdout
+
+        # S3: the PAC names the cluster's namespaces and networks; a peer that is not loopback needs
+        # the credentials too (this peer is the host's own veth address).
+        pac_url = f"http://{hp}/proxy.pac"
+        denied = curl("-o", "/dev/null", "-w", "%{http_code}", pac_url)
+        assert denied.stdout == "401", denied.stderr
+        denied = curl("-o", "/dev/null", "-w", "%{http_code}", "-u", "alice:wrong", pac_url)
+        assert denied.stdout == "401", denied.stderr
+        ok = curl("-u", "alice:s3cret", pac_url)
+        assert "FindProxyForURL" in ok.stdout, ok.stderr
     finally:
         plane.stop()
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ktproxy.proxy import http
+from ktwire import http1
 
 
 def reader_of(data: bytes, eof: bool = True, limit: int = 2**16) -> asyncio.StreamReader:
@@ -34,14 +36,14 @@ class Sink:
         self.drains += 1
 
 
-async def request(raw: bytes) -> http.Request:
-    req = await http.read_request(reader_of(raw))
+async def request(raw: bytes) -> http1.Request:
+    req = await http1.read_request(reader_of(raw))
     assert req is not None
     return req
 
 
-async def response(raw: bytes) -> http.Response:
-    return await http.read_response(reader_of(raw))
+async def response(raw: bytes) -> http1.Response:
+    return await http1.read_response(reader_of(raw))
 
 
 def parse_head(raw: bytes) -> tuple[str, list[str]]:
@@ -61,13 +63,13 @@ async def test_request_head():
 
 async def test_request_first_byte_already_read():
     # The server sniffs the first byte, then hands it back.
-    req = await http.read_request(reader_of(b"ET / HTTP/1.1\r\n\r\n"), b"G")
+    req = await http1.read_request(reader_of(b"ET / HTTP/1.1\r\n\r\n"), b"G")
     assert req is not None and req.method == "GET"
 
 
 async def test_clean_eof_between_requests_is_none():
-    assert await http.read_request(reader_of(b"")) is None
-    assert await http.read_request(reader_of(b"\r\n")) is None
+    assert await http1.read_request(reader_of(b"")) is None
+    assert await http1.read_request(reader_of(b"\r\n")) is None
 
 
 @pytest.mark.parametrize("prefix", [b"\r\n", b"\r\n\r\n", b"\r\n\r\n\r\n\r\n\r\n"])
@@ -78,34 +80,34 @@ async def test_empty_lines_before_a_request_are_ignored(prefix):
 
 
 async def test_only_empty_lines_then_eof():
-    assert await http.read_request(reader_of(b"\r\n\r\n\r\n")) is None
+    assert await http1.read_request(reader_of(b"\r\n\r\n\r\n")) is None
 
 
 async def test_header_bytes_pass_through_unchanged():
     raw = "HTTP/1.1 200 OK\r\nX-Name: Jürgen ✓\r\nContent-Length: 0\r\n\r\n".encode()
     resp = await response(raw)
-    assert "X-Name: Jürgen ✓".encode() in http.response_head(resp, keep_alive=True)
+    assert "X-Name: Jürgen ✓".encode() in http1.response_head(resp, keep_alive=True)
 
 
 async def test_eof_mid_head():
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(b"GET / HTTP/1.1\r\nHost: x\r\n"))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(b"GET / HTTP/1.1\r\nHost: x\r\n"))
     assert ei.value.status == 400
 
 
 async def test_eof_after_first_byte():
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(b""), b"G")
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(b""), b"G")
     assert ei.value.status == 400
 
 
 async def test_head_too_large():
     big = b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(big, limit=128 * 1024))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(big, limit=128 * 1024))
     assert ei.value.status == 431
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(big, limit=1024))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(big, limit=1024))
     assert ei.value.status == 431
 
 
@@ -123,14 +125,29 @@ async def test_repeated_headers_and_tokens():
     b"GET / HTTP/2.0",          # unsupported version
     b"GET / http/1.1",
     b"GET / HTTP/1.1 extra",
-    b"get / HTTP/1.1",          # lower-case method
-    b"G3T / HTTP/1.1",
-    b"G\xc9T / HTTP/1.1",        # latin-1 letters are alphabetic and upper case too
+    b"G\xc9T / HTTP/1.1",        # latin-1 letters are alphabetic and upper case, but not tchar
+    b"GE(T / HTTP/1.1",         # a delimiter
+    b"GE\x7fT / HTTP/1.1",
 ])
 async def test_malformed_start_line(line):
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(line + b"\r\nHost: x\r\n\r\n"))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(line + b"\r\nHost: x\r\n\r\n"))
     assert ei.value.status == 400
+
+
+@pytest.mark.parametrize("method", ["VERSION-CONTROL", "BASELINE-CONTROL", "M-SEARCH", "get", "Patch", "G3T",
+                                    "PROPFIND", "X_EXT.1!#$%&'*+^`|~"])
+async def test_every_method_token_is_accepted(method):
+    # B4: RFC 9110 9.1 makes a method any token; WebDAV, UPnP and extension methods are real.
+    req = await request(f"{method} http://x/ HTTP/1.1\r\n\r\n".encode())
+    assert req.method == method
+
+
+@given(st.text(alphabet="!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+               min_size=1, max_size=20))
+async def test_any_token_method_roundtrips(method):
+    req = await request(f"{method} http://x/ HTTP/1.1\r\n\r\n".encode())
+    assert req.method == method
 
 
 @pytest.mark.parametrize("line", [
@@ -147,14 +164,14 @@ async def test_malformed_start_line(line):
     b"X\nA: b",
 ])
 async def test_malformed_header_line(line):
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n"))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n"))
     assert ei.value.status == 400
 
 
 async def test_bare_lf_in_start_line():
-    with pytest.raises(http.HTTPError) as ei:
-        await http.read_request(reader_of(b"GET /\nX HTTP/1.1\r\n\r\n"))
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.read_request(reader_of(b"GET /\nX HTTP/1.1\r\n\r\n"))
     assert ei.value.status == 400
 
 
@@ -193,33 +210,49 @@ async def test_response_empty_reason_phrase():
 @pytest.mark.parametrize("line", [b"HTTP/1.1 2000 OK", b"HTTP/1.1 abc OK", b"ICY 200 OK", b"HTTP/1.1",
                                   b"HTTP/1.1 \xb200 OK", b"garbage", b"HTTP/1.1  200 OK"])
 async def test_malformed_status_line_is_502(line):
-    with pytest.raises(http.HTTPError) as ei:
+    with pytest.raises(http1.HTTPError) as ei:
         await response(line + b"\r\n\r\n")
     assert ei.value.status == 502
 
 
 async def test_malformed_upstream_header_is_502():
-    with pytest.raises(http.HTTPError) as ei:
+    with pytest.raises(http1.HTTPError) as ei:
         await response(b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n")
     assert ei.value.status == 502
 
 
 async def test_upstream_closed_without_response():
-    with pytest.raises(http.HTTPError) as ei:
+    with pytest.raises(http1.EmptyResponse) as ei:
         await response(b"")
     assert ei.value.status == 502
 
 
+async def test_upstream_head_too_large_is_502():
+    # B4: the upstream's fault, not a 431 "request head too large" for the client.
+    big = b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
+    for limit in (128 * 1024, 1024):
+        with pytest.raises(http1.HTTPError) as ei:
+            await http1.read_response(reader_of(big, limit=limit))
+        assert ei.value.status == 502
+
+
+async def test_upstream_closed_mid_head_is_502():
+    # B4: not a 400 "connection closed mid-request"; and not EmptyResponse, which may be retried.
+    with pytest.raises(http1.HTTPError) as ei:
+        await response(b"HTTP/1.1 200 OK\r\nContent-Le")
+    assert ei.value.status == 502 and not isinstance(ei.value, http1.EmptyResponse)
+
+
 @given(st.binary(max_size=300))
 async def test_garbage_heads_raise_only_http_errors(data):
-    for parse in (lambda: http.read_request(reader_of(data + b"\r\n\r\n")),
-                  lambda: http.read_response(reader_of(data + b"\r\n\r\n"))):
+    for parse in (lambda: http1.read_request(reader_of(data + b"\r\n\r\n")),
+                  lambda: http1.read_response(reader_of(data + b"\r\n\r\n"))):
         try:
             msg = await parse()
-        except http.HTTPError as exc:
+        except http1.HTTPError as exc:
             assert exc.status in (400, 431, 502)
         else:
-            if isinstance(msg, http.Response):
+            if isinstance(msg, http1.Response):
                 assert 100 <= msg.status <= 999
 
 
@@ -235,7 +268,7 @@ async def test_garbage_heads_raise_only_http_errors(data):
     ("fd00::a", 80, ("fd00::a", 80)),       # unbracketed v6: no port can be told apart
 ])
 def test_split_authority(authority, default, expected):
-    assert http.split_authority(authority, default) == expected
+    assert http1.split_authority(authority, default) == expected
 
 
 @pytest.mark.parametrize("authority", [
@@ -243,27 +276,27 @@ def test_split_authority(authority, default, expected):
     "host:8o", "host:\xb2", "host:1\xb3", "[::1]:\xb9", "host: 80", "host:99999999999999999999",
 ])
 def test_split_authority_bad(authority):
-    with pytest.raises(http.HTTPError) as ei:
-        http.split_authority(authority, 80)
+    with pytest.raises(http1.HTTPError) as ei:
+        http1.split_authority(authority, 80)
     assert ei.value.status == 400
 
 
 @given(st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?", fullmatch=True), st.integers(1, 65535))
 def test_split_authority_roundtrip_name(host, port):
-    assert http.split_authority(f"{host}:{port}", 1) == (host, port)
-    assert http.split_authority(host, 7) == (host, 7)
+    assert http1.split_authority(f"{host}:{port}", 1) == (host, port)
+    assert http1.split_authority(host, 7) == (host, 7)
 
 
 @given(st.ip_addresses(v=6), st.integers(1, 65535))
 def test_split_authority_roundtrip_v6(ip, port):
-    assert http.split_authority(f"[{ip}]:{port}", 1) == (str(ip), port)
+    assert http1.split_authority(f"[{ip}]:{port}", 1) == (str(ip), port)
 
 
 @given(st.text(max_size=30))
 def test_split_authority_never_crashes(text):
     try:
-        host, port = http.split_authority(text, 80)
-    except http.HTTPError as exc:
+        host, port = http1.split_authority(text, 80)
+    except http1.HTTPError as exc:
         assert exc.status == 400
     else:
         assert host and 0 < port < 65536
@@ -286,22 +319,22 @@ async def test_absolute_target(target, expected):
                                     "http://host:0/", "http://host:x/", "/just/a/path"])
 async def test_absolute_target_bad(target):
     req = await request(f"GET {target} HTTP/1.1\r\n\r\n".encode())
-    with pytest.raises(http.HTTPError) as ei:
+    with pytest.raises(http1.HTTPError) as ei:
         http.absolute_target(req)
     assert ei.value.status == 400
 
 
 # -- body length --------------------------------------------------------------------------------
 async def test_request_body_lengths():
-    assert http.body_length(await request(b"GET / HTTP/1.1\r\n\r\n"), is_response=False) == 0
+    assert http1.body_length(await request(b"GET / HTTP/1.1\r\n\r\n"), is_response=False) == 0
     req = await request(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
-    assert http.body_length(req, is_response=False) == 12
+    assert http1.body_length(req, is_response=False) == 12
     req = await request(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
-    assert http.body_length(req, is_response=False) == 5
+    assert http1.body_length(req, is_response=False) == 5
     req = await request(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n")
-    assert http.body_length(req, is_response=False) == -1
+    assert http1.body_length(req, is_response=False) == -1
     req = await request(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
-    assert http.body_length(req, is_response=False) == -1
+    assert http1.body_length(req, is_response=False) == -1
 
 
 @pytest.mark.parametrize("headers", [
@@ -318,8 +351,8 @@ async def test_request_body_lengths():
 ])
 async def test_request_body_length_rejected(headers):
     req = await request(b"POST / HTTP/1.1\r\n" + headers + b"\r\n")
-    with pytest.raises(http.HTTPError) as ei:
-        http.body_length(req, is_response=False)
+    with pytest.raises(http1.HTTPError) as ei:
+        http1.body_length(req, is_response=False)
     assert ei.value.status == 400
 
 
@@ -341,41 +374,44 @@ async def test_request_body_length_rejected(headers):
 ])
 async def test_response_body_length(status, method, headers, expected):
     resp = await response(f"HTTP/1.1 {status} X\r\n{headers}\r\n".encode())
-    assert http.body_length(resp, is_response=True, request_method=method) == expected
+    assert http1.body_length(resp, is_response=True, request_method=method) == expected
 
 
 @pytest.mark.parametrize("headers", [b"Content-Length: 1\r\nContent-Length: 2\r\n", b"Content-Length: x\r\n",
                                      b"Content-Length: \xb9\r\n"])
 async def test_response_bad_content_length_is_502(headers):
     resp = await response(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n")
-    with pytest.raises(http.HTTPError) as ei:
-        http.body_length(resp, is_response=True, request_method="GET")
+    with pytest.raises(http1.HTTPError) as ei:
+        http1.body_length(resp, is_response=True, request_method="GET")
     assert ei.value.status == 502
 
 
 # -- copy_body ----------------------------------------------------------------------------------
 async def test_copy_fixed_length_leaves_the_rest():
     r, w = reader_of(b"hello worldNEXT"), Sink()
-    await http.copy_body(r, w, 11, chunk=4)
+    await http1.copy_body(r, w, 11, chunk=4)
     assert bytes(w.data) == b"hello world"
     assert w.drains >= 3  # drained after every write: back-pressure reaches the reader
     assert await r.read() == b"NEXT"
 
 
-async def test_copy_fixed_length_short():
-    with pytest.raises(http.HTTPError):
-        await http.copy_body(reader_of(b"abc"), Sink(), 10)
+@pytest.mark.parametrize("status", [400, 502])
+async def test_copy_fixed_length_short(status):
+    # EOF mid-body is the sender's fault: 400 for a client's request body, 502 for an upstream's.
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.copy_body(reader_of(b"abc"), Sink(), 10, status=status)
+    assert ei.value.status == status
 
 
 async def test_copy_until_close():
     w = Sink()
-    await http.copy_body(reader_of(b"x" * 1000), w, None, chunk=64)
+    await http1.copy_body(reader_of(b"x" * 1000), w, None, chunk=64)
     assert bytes(w.data) == b"x" * 1000
 
 
 async def test_copy_zero():
     r, w = reader_of(b"NEXT"), Sink()
-    await http.copy_body(r, w, 0)
+    await http1.copy_body(r, w, 0)
     assert w.data == b"" and await r.read() == b"NEXT"
 
 
@@ -386,9 +422,9 @@ CHUNKED = (b"5;name=value;q=\"a;b\"\r\nhello\r\n"
 
 async def test_copy_chunked_with_extensions_and_trailers():
     r, w = reader_of(CHUNKED + b"GET /next HTTP/1.1\r\n\r\n"), Sink()
-    await http.copy_body(r, w, -1)
+    await http1.copy_body(r, w, -1)
     assert bytes(w.data) == CHUNKED
-    assert (await http.read_request(r)).target == "/next"
+    assert (await http1.read_request(r)).target == "/next"
 
 
 @pytest.mark.parametrize("body", [
@@ -401,20 +437,29 @@ async def test_copy_chunked_with_extensions_and_trailers():
     b"5\r\nhelloXY0\r\n\r\n",          # chunk data not followed by CRLF
 ])
 async def test_copy_chunked_bad_framing(body):
-    with pytest.raises(http.HTTPError) as ei:
-        await http.copy_body(reader_of(body), Sink(), -1)
+    with pytest.raises(http1.HTTPError) as ei:
+        await http1.copy_body(reader_of(body), Sink(), -1)
     assert ei.value.status in (400, 502)
 
 
 async def test_copy_chunked_truncated():
     for cut in range(len(CHUNKED)):
-        with pytest.raises((http.HTTPError, asyncio.IncompleteReadError)):
-            await http.copy_body(reader_of(CHUNKED[:cut]), Sink(), -1)
+        with pytest.raises(http1.HTTPError) as ei:
+            await http1.copy_body(reader_of(CHUNKED[:cut]), Sink(), -1, status=502)
+        assert ei.value.status == 502
+
+
+async def test_copy_chunked_trailers_are_drained():
+    # An upstream streaming trailer lines for ever must meet back-pressure, not grow a buffer.
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(50))
+    w = Sink()
+    await http1.copy_body(reader_of(b"0\r\n" + trailers + b"\r\n"), w, -1)
+    assert w.drains >= 50
 
 
 async def test_copy_chunked_huge_size_line():
-    with pytest.raises(http.HTTPError):
-        await http.copy_body(reader_of(b"5;" + b"x" * 5000 + b"\r\n", limit=1024), Sink(), -1)
+    with pytest.raises(http1.HTTPError):
+        await http1.copy_body(reader_of(b"5;" + b"x" * 5000 + b"\r\n", limit=1024), Sink(), -1)
 
 
 def encode_chunked(pieces: list[bytes], exts: list[str], trailers: list[tuple[str, str]],
@@ -437,10 +482,10 @@ token = st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,10}", fullmatch=True)
        copy_chunk=st.integers(1, 300))
 async def test_copy_chunked_roundtrip(data, cuts, exts, trailers, upper, copy_chunk):
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    pieces = [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    pieces = [data[a:b] for a, b in itertools.pairwise(points) if b > a]
     wire = encode_chunked(pieces, exts, trailers, upper)
     r, w = reader_of(wire + b"TAIL"), Sink()
-    await http.copy_body(r, w, -1, chunk=copy_chunk)
+    await http1.copy_body(r, w, -1, chunk=copy_chunk)
     assert bytes(w.data) == wire
     assert await r.read() == b"TAIL"
 
@@ -448,8 +493,8 @@ async def test_copy_chunked_roundtrip(data, cuts, exts, trailers, upper, copy_ch
 @given(st.binary(max_size=200))
 async def test_copy_chunked_garbage_raises_only_protocol_errors(data):
     try:
-        await http.copy_body(reader_of(data), Sink(), -1)
-    except (http.HTTPError, asyncio.IncompleteReadError):
+        await http1.copy_body(reader_of(data), Sink(), -1)
+    except (http1.HTTPError, asyncio.IncompleteReadError):
         pass
 
 
@@ -524,29 +569,29 @@ async def test_upstream_head_keeps_body_framing():
 async def test_response_head_strips_hop_by_hop():
     resp = await response(b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=1\r\n"
                           b"Proxy-Authenticate: Basic\r\nContent-Length: 2\r\n\r\n")
-    start, lines = parse_head(http.response_head(resp, keep_alive=True))
+    start, lines = parse_head(http1.response_head(resp, keep_alive=True))
     assert start == "HTTP/1.1 200 OK"
     assert lines == ["Content-Length: 2", "Connection: keep-alive"]
-    _, lines = parse_head(http.response_head(resp, keep_alive=False))
+    _, lines = parse_head(http1.response_head(resp, keep_alive=False))
     assert lines[-1] == "Connection: close"
 
 
 async def test_response_head_101_keeps_upgrade():
     resp = await response(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                           b"Sec-WebSocket-Accept: x\r\n\r\n")
-    _, lines = parse_head(http.response_head(resp, keep_alive=True))
+    _, lines = parse_head(http1.response_head(resp, keep_alive=True))
     assert "Upgrade: websocket" in lines and "Connection: Upgrade" in lines
 
 
 async def test_response_head_100_continue_has_no_connection_header():
     resp = await response(b"HTTP/1.1 100 Continue\r\n\r\n")
-    assert http.response_head(resp, keep_alive=True) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert http1.response_head(resp, keep_alive=True) == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # -- proxy authentication and local responses ---------------------------------------------------
-def auth_req(value: str | None) -> http.Request:
+def auth_req(value: str | None) -> http1.Request:
     headers = [("Proxy-Authorization", value)] if value is not None else []
-    return http.Request(("GET", "http://x/", "HTTP/1.1"), headers)
+    return http1.Request(("GET", "http://x/", "HTTP/1.1"), headers)
 
 
 def b64(s: str) -> str:
@@ -574,6 +619,64 @@ def test_check_proxy_auth_roundtrip(user, password):
     assert not http.check_proxy_auth(req, (user, password + "x"))
 
 
+def test_credentials_compared_in_constant_time(monkeypatch):
+    # S3: every credential check goes through hmac.compare_digest, user and password both (no `==`
+    # that returns at the first wrong character, no short-circuit after a wrong user name).
+    calls = []
+    real = http.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(http.hmac, "compare_digest", spy)
+    assert not http.check_proxy_auth(auth_req("Basic " + b64("mallory:pa:ss")), ("alice", "pa:ss"))
+    assert (b"mallory", b"alice") in calls and (b"pa:ss", b"pa:ss") in calls
+    calls.clear()
+    assert http.credentials_match(("alice", "pa:ss"), ("alice", "pa:ss"))
+    assert len(calls) == 2
+
+
+def pac_req(host: str | None, **headers: str) -> http1.Request:
+    fields = [("Host", host)] if host is not None else []
+    return http1.Request(("GET", "/proxy.pac", "HTTP/1.1"), fields + [(k.replace("_", "-"), v)
+                                                                   for k, v in headers.items()])
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"])
+@pytest.mark.parametrize("host", ["127.0.0.1:2223", "localhost:2223", "[::1]:2223", "LOCALHOST", "127.0.0.1"])
+def test_pac_for_loopback_peers(peer, host):
+    # S3: ::ffff:127.0.0.1 is loopback on every Python (3.11/3.12's ipaddress says it is not).
+    assert http.pac_access(pac_req(host), peer, {"127.0.0.1"}, None) is None
+    assert http.pac_access(pac_req(host), peer, {"127.0.0.1"}, ("u", "p")) is None
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:2223", "127.lan.example.com:2223",
+                                  "10.0.0.9:2223", "", None, "[::1"])
+def test_pac_refused_for_a_foreign_host_header(host):
+    # S3: a page whose name was re-bound to 127.0.0.1 (DNS rebinding) sends its own name as Host.
+    assert http.pac_access(pac_req(host), "127.0.0.1", {"127.0.0.1", "10.0.0.5"}, None) == 403
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5:2223", "[fd00:0::5]:2223", "proxy.lan:2223", "PROXY.LAN."])
+def test_pac_host_may_name_the_bound_address(host):
+    local = {"10.0.0.5", "fd00::5", "proxy.lan"}
+    assert http.pac_access(pac_req(host), "127.0.0.1", local, None) is None
+
+
+def test_pac_for_other_peers_needs_credentials():
+    local, creds = {"10.0.0.5"}, ("alice", "s3cret")
+    host = "10.0.0.5:2223"
+    assert http.pac_access(pac_req(host), "10.0.0.7", local, None) == 403
+    assert http.pac_access(pac_req(host), "::ffff:10.0.0.7", local, None) == 403
+    assert http.pac_access(pac_req(host), "10.0.0.7", local, creds) == 401
+    wrong = "Basic " + b64("alice:guess")
+    assert http.pac_access(pac_req(host, Authorization=wrong), "10.0.0.7", local, creds) == 401
+    right = "Basic " + b64("alice:s3cret")
+    assert http.pac_access(pac_req(host, Authorization=right), "10.0.0.7", local, creds) is None
+    assert http.pac_access(pac_req(host, Proxy_Authorization=right), "10.0.0.7", local, creds) is None
+
+
 def test_basic_credentials():
     assert http.basic_credentials(None) is None
     assert http.basic_credentials("u:p:q") == ("u", "p:q")
@@ -582,19 +685,19 @@ def test_basic_credentials():
 
 
 async def test_simple_response_parses_back():
-    raw = http.simple_response(407, "ünïcode body\n", headers=[("Proxy-Authenticate", 'Basic realm="k"')])
+    raw = http1.simple_response(407, "ünïcode body\n", headers=[("Proxy-Authenticate", 'Basic realm="k"')])
     r = reader_of(raw)
-    resp = await http.read_response(r)
+    resp = await http1.read_response(r)
     assert resp.status == 407 and resp.start[2] == "Proxy Authentication Required"
     assert resp.get("proxy-authenticate") == 'Basic realm="k"'
     assert resp.get("connection") == "close"
-    n = http.body_length(resp, is_response=True, request_method="GET")
+    n = http1.body_length(resp, is_response=True, request_method="GET")
     assert n == len("ünïcode body\n".encode())
     assert await r.read() == "ünïcode body\n".encode()
 
 
 def test_simple_response_keep_alive_and_type():
-    raw = http.simple_response(200, "x", content_type="application/x-ns-proxy-autoconfig", close=False)
+    raw = http1.simple_response(200, "x", content_type="application/x-ns-proxy-autoconfig", close=False)
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nContent-Type: application/x-ns-proxy-autoconfig\r\n" in raw
     assert b"\r\nConnection: keep-alive\r\n" in raw
