@@ -7,6 +7,9 @@ behind a service is deleted and replaced.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+
 import pytest
 
 pytest.register_assert_rewrite("ktctl_runner")
@@ -48,8 +51,6 @@ def preview(ktctl: Ktctl, demo: str, local_server: int):
 
 def _port_free(port: int) -> int:
     """The seed's fixed local port, if this machine has it free (else the test is meaningless)."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -147,8 +148,6 @@ def two_port_service(demo: str) -> str:
 ])
 def test_bad_input_one_line_nothing_left(ktctl: Ktctl, demo: str, two_port_service: str, local_server: int,
                                          args: list[str], message: str) -> None:
-    import socket
-
     before = kt_objects(demo)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,8 +160,6 @@ def test_bad_input_one_line_nothing_left(ktctl: Ktctl, demo: str, two_port_servi
 
 
 def test_forward_local_port_in_use(ktctl: Ktctl, demo: str) -> None:
-    import socket
-
     before = kt_objects(demo)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -173,3 +170,28 @@ def test_forward_local_port_in_use(ktctl: Ktctl, demo: str) -> None:
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "in use" in errors[0], r.stderr
     assert kt_objects(demo) == before
+
+
+def test_all_commands_at_once(ktctl: Ktctl, preview, demo: str, client_pod: ClientPod) -> None:
+    """connect, exchange, preview and forward side by side in one namespace, then each stopped: every
+    one keeps working while the others run, and none removes what another made."""
+    before = kt_objects(demo)
+    proxy = free_port()
+    connect = ktctl.start("connect", "--proxy-port", str(proxy), "--dns-port", str(free_port()))
+    ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
+    port = free_port()
+    fwd = ktctl.start("forward", "tomcat-v2", f"{port}:8080")
+    connect.wait_banner("All looks good")
+    ex.wait_banner("Now all request to service 'tomcat' will be redirected to local")
+    fwd.wait_banner(f"via 'localhost:{port}'")
+    via_proxy = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{proxy}",
+                                "http://tomcat-v2:8080"], capture_output=True, text=True, timeout=30)
+    assert via_proxy.stdout.strip() == LOCAL, via_proxy.stderr
+    assert client_pod.get("http://tomcat:8080") == LOCAL
+    assert client_pod.get("http://tomcat-v2:8080") == LOCAL
+    assert local_get(f"http://127.0.0.1:{port}") == LOCAL
+    for bg in (fwd, ex, connect):
+        assert bg.stop() in (0, 130)
+    client_pod.wait_for("http://tomcat:8080", DEMO)
+    assert client_pod.get("http://tomcat-v2:8080") == LOCAL  # the preview is untouched
+    wait_for("only the preview's objects left", lambda: kt_objects(demo) == before, timeout=60)
