@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -50,6 +53,14 @@ def parse_head(raw: bytes) -> tuple[str, list[str]]:
     head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     start, *lines = head.split("\r\n")
     return start, lines
+
+
+def test_http1_framing_is_stdlib_only():
+    # An in-cluster router imports ktwire.http1 from an image that has neither ktproxy nor its dependencies.
+    code = ("import sys, ktwire.http1; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ktproxy', 'asyncssh', 'kubernetes')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 # -- request heads ------------------------------------------------------------------------------
