@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube.client import KubeClient
     from ktproxy.commands.options import shadow_options
+    from ktproxy.kube.client import KubeClient
     from ktproxy.kube.shadow_session import ShadowSession
 
     log.info("KtConnect start at %d", os.getpid())
