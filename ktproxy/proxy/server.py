@@ -327,29 +327,30 @@ class ProxyServer:
                 body = asyncio.ensure_future(http1.copy_body(reader, body_up, req_len, status=400))
                 head = asyncio.ensure_future(self._final_head(up_reader, client, idle))
                 try:
-                    resp = await self._race(body, head, reader)
-                except (http1.EmptyResponse, ConnectionResetError, BrokenPipeError) as exc:
-                    if (retry_ok and body_up.written == 0 and client.written == 0
-                            and req.method in IDEMPOTENT):
-                        raise _Stale from exc
-                    raise
-                resp_len = http1.body_length(resp, is_response=True, request_method=req.method)
-                keep_client = req.keep_alive() and resp_len is not None
-                head_sent = True
-                try:
-                    if resp.status == 101:
-                        writer.write(http1.response_head(resp, True))
-                        await body
-                        return None
-                    writer.write(http1.response_head(resp, keep_client))
-                    await http1.copy_body(up_reader, client, resp_len, status=502)
-                    await body  # the whole request body is read before the next request's head
-                except Exception as exc:  # the client has a head: an error page now would corrupt the body
-                    raise _MidResponse(str(exc) or type(exc).__name__) from exc
+                    try:
+                        resp = await self._race(body, head, reader)
+                    except (http1.EmptyResponse, ConnectionResetError, BrokenPipeError) as exc:
+                        if (retry_ok and body_up.written == 0 and client.written == 0
+                                and req.method in IDEMPOTENT):
+                            raise _Stale from exc
+                        raise
+                    resp_len = http1.body_length(resp, is_response=True, request_method=req.method)
+                    keep_client = req.keep_alive() and resp_len is not None
+                    head_sent = True
+                    try:
+                        if resp.status == 101:
+                            writer.write(http1.response_head(resp, True))
+                            await body
+                            return None
+                        writer.write(http1.response_head(resp, keep_client))
+                        await http1.copy_body(up_reader, client, resp_len, status=502)
+                        await body  # the whole request body is read before the next request's head
+                    except Exception as exc:  # the client has a head: an error page now would corrupt the body
+                        raise _MidResponse(str(exc) or type(exc).__name__) from exc
+                    return keep_client, resp.keep_alive() and resp_len is not None
                 finally:
                     for task in (body, head):
                         await _cancelled(task)
-                return keep_client, resp.keep_alive() and resp_len is not None
         except TimeoutError as exc:
             if head_sent:
                 raise _MidResponse(f"nothing moved for {EXCHANGE_IDLE_TIMEOUT:g} s") from exc
@@ -359,20 +360,15 @@ class ProxyServer:
     async def _race(body: asyncio.Future[None], head: asyncio.Future[http1.Response],
                     client: asyncio.StreamReader) -> http1.Response:
         """The final response head; a request body that fails first ends the exchange instead."""
-        try:
-            pending: set[asyncio.Future[Any]] = {body, head}
-            while not head.done():
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                failed = body.exception() if body in done else None
-                # Bad framing or a client gone mid-body: the origin waits for the rest for ever.
-                if isinstance(failed, http1.HTTPError) or (failed and client.exception() is not None):
-                    raise failed
-                # Otherwise the upstream stopped taking the body: its answer, if any, says why.
-            return head.result()
-        except BaseException:
-            for task in (body, head):
-                await _cancelled(task)
-            raise
+        pending: set[asyncio.Future[Any]] = {body, head}
+        while not head.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failed = body.exception() if body in done else None
+            # Bad framing or a client gone mid-body: the origin waits for the rest for ever.
+            if isinstance(failed, http1.HTTPError) or (failed and client.exception() is not None):
+                raise failed
+            # Otherwise the upstream stopped taking the body: its answer, if any, says why.
+        return head.result()
 
     @staticmethod
     async def _final_head(up_reader: Any, client: Touching, idle: Idle) -> http1.Response:

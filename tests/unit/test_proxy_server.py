@@ -326,9 +326,11 @@ async def test_busy_relay_outlives_the_idle_timeout(monkeypatch, proxy, unretrie
     b"HTTP/1.1 200 OK\r\nContent-Le",                               # closed mid-head
     b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",                    # malformed
     b"ICY 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",                 # no usable length
     b"",                                                            # closed without a byte
 ])
-async def test_upstream_head_errors_are_502(proxy, unretrieved, answer):
+@pytest.mark.parametrize("body_pending", [False, True])
+async def test_upstream_head_errors_are_502(proxy, unretrieved, answer, body_pending):
     async def bad(reader, writer, n):
         await http1.read_request(reader)
         writer.write(answer)
@@ -337,7 +339,10 @@ async def test_upstream_head_errors_are_502(proxy, unretrieved, answer):
 
     async with Origin(bad) as origin, asyncio.timeout(10):
         r, w = await proxy.connect()
-        w.write(get(origin.port))
+        if body_pending:  # a body still to come when the bad head arrives: its copy must end quietly
+            w.write(get(origin.port, "/", "PUT", "Content-Length: 100\r\n"))
+        else:
+            w.write(get(origin.port))
         resp, _ = await read_response(r)
         assert resp.status == 502
         w.close()
