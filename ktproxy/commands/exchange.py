@@ -115,6 +115,7 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
         life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name)
         guard = asyncio.create_task(guard_selector(kube, ns, name, labels, original, user))
         life.on_cleanup("selector guard", cancel_task, guard)
+    await shadow.wait_serving(name)
 
 
 async def _restore(kube: Any, ns: str, name: str) -> None:
@@ -144,6 +145,7 @@ async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: l
     original = await scale.scale_down(kube, ns, deployment)
     life.on_cleanup(f"replicas of deployment {name}", _scale_back, life, kube, ns, name, original,
                     args.recover_wait_time)
+    await shadow.wait_serving(target.service_name)
 
 
 async def _scale_back(life: lifecycle.Lifecycle, kube: Any, ns: str, name: str, replicas: int,

@@ -114,6 +114,7 @@ class ReverseShadow:
         self.kube = kube
         self.spec = spec
         self.timeout = args.timeout
+        self.skip_local_check = args.skip_port_checking
         keys = generate_session_keys()
         self.shadow = ShadowSession(kube, kube.namespace, shadow_options(args, kube.namespace), keys,
                                     role=spec.shadow_role())
@@ -139,8 +140,23 @@ class ReverseShadow:
         except (asyncssh.Error, ConnectionError) as exc:
             raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
         await life.until_stopped(self._wait_ready())
+        if self.skip_local_check:
+            # Nothing may listen locally yet, so a proof could only fail: the pod's readiness is all we have.
+            log.info("Local ports not checked (--skip-port-checking): traffic fails until they listen")
+            return
         for p in self.spec.ports:
             await life.until_stopped(prove_path(self.tunnel, p))
+
+    async def wait_serving(self, service: str) -> None:
+        """Until Service `service` sends its traffic to this shadow only (its EndpointSlices say so)."""
+        from ktproxy.kube.endpoints import wait_for_addresses
+
+        pod = self.shadow.pod
+        assert pod is not None
+        found = await self.kube.call(self.kube.core.read_namespaced_pod, pod.name, pod.namespace)
+        ips = {a.ip for a in (found.status.pod_ips or []) if a.ip} or {found.status.pod_ip}
+        if await self.life.until_stopped(wait_for_addresses(self.kube, pod.namespace, service, ips)):
+            log.info("Service %s now sends its traffic to shadow pod %s only", service, pod.name)
 
     async def _wait_ready(self) -> None:
         from ktproxy.kube.shadow import wait_ready

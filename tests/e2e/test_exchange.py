@@ -75,7 +75,8 @@ def test_seed_exchange_and_ctrl_c(ktctl: Ktctl, settled: str, client_pod: Client
     lines = ex.output().splitlines()
     at = next(i for i, line in enumerate(lines) if line.endswith(BANNER))
     assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), ex.output()
-    assert client_pod.get(URL) == LOCAL  # switched only once the path was proven: no wait needed
+    assert "Service tomcat now sends its traffic to shadow pod" in ex.output()  # endpoints confirmed
+    client_pod.wait_for(URL, LOCAL, timeout=5)  # only kube-proxy's own sync delay is left
     svc = service(settled, "tomcat")
     assert json.loads(kt_annotations(svc)["kt-selector"]) == {"app": "tomcat"}
     assert "kt-lock" not in kt_annotations(svc)  # the lock guards set-up only
@@ -245,3 +246,15 @@ def test_exchange_through_connects_proxy(ktctl: Ktctl, settled: str, local_serve
     wait_for("v1 through connect again", lambda: curl() == DEMO, timeout=30)
     assert connect.stop() in (0, 130)
     wait_for("no kt objects left", lambda: kt_objects(settled) == [], timeout=60)
+
+
+def test_skip_port_checking_allows_a_later_start(ktctl: Ktctl, settled: str, client_pod: ClientPod) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        later = s.getsockname()[1]
+    ex = ktctl.start("exchange", "tomcat", "--expose", f"{later}:8080", "--skip-port-checking")
+    ex.wait_banner(BANNER)
+    with serve_page(later, "kt-connect local, started later"):
+        client_pod.wait_for(URL, "kt-connect local, started later")
+    assert ex.stop() in (0, 130)
+    _assert_pristine(settled, client_pod)
