@@ -82,6 +82,7 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     # Not interruptible: a create cancelled in flight could leave a Service with no delete registered.
     await preview.create_service(kube, ns, name, ports, labels, user, external=args.external)
     life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name)
+    await shadow.wait_serving(name)
     beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
     life.on_cleanup("service heartbeat", cancel_task, beat)
     print_banner(banner(name))

@@ -90,7 +90,7 @@ def test_sigterm_and_sighup_also_restore(ktctl: Ktctl, settled: str, client_pod:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
         ex.wait_banner(BANNER)
-        assert client_pod.get(URL) == LOCAL
+        client_pod.wait_for(URL, LOCAL, timeout=5)
         assert ex.stop(sig) in (0, 130, 128 + sig)
         _assert_pristine(settled, client_pod)
 
@@ -182,8 +182,8 @@ def test_named_target_port_and_two_ports(ktctl: Ktctl, module_namespace: str, cl
         with serve_page(0, "kt-connect local alt") as alt:
             ex = ktctl.start("exchange", "named", "--expose", f"8080:http,{alt}:9090")
             ex.wait_banner("Now all request to service 'named' will be redirected to local")
-            assert client_pod.get("http://named:80") == LOCAL
-            assert client_pod.get("http://named:9090") == "kt-connect local alt"
+            client_pod.wait_for("http://named:80", LOCAL, timeout=5)
+            client_pod.wait_for("http://named:9090", "kt-connect local alt", timeout=5)
             assert ex.output().count("Creating shadow pod") == 1
             assert ex.stop() in (0, 130)
         wait_for("no kt objects left", lambda: kt_objects(ns) == [], timeout=60)

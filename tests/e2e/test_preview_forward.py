@@ -63,7 +63,8 @@ def test_seed_preview(preview, demo: str, client_pod: ClientPod) -> None:
     lines = preview.output().splitlines()
     at = next(i for i, line in enumerate(lines) if line.endswith(PREVIEW_BANNER))
     assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), preview.output()
-    assert client_pod.get("http://tomcat-v2:8080") == LOCAL
+    assert "Service tomcat-v2 now sends its traffic to shadow pod" in preview.output()
+    client_pod.wait_for("http://tomcat-v2:8080", LOCAL, timeout=5)  # only kube-proxy's sync delay is left
     svc = kubectl("-n", demo, "get", "svc", "tomcat-v2", "-o", "jsonpath={.spec.type} {.metadata.labels.control-by}")
     assert svc.stdout == "ClusterIP kt"
 
@@ -187,7 +188,7 @@ def test_all_commands_at_once(ktctl: Ktctl, preview, demo: str, client_pod: Clie
     via_proxy = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{proxy}",
                                 "http://tomcat-v2:8080"], capture_output=True, text=True, timeout=30)
     assert via_proxy.stdout.strip() == LOCAL, via_proxy.stderr
-    assert client_pod.get("http://tomcat:8080") == LOCAL
+    client_pod.wait_for("http://tomcat:8080", LOCAL, timeout=5)
     assert client_pod.get("http://tomcat-v2:8080") == LOCAL
     assert local_get(f"http://127.0.0.1:{port}") == LOCAL
     for bg in (fwd, ex, connect):
