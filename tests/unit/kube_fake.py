@@ -32,6 +32,7 @@ class FakeCore:
         self.calls: list[tuple[str, str]] = []
         self.hold: dict[str, threading.Event] = {}
         self.started: dict[str, threading.Event] = {}
+        self.finished: dict[str, threading.Event] = {}  # the call has acted (or raised)
         self.fail: dict[str, ApiException] = {}
         self.ready = True
         self.container_started = True  # past its startup probe
@@ -51,12 +52,15 @@ class FakeCore:
 
     def _create(self, kind: str, call: str, body: dict[str, Any]) -> Any:
         name = body["metadata"]["name"]
-        self._enter(call, name)
-        with self._lock:
-            if (kind, name) in self.objects:
-                raise api_exception(409, "AlreadyExists", f'{kind}s "{name}" already exists')
-            self.objects[(kind, name)] = body
-        return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=name, uid=f"uid-{name}"))
+        try:
+            self._enter(call, name)
+            with self._lock:
+                if (kind, name) in self.objects:
+                    raise api_exception(409, "AlreadyExists", f'{kind}s "{name}" already exists')
+                self.objects[(kind, name)] = body
+            return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=name, uid=f"uid-{name}"))
+        finally:
+            self.finished.setdefault(call, threading.Event()).set()
 
     def _delete(self, kind: str, call: str, name: str) -> None:
         self._enter(call, name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 from kubernetes.client import V1Pod
@@ -316,3 +318,11 @@ def test_role_names():
     assert ShadowRole(meta.ROLE_PREVIEW_SHADOW, "tomcat-v2-kt-").new_name().startswith("tomcat-v2-kt-")
     long = ShadowRole(meta.ROLE_EXCHANGE_SHADOW, "s" * 70 + "-kt-exchange-").new_name()
     assert len(long) == 63 and long[-6] == "-"
+
+
+def test_default_image_tag_follows_the_package_version():
+    # A fresh interpreter, so the module computes its default from a version other than today's.
+    code = ("import ktproxy; ktproxy.__version__ = '9.8.7'; "
+            "from ktproxy.kube.shadow import DEFAULT_IMAGE; print(DEFAULT_IMAGE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "docker.io/ktproxy/shadow:9.8.7"

@@ -42,6 +42,8 @@ async def test_create_cancelled_in_flight_is_deleted_once_it_lands(call):
     held.set()
     with pytest.raises(asyncio.CancelledError):
         await task
+    # The POST completes in its thread whatever the caller did: judge only once it has.
+    assert await asyncio.to_thread(core.finished.setdefault(call, threading.Event()).wait, 5)
     assert core.objects == {}, "an object whose create was sent must not outlive the cancellation"
     assert ("delete_namespaced_secret", "p") in core.calls
 
