@@ -84,7 +84,7 @@ async def list_objects(
             resp = await kube.call(api.list_everywhere, label_selector=meta.SELECTOR,
                                    access=Access("list", api.plural))
         else:
-            resp = await kube.call(api.list_namespaced, namespace, label_selector=meta.SELECTOR,
+            resp = await kube.call(api.namespaced("list"), namespace, label_selector=meta.SELECTOR,
                                    access=Access("list", api.plural, namespace))
         return [_to_object(kind, item) for item in resp.items or []]
 
@@ -110,7 +110,7 @@ async def delete_object(kube: KubeClient, obj: KtObject) -> bool:
     """Delete one object; False if it was already gone."""
     api = kind_api(kube, obj.kind)
     try:
-        await kube.call(api.delete, obj.name, obj.namespace, grace_period_seconds=0,
+        await kube.call(api.namespaced("delete"), obj.name, obj.namespace, grace_period_seconds=0,
                         access=Access("delete", api.plural, obj.namespace))
         return True
     except KubeError as exc:

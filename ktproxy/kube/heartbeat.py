@@ -42,7 +42,7 @@ async def beat_once(kube: KubeClient, objects: Iterable[ObjectRef]) -> int:
     for kind, ns, name in objects:
         api = kind_api(kube, kind)
         try:
-            await kube.call(api.patch, name, ns, body, access=Access("patch", api.plural, ns))
+            await kube.call(api.namespaced("patch"), name, ns, body, access=Access("patch", api.plural, ns))
             done += 1
         except KubeError as exc:
             if exc.status == 404:

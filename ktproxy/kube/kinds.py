@@ -28,17 +28,9 @@ class KindApi:
     plural: str  # for "no permission to ..." lines
     stem: str
 
-    @property
-    def patch(self) -> Callable[..., Any]:
-        return getattr(self.api, f"patch_namespaced_{self.stem}")
-
-    @property
-    def delete(self) -> Callable[..., Any]:
-        return getattr(self.api, f"delete_namespaced_{self.stem}")
-
-    @property
-    def list_namespaced(self) -> Callable[..., Any]:
-        return getattr(self.api, f"list_namespaced_{self.stem}")
+    def namespaced(self, verb: str) -> Callable[..., Any]:
+        """The client's <verb>_namespaced_<kind> call: patch, delete, list, read."""
+        return getattr(self.api, f"{verb}_namespaced_{self.stem}")
 
     @property
     def list_everywhere(self) -> Callable[..., Any]:
