@@ -63,7 +63,8 @@ class DataPlane:
         return reachable_host(self.settings.proxy_host)
 
     def _pac(self) -> str:
-        return pac_script(self.rules, self.reachable_host, self.proxy.bound_port)
+        return pac_script(self.rules, self.reachable_host, self.proxy.bound_port,
+                          auth=self.settings.credentials is not None)
 
     @property
     def proxy_port(self) -> int:

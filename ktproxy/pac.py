@@ -22,9 +22,11 @@ def _v6_net(net: ipaddress.IPv6Network) -> list[object]:
     return [groups, net.prefixlen]
 
 
-def pac_script(rules: ClusterRules, proxy_host: str, proxy_port: int) -> str:
+def pac_script(rules: ClusterRules, proxy_host: str, proxy_port: int, *, auth: bool = False) -> str:
     hostport = f"[{proxy_host}]:{proxy_port}" if ":" in proxy_host else f"{proxy_host}:{proxy_port}"
-    proxy = f"SOCKS5 {hostport}; PROXY {hostport}"
+    # Browsers cannot authenticate to a SOCKS5 proxy: with credentials every request would first pay
+    # for a failed SOCKS5 attempt, so HTTP proxying (which they can authenticate) comes first.
+    proxy = f"PROXY {hostport}; SOCKS5 {hostport}" if auth else f"SOCKS5 {hostport}; PROXY {hostport}"
     v4 = [[str(n.network_address), str(n.netmask)] for n in rules.cidrs if n.version == 4]
     v6 = [_v6_net(n) for n in rules.cidrs if n.version == 6]
     return f"""// ktproxy: cluster names and addresses go through ktctl connect; everything else is DIRECT.

@@ -167,6 +167,12 @@ def test_pac_proxy_line_and_type():
     assert run_pac(pac6, ["tomcat"]) == ["SOCKS5 [::1]:4321; PROXY [::1]:4321"]
 
 
+def test_pac_with_proxy_auth_offers_http_proxying_first():
+    # Browsers cannot do SOCKS5 authentication: an authenticated proxy must be tried as PROXY first.
+    pac = pac_script(make_rules(), "10.1.2.3", 2223, auth=True)
+    assert run_pac(pac, ["tomcat"]) == ["PROXY 10.1.2.3:2223; SOCKS5 10.1.2.3:2223"]
+
+
 def test_pac_follows_namespaces_added_later():
     rules = make_rules(namespaces=set())
     assert run_pac(pac_script(rules, "127.0.0.1", 2223), ["tomcat.late"]) == ["DIRECT"]
