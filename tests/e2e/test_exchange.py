@@ -222,9 +222,12 @@ def test_sigkill_then_clean(ktctl: Ktctl, settled: str, client_pod: ClientPod, l
     ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
     ex.wait_banner(BANNER)
     ex.kill()
-    r = ktctl.run("clean", "--threshold-in-minutes", "0")
-    assert r.returncode == 0, r.stdout + r.stderr
-    _assert_pristine(settled, client_pod)
+    try:
+        r = ktctl.run("clean", "--threshold-in-minutes", "0")
+        assert r.returncode == 0, r.stdout + r.stderr
+        _assert_pristine(settled, client_pod)
+    finally:  # a failure here must not leave the next tests an exchanged service
+        ktctl.run("recover", "tomcat")
 
 
 def test_exchange_through_connects_proxy(ktctl: Ktctl, settled: str, local_server: int) -> None:
