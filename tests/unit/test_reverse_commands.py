@@ -1,0 +1,58 @@
+"""The pure parts of exchange, preview and forward: argument forms, banners, the shadow's role."""
+
+from __future__ import annotations
+
+import pytest
+
+from ktproxy.commands.exchange import banner as exchange_banner
+from ktproxy.commands.forward import banner as forward_banner
+from ktproxy.commands.forward import parse_ports
+from ktproxy.commands.preview import banner as preview_banner
+from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
+from ktproxy.errors import UsageError
+from ktproxy.kube import meta
+from ktproxy.kube.expose import ExposedPort
+from ktproxy.kube.targets import AddressPlan, ExchangeTarget
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, (None, None)),
+    ("6060", (6060, None)),  # kt-connect: one number is the LOCAL port, REMOTE from the service
+    ("6060:8080", (6060, 8080)),
+    ("6060:http", (6060, "http")),
+])
+def test_forward_ports(text, expected) -> None:
+    assert parse_ports(text) == expected
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "70000", "1:2:3", "6060:", ":8080"])
+def test_forward_bad_ports(text) -> None:
+    with pytest.raises(UsageError):
+        parse_ports(text)
+
+
+def test_banners_are_kt_connects() -> None:
+    svc = type("Svc", (), {})()
+    assert exchange_banner(ExchangeTarget("service", "tomcat", svc)) == \
+        "Now all request to service 'tomcat' will be redirected to local"
+    assert exchange_banner(ExchangeTarget("deployment", "tomcat", svc)) == \
+        "Now all request to deployment 'tomcat' will be redirected to local"
+    assert preview_banner("tomcat-v2") == "Now you can access your local service in cluster by name 'tomcat-v2'"
+    plan = AddressPlan("10.0.0.7", 8080)
+    assert forward_banner(plan, "127.0.0.1", 6060) == "Now you can access port 8080 of '10.0.0.7' via 'localhost:6060'"
+    assert forward_banner(plan, "0.0.0.0", 6060).endswith("via '0.0.0.0:6060'")
+
+
+def test_shadow_role_serves_every_target_port_once_with_its_name() -> None:
+    ports = [ExposedPort(8080, 80, 8080, "http"), ExposedPort(9000, 9090, 9091), ExposedPort(9001, 90, 8080, "http")]
+    role = ReverseSpec(meta.ROLE_EXCHANGE_SHADOW, "tomcat-kt-exchange-", ports, labels={"kt-target": "x"},
+                       annotations={meta.KT_CONFIG: "service=tomcat"}).shadow_role()
+    role.check()  # the API server would accept the ports
+    assert role.ports == (("http", 8080), ("kt-9091", 9091), (HEALTH_PORT_NAME, 2280))
+    assert role.args == ("--expose", "8080,9091", "--health-port", "2280")
+    assert role.labels == {"kt-target": "x"} and role.annotations == {meta.KT_CONFIG: "service=tomcat"}
+    assert role.new_name().startswith("tomcat-kt-exchange-")
+
+
+def test_health_port_avoids_exposed_ports() -> None:
+    assert health_port([ExposedPort(2280, 2280, 2280), ExposedPort(1, 2281, 2281)]) == 2282
