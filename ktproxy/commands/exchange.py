@@ -155,7 +155,7 @@ async def _scale_back(life: lifecycle.Lifecycle, kube: Any, ns: str, name: str, 
 
     await asyncio.shield(scale.scale_back(kube, ns, name, replicas))
     log.info("Waiting for deployment %s to be ready (interrupt again to stop waiting)", name)
-    await _interruptible(life, scale.wait_ready(kube, ns, name, replicas, timeout=wait))
+    await _interruptible(life, scale.wait_ready(kube, ns, name, replicas, wait))
 
 
 async def _interruptible(life: lifecycle.Lifecycle, aw: Any) -> None:

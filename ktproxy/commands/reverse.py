@@ -28,10 +28,6 @@ RULE = "-" * 63
 LOCAL_HOST = "127.0.0.1"
 HEALTH_PORT_NAME = "kt-health"
 HEALTH_PORTS = (2280, 2281, 2282, 2283)  # the first one no exposed port uses
-# Readiness from the shadow's health port (Ready only while a laptop session has every port attached)
-# needs ShadowSession to return a started, not yet Ready pod and to accept a running one as usable on
-# reconnect; until it does, readiness is the SSH port and the path proof alone gates the traffic.
-READY_WHEN_ATTACHED = False
 PROOF_TIMEOUT = 30.0
 # A connection the laptop could not complete is closed by the shadow at once; one still open after this
 # long was relayed to the laptop's service (which waits for the client to speak).
@@ -95,7 +91,7 @@ class ReverseSpec:
             name_prefix=self.name_prefix,
             ports=(*((name, n) for n, name in declared.items()), (HEALTH_PORT_NAME, health)),
             args=("--expose", numbers, "--health-port", str(health)),
-            health_port=HEALTH_PORT_NAME if READY_WHEN_ATTACHED else None,
+            health_port=HEALTH_PORT_NAME,
             labels=dict(self.labels),
             annotations=dict(self.annotations),
         )

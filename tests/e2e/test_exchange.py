@@ -261,3 +261,32 @@ def test_skip_port_checking_allows_a_later_start(ktctl: Ktctl, settled: str, cli
         client_pod.wait_for(URL, "kt-connect local, started later")
     assert ex.stop() in (0, 130)
     _assert_pristine(settled, client_pod)
+
+
+def test_scale_mode_second_interrupt_stops_only_the_wait(ktctl: Ktctl, module_namespace: str) -> None:
+    """Exit waits for the deployment's pods; a second Ctrl-C ends that wait, and the shadow still goes."""
+    ns = module_namespace
+    apply(ns, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "slow"},
+               "spec": {"selector": {"matchLabels": {"app": "slow"}},
+                        "template": {"metadata": {"labels": {"app": "slow"}},
+                                     "spec": {"containers": [{"name": "tomcat", "image": "tomcat:9",
+                                                              "ports": [{"containerPort": 8080}]}]}}}})
+    kubectl("-n", ns, "expose", "deployment", "slow", "--port=8080")
+    kubectl("-n", ns, "rollout", "status", "deployment/slow", "--timeout=120s", timeout=150)
+    try:
+        with serve_page(0, LOCAL) as local:
+            ex = ktctl.start("exchange", "deployment/slow", "--expose", f"{local}:8080", "--mode", "scale")
+            ex.wait_banner("Now all request to deployment 'slow' will be redirected to local")
+            # Pods that never get Ready once the deployment comes back: exit would wait the full 120 s.
+            kubectl("-n", ns, "patch", "deployment", "slow", "--type=json", "-p", json.dumps([
+                {"op": "add", "path": "/spec/template/spec/containers/0/readinessProbe",
+                 "value": {"tcpSocket": {"port": 1}, "periodSeconds": 1}}]))
+            ex.proc.send_signal(signal.SIGINT)
+            wait_for("the wait for the deployment", lambda: "Waiting for deployment slow" in ex.output())
+            assert ex.stop(signal.SIGINT, timeout=30) in (0, 130)
+        assert "stopped waiting" in ex.output(), ex.output()
+        assert not [o for o in kt_objects(ns) if o.startswith(("pod/slow-kt-exchange", "secret/slow-kt-exchange"))]
+        replicas = kubectl("-n", ns, "get", "deploy", "slow", "-o", "jsonpath={.spec.replicas}").stdout
+        assert replicas == "1"
+    finally:
+        kubectl("-n", ns, "delete", "svc,deployment", "slow", check=False)
