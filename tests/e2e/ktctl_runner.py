@@ -305,3 +305,39 @@ def apply(namespace: str, obj: dict) -> None:
                        timeout=60)
     if r.returncode != 0:
         raise AssertionError(f"kubectl apply failed: {r.stderr.strip()}")
+
+
+def service_account_kubeconfig(namespace: str, name: str, rules: list[dict], owner: pwd.struct_passwd) -> str:
+    """A kubeconfig (readable by `owner`) for a new ServiceAccount bound to a Role with `rules`."""
+    apply(namespace, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+    apply(namespace, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
+                      "rules": rules})
+    apply(namespace, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                      "metadata": {"name": name},
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                      "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+    token = kubectl("-n", namespace, "create", "token", name).stdout.strip()
+    server = kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
+    ca = kubectl("config", "view", "--raw", "--minify", "--flatten", "-o",
+                 "jsonpath={.clusters[0].cluster.certificate-authority-data}").stdout
+    d = tempfile.mkdtemp(prefix="ktp-e2e-")
+    os.chmod(d, 0o755)
+    cfg = Path(d) / "kubeconfig"
+    cfg.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": server, "certificate-authority-data": ca}}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": name, "namespace": namespace}}],
+    }))
+    os.chown(cfg, owner.pw_uid, owner.pw_gid)
+    os.chmod(cfg, 0o600)
+    return str(cfg)
+
+
+# What a shadow pod needs (connect's minimal Role in the README), and reading services.
+SHADOW_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list"]},
+]

@@ -19,8 +19,10 @@ import pytest
 pytest.register_assert_rewrite("ktctl_runner")
 from ktctl_runner import (  # noqa: E402
     DEMO,
+    KTCTL,
     LOCAL,
     RULE,
+    SHADOW_RULES,
     ClientPod,
     Ktctl,
     apply,
@@ -32,6 +34,7 @@ from ktctl_runner import (  # noqa: E402
     kubectl,
     serve_page,
     service,
+    service_account_kubeconfig,
     wait_for,
     write_page,
 )
@@ -290,3 +293,15 @@ def test_scale_mode_second_interrupt_stops_only_the_wait(ktctl: Ktctl, module_na
         assert replicas == "1"
     finally:
         kubectl("-n", ns, "delete", "svc,deployment", "slow", check=False)
+
+
+def test_missing_permission_one_line_nothing_left(ktctl: Ktctl, settled: str, local_server: int) -> None:
+    """A user who may run a shadow and read services, but not change them."""
+    cfg = service_account_kubeconfig(settled, "reader", SHADOW_RULES, ktctl.user)
+    r = subprocess.run([str(KTCTL), "--kubeconfig", cfg, "exchange", "tomcat", "--expose", "8080"],
+                       capture_output=True, text=True, timeout=120, env=ktctl.env(), user=ktctl.user.pw_uid)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1 and "no permission to patch services" in errors[0], r.stderr
+    assert kt_objects(settled) == []
+    assert kt_annotations(service(settled, "tomcat")) == {}
