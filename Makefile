@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check ktproxy shadow_image ktwire tests benchmarks
+	$(VENV)/bin/ruff check ktproxy shadow_image ktwire devtools tests benchmarks
 
 test: venv
 	bash tests/run-all.sh

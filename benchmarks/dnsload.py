@@ -57,7 +57,7 @@ class Client(asyncio.DatagramProtocol):
 
 
 async def run(server: tuple[str, int], names: Names, clients: int, duration: float, warmup: float,
-              timeout: float) -> dict:
+              query_timeout: float) -> dict:
     loop = asyncio.get_running_loop()
     now = time.perf_counter()
     stats = Stats(now + warmup, now + warmup + duration)
@@ -75,7 +75,7 @@ async def run(server: tuple[str, int], names: Names, clients: int, duration: flo
                 start = time.perf_counter()
                 transport.sendto(query(qid, names.next()))
                 try:
-                    rcode, ancount = await asyncio.wait_for(fut, timeout)
+                    rcode, ancount = await asyncio.wait_for(fut, query_timeout)
                 except TimeoutError:
                     proto.waiting.pop(qid, None)
                     errors += 1

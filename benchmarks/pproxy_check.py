@@ -680,9 +680,9 @@ def render(subjects: list[Subject], extras: dict[str, Result], meta: dict[str, s
     short = subjects
     out.append("| check | " + " | ".join(s.title for s in short) + " |")
     out.append("|---|" + "---|" * len(short))
-    for key, label in CHECKS + [("3x", "(extra) keep-alive, 2nd origin on same conn (raw)"),
-                                ("3y", "(extra) keep-alive, 2nd origin on same conn (curl)"),
-                                ("tp", "throughput, 1 stream 256 MB; CPU per GB (indicative)")]:
+    for key, label in [*CHECKS, ("3x", "(extra) keep-alive, 2nd origin on same conn (raw)"),
+                       ("3y", "(extra) keep-alive, 2nd origin on same conn (curl)"),
+                       ("tp", "throughput, 1 stream 256 MB; CPU per GB (indicative)")]:
         cells = []
         for s in short:
             if s.error:
@@ -718,9 +718,9 @@ def render(subjects: list[Subject], extras: dict[str, Result], meta: dict[str, s
         if s.error:
             out.append(f"- did not run: {s.error}\n")
             continue
-        labels = dict(CHECKS + [("3x", "extra: 2nd origin, same connection (raw)"),
-                                ("3y", "extra: 2nd origin, same connection (curl)"), ("tp", "throughput"),
-                                ("conns", "SSH connections")])
+        labels = dict([*CHECKS, ("3x", "extra: 2nd origin, same connection (raw)"),
+                       ("3y", "extra: 2nd origin, same connection (curl)"), ("tp", "throughput"),
+                       ("conns", "SSH connections")])
         for key, res in s.results.items():
             out.append(f"- {labels.get(key, key)}: **{res.status}** — {res.reason}")
         out.append("")

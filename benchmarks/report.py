@@ -53,7 +53,7 @@ def fmt(v: float) -> str:
 
 
 def case_table(res: CaseResult) -> list[str]:
-    """Metrics down, yardsticks across; each cell `median (min–max)`."""
+    """Metrics down, yardsticks across; each cell `median (min-max)`."""
     yardsticks: list[str] = []
     metrics: list[tuple[str, str, str]] = []
     cells: dict[tuple[str, str], Row] = {}
@@ -71,11 +71,11 @@ def case_table(res: CaseResult) -> list[str]:
         for y in yardsticks:
             row = cells.get((metric, y))
             if row is None:
-                line.append("–")
+                line.append("-")
             elif len(row.samples) == 1:
                 line.append(fmt(row.median))
             else:
-                line.append(f"**{fmt(row.median)}** ({fmt(row.min)}–{fmt(row.max)})")
+                line.append(f"**{fmt(row.median)}** ({fmt(row.min)}-{fmt(row.max)})")
         out.append("| " + " | ".join(line) + " |")
     return out
 
@@ -88,7 +88,7 @@ def write_markdown(path: Path, meta: dict[str, Any], results: list[CaseResult]) 
         "",
         f"- Date: {meta['date']} (run took {meta['seconds']:.0f} s){' — QUICK mode: tiny sizes, figures are not meaningful' if meta['quick'] else ''}",  # noqa: E501
         f"- Command: `{meta['command']}`; {meta['repeat']} repetition(s) per measurement; cells are "
-        "**median** (min–max); ↑ higher is better, ↓ lower is better.",
+        "**median** (min-max); ↑ higher is better, ↓ lower is better.",
         f"- Machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}; load average {meta['load_before']} "
         f"before, {meta['load_after']} after (the machine is shared: compare yardsticks within one run, and "
         "prefer the CPU-s/GB rows, which do not depend on other load).",
@@ -126,7 +126,7 @@ def write_json(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> N
 
 
 def write_png(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> None:
-    """One small bar chart per (case, metric): median bars, min–max whiskers, one bar per yardstick."""
+    """One small bar chart per (case, metric): median bars, min-max whiskers, one bar per yardstick."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,7 +159,7 @@ def write_png(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> No
         ax.axis("off")
     m = meta["machine"]
     head = (f"ktproxy benchmarks {meta['date']}{' (QUICK)' if meta['quick'] else ''}: {m['nproc']} CPUs, "
-            f"{m['cpu']}, Linux {m['kernel']}; median with min–max of {meta['repeat']}")
+            f"{m['cpu']}, Linux {m['kernel']}; median with min-max of {meta['repeat']}")
     if skipped:
         head += "\nnot measured: " + ", ".join(skipped) + " — reasons in latest.md"
     fig.suptitle(head, fontsize=9)

@@ -100,4 +100,4 @@ def tuning(ctx: Context) -> None:
              f"Single stream {single // 2**20} MiB, 64 x {per / 2**20:g} MiB; "
              f"request/response {dur:g} s. Window and packet sizes apply to both SSH ends; uvloop off applies to "
              f"both ktproxy processes (the load client and target keep uvloop). The step order rotates between "
-             f"repetitions. A step whose min–max range overlaps the baseline's is not a measured change.")
+             f"repetitions. A step whose min-max range overlaps the baseline's is not a measured change.")

@@ -164,7 +164,7 @@ def _stop_all() -> None:
     for h in list(_LIVE):
         try:
             h.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        except Exception:
             pass
 
 

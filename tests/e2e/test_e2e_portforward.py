@@ -161,7 +161,7 @@ async def test_tunnel_create_connection_with_plain_protocol(kube, pf_pod):
     tunnel = PortForwardTunnel(kube, ns, pod, 9000)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    transport, protocol = await tunnel.create_connection(
+    transport, _protocol = await tunnel.create_connection(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop)
     )
     transport.write(b"ping\n")

@@ -48,10 +48,10 @@ class Handler(BaseHTTPRequestHandler):
         if with_body:
             self.wfile.write(body)
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         self._respond(True)
 
-    def do_HEAD(self):  # noqa: N802
+    def do_HEAD(self):
         self._respond(False)
 
     def log_message(self, fmt, *args):
