@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from typing import Any
 
 from ktproxy import lifecycle
@@ -29,9 +28,10 @@ from ktproxy.commands.reverse import (
     add_reverse_flags,
     cancel_task,
     check_local_ports,
+    check_timeout,
+    open_kube,
     print_banner,
 )
-from ktproxy.errors import UsageError
 from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
@@ -60,20 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from ktproxy.kube.expose import parse_expose
 
     pairs = parse_expose(args.expose)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    check_timeout(args)
     return lifecycle.run(lambda life: _main(args, pairs, life))
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube.client import KubeClient
     from ktproxy.kube.expose import resolve_expose
     from ktproxy.kube.takeover import original_selector, refuse_if_taken
     from ktproxy.kube.targets import resolve_exchange_target
 
-    log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
-    life.on_cleanup("Kubernetes client", kube.close)
+    kube = open_kube(args, life)
     ns = kube.namespace
     target = await life.until_stopped(resolve_exchange_target(kube, ns, args.target))
     service = target.service

@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import random
 from typing import Any
 
 import asyncssh
 
 from ktproxy import lifecycle
-from ktproxy.commands.reverse import print_banner
+from ktproxy.commands.reverse import check_timeout, open_kube, print_banner
 from ktproxy.errors import KtError, UsageError
 from ktproxy.kube.expose import Remote, parse_port_pair
 from ktproxy.proxy.relay import relay
@@ -61,8 +60,7 @@ def banner(plan: Any, address: str, port: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     local, remote = parse_ports(args.ports)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    check_timeout(args)
     return lifecycle.run(lambda life: _main(args, local, remote, life))
 
 
@@ -126,14 +124,11 @@ async def _main(args: argparse.Namespace, local: int | None, remote: Remote | No
                 life: lifecycle.Lifecycle) -> int:
     from ktproxy.commands.options import shadow_options
     from ktproxy.keys import generate_session_keys
-    from ktproxy.kube.client import KubeClient
     from ktproxy.kube.shadow_session import ShadowSession
     from ktproxy.kube.targets import resolve_forward
     from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
-    log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
-    life.on_cleanup("Kubernetes client", kube.close)
+    kube = open_kube(args, life)
     namespace = kube.namespace
     plan = await life.until_stopped(resolve_forward(kube, namespace, args.target, remote))
     port = local if local is not None else plan.default_local_port

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 from typing import Any
 
@@ -22,6 +21,8 @@ from ktproxy.commands.reverse import (
     add_reverse_flags,
     cancel_task,
     check_local_ports,
+    check_timeout,
+    open_kube,
     print_banner,
 )
 from ktproxy.errors import UsageError
@@ -53,20 +54,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.name!r} is not a valid service name (lower-case letters, digits and '-', "
                          "starting with a letter, at most 63)")
     ports = standalone_ports(parse_expose(args.expose, allow_names=False))
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    check_timeout(args)
     return lifecycle.run(lambda life: _main(args, ports, life))
 
 
 async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Lifecycle) -> int:
     from ktproxy.kube import preview
-    from ktproxy.kube.client import Access, KubeClient
+    from ktproxy.kube.client import Access
     from ktproxy.kube.heartbeat import heartbeat_loop
     from ktproxy.kube.takeover import target_labels
 
-    log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
-    life.on_cleanup("Kubernetes client", kube.close)
+    kube = open_kube(args, life)
     ns = kube.namespace
     name = args.name
     labels = target_labels(meta.ROLE_PREVIEW_SHADOW)

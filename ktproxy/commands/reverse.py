@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import asyncssh
 
 from ktproxy import lifecycle
-from ktproxy.errors import KtError
+from ktproxy.errors import KtError, UsageError
 from ktproxy.kube.expose import ExposedPort, check_local_port
 
 log = logging.getLogger("ktproxy")
@@ -40,6 +41,21 @@ def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--skip-port-checking", "--skipPortChecking", dest="skip_port_checking", action="store_true",
                    help="do not check that something listens on the local ports (start it later)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
+
+
+def check_timeout(args: argparse.Namespace) -> None:
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+
+
+def open_kube(args: argparse.Namespace, life: lifecycle.Lifecycle) -> Any:
+    """kt-connect's first line, and the Kubernetes client, closed last at clean-up."""
+    from ktproxy.kube.client import KubeClient
+
+    log.info("KtConnect start at %d", os.getpid())
+    kube = KubeClient.from_args(args)
+    life.on_cleanup("Kubernetes client", kube.close)
+    return kube
 
 
 def print_banner(text: str) -> None:
@@ -162,13 +178,13 @@ class ReverseShadow:
         await wait_ready(self.kube, pod.namespace, pod.name, self.shadow.options.image, self.timeout)
 
 
-async def prove_path(tunnel: Any, port: ExposedPort, timeout: float = PROOF_TIMEOUT) -> None:
+async def prove_path(tunnel: Any, port: ExposedPort, limit: float = PROOF_TIMEOUT) -> None:
     """Open a stream from inside the pod to its own exposed port: the shadow's listener hands it to this
     session, which relays it to the laptop's service. A failure anywhere closes the stream at once."""
     problem = (f"a connection made in the shadow pod to its port {port.target_port} did not reach local port "
                f"{port.local}")
     try:
-        reader, writer = await asyncio.wait_for(tunnel.open_connection(LOCAL_HOST, port.target_port), timeout)
+        reader, writer = await asyncio.wait_for(tunnel.open_connection(LOCAL_HOST, port.target_port), limit)
     except (asyncssh.Error, OSError, TimeoutError) as exc:
         raise KtError(f"{problem}: {getattr(exc, 'reason', None) or exc}") from None
     try:

@@ -37,11 +37,11 @@ async def ready_addresses(kube: KubeClient, namespace: str, service: str) -> set
 
 
 async def wait_for_addresses(kube: KubeClient, namespace: str, service: str, wanted: set[str],
-                             timeout: float = 30.0) -> bool:
+                             limit: float = 30.0) -> bool:
     """Until the Service has ready endpoints and all of them are in `wanted` (a pod's addresses, one per
     IP family); False (logged) on timeout or when the user may not read EndpointSlices (the switch is
     still made, only not confirmed)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     have: set[str] = set()
     while time.monotonic() < deadline:
         try:
@@ -53,5 +53,5 @@ async def wait_for_addresses(kube: KubeClient, namespace: str, service: str, wan
             return True
         await asyncio.sleep(POLL_INTERVAL)
     log.warning("service %s still has endpoints %s after %.0f s (wanted %s)", service,
-                ", ".join(sorted(have)) or "none", timeout, ", ".join(sorted(wanted)))
+                ", ".join(sorted(have)) or "none", limit, ", ".join(sorted(wanted)))
     return False

@@ -91,4 +91,4 @@ async def test_proof_fails_when_nothing_listens_locally(shadow_and_tunnel) -> No
     await tunnel.expose(first, "127.0.0.1", nothing)
     await tunnel.start()
     with pytest.raises(KtError, match=f"did not reach local port {nothing}"):
-        await prove_path(tunnel, ExposedPort(nothing, first, first), timeout=10)
+        await prove_path(tunnel, ExposedPort(nothing, first, first), limit=10)
