@@ -196,3 +196,14 @@ def test_all_commands_at_once(ktctl: Ktctl, preview, demo: str, client_pod: Clie
     client_pod.wait_for("http://tomcat:8080", DEMO)
     assert client_pod.get("http://tomcat-v2:8080") == LOCAL  # the preview is untouched
     wait_for("only the preview's objects left", lambda: kt_objects(demo) == before, timeout=60)
+
+
+def test_preview_external(ktctl: Ktctl, demo: str, client_pod: ClientPod, local_server: int) -> None:
+    before = kt_objects(demo)
+    p = ktctl.start("preview", "tomcat-ext", "--expose", "8080", "--external")
+    p.wait_banner("by name 'tomcat-ext'")
+    kind = kubectl("-n", demo, "get", "svc", "tomcat-ext", "-o", "jsonpath={.spec.type}").stdout
+    assert kind == "LoadBalancer"
+    client_pod.wait_for("http://tomcat-ext:8080", LOCAL, timeout=5)
+    assert p.stop() in (0, 130)
+    wait_for("preview's objects gone", lambda: kt_objects(demo) == before, timeout=60)
