@@ -156,8 +156,7 @@ class ReverseShadow:
             # Nothing may listen locally yet, so a proof could only fail: the pod's readiness is all we have.
             log.info("Local ports not checked (--skip-port-checking): traffic fails until they listen")
             return
-        for p in self.spec.ports:
-            await life.until_stopped(prove_path(self.tunnel, p))
+        await life.until_stopped(asyncio.gather(*(prove_path(self.tunnel, p) for p in self.spec.ports)))
 
     async def wait_serving(self, service: str) -> None:
         """Until Service `service` sends its traffic to this shadow only (its EndpointSlices say so)."""

@@ -305,3 +305,17 @@ def test_missing_permission_one_line_nothing_left(ktctl: Ktctl, settled: str, lo
     assert len(errors) == 1 and "no permission to patch services" in errors[0], r.stderr
     assert kt_objects(settled) == []
     assert kt_annotations(service(settled, "tomcat")) == {}
+
+
+def test_port_below_1024(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
+    """The shadow runs as non-root and still listens on a privileged target port."""
+    apply(settled, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "low"},
+                    "spec": {"selector": {"app": "tomcat"}, "ports": [{"port": 80, "targetPort": 80}]}})
+    try:
+        ex = ktctl.start("exchange", "low", "--expose", "8080:80")
+        ex.wait_banner("Now all request to service 'low' will be redirected to local")
+        client_pod.wait_for("http://low:80", LOCAL, timeout=5)
+        assert ex.stop() in (0, 130)
+        wait_for("no kt objects left", lambda: kt_objects(settled) == [], timeout=60)
+    finally:
+        kubectl("-n", settled, "delete", "svc", "low", check=False)

@@ -207,3 +207,13 @@ def test_preview_external(ktctl: Ktctl, demo: str, client_pod: ClientPod, local_
     client_pod.wait_for("http://tomcat-ext:8080", LOCAL, timeout=5)
     assert p.stop() in (0, 130)
     wait_for("preview's objects gone", lambda: kt_objects(demo) == before, timeout=60)
+
+
+def test_forward_to_a_pod_by_name(ktctl: Ktctl, demo: str) -> None:
+    pod = kubectl("-n", demo, "get", "pod", "-l", "app=tomcat", "--field-selector=status.phase=Running",
+                  "-o", "jsonpath={.items[0].metadata.name}").stdout
+    port = free_port()
+    f = ktctl.start("forward", f"pod/{pod}", f"{port}:8080")
+    f.wait_banner(f"Now you can access port 8080 of pod '{pod}' via 'localhost:{port}'")
+    assert local_get(f"http://127.0.0.1:{port}") == DEMO
+    assert f.stop() in (0, 130)
