@@ -87,20 +87,24 @@ class Forwarder:
                 self._tasks.discard(task)
 
     async def _dial(self) -> tuple[Any, Any] | None:
-        """The first endpoint that answers; a failed one makes the plan ask the cluster again."""
-        try:
-            candidates = list(await self.plan.endpoints())
-        except KtError as exc:
-            log.warning("cannot forward a connection: %s", exc)
-            return None
-        random.shuffle(candidates)  # spread connections over the Ready pods, as the Service would
-        for host, port in candidates:
+        """The first endpoint that answers. The plan's answer may be a second old: when every endpoint
+        it gave fails, the cluster is asked once more and the new ones (a replacement pod) are tried."""
+        tried: set[tuple[str, int]] = set()
+        for _ in range(2):
             try:
-                return await asyncio.wait_for(self.tunnel.open_connection(host, port), DIAL_TIMEOUT)
-            except (asyncssh.ChannelOpenError, OSError, TimeoutError, asyncssh.Error) as exc:
-                log.warning("%s:%s (%s) did not answer: %s", host, port, self.plan.description,
-                            getattr(exc, "reason", None) or exc)
-                self.plan.invalidate()
+                candidates = [c for c in await self.plan.endpoints() if c not in tried]
+            except KtError as exc:
+                log.warning("cannot forward a connection: %s", exc)
+                return None
+            random.shuffle(candidates)  # spread connections over the Ready pods, as the Service would
+            for host, port in candidates:
+                tried.add((host, port))
+                try:
+                    return await asyncio.wait_for(self.tunnel.open_connection(host, port), DIAL_TIMEOUT)
+                except (asyncssh.ChannelOpenError, OSError, TimeoutError, asyncssh.Error) as exc:
+                    log.warning("%s:%s (%s) did not answer: %s", host, port, self.plan.description,
+                                getattr(exc, "reason", None) or exc)
+                    self.plan.invalidate()
         return None
 
     async def close(self) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncssh
 import pytest
 
 from ktproxy.commands.exchange import banner as exchange_banner
+from ktproxy.commands.forward import Forwarder, parse_ports
 from ktproxy.commands.forward import banner as forward_banner
-from ktproxy.commands.forward import parse_ports
 from ktproxy.commands.preview import banner as preview_banner
 from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 from ktproxy.errors import UsageError
@@ -56,3 +57,36 @@ def test_shadow_role_serves_every_target_port_once_with_its_name() -> None:
 
 def test_health_port_avoids_exposed_ports() -> None:
     assert health_port([ExposedPort(2280, 2280, 2280), ExposedPort(1, 2281, 2281)]) == 2282
+
+
+class _Plan:
+    """A dial plan whose cached answer still names a pod that was just replaced."""
+
+    description = "service 'web'"
+
+    def __init__(self) -> None:
+        self.answers = [[("10.0.0.1", 80)], [("10.0.0.2", 80)]]
+        self.fresh = False
+
+    async def endpoints(self) -> list[tuple[str, int]]:
+        return self.answers[1] if self.fresh else self.answers[0]
+
+    def invalidate(self) -> None:
+        self.fresh = True
+
+
+class _Tunnel:
+    def __init__(self) -> None:
+        self.dialled: list[str] = []
+
+    async def open_connection(self, host: str, port: int) -> tuple[str, str]:
+        self.dialled.append(host)
+        if host == "10.0.0.1":
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        return "reader", "writer"
+
+
+async def test_forward_dials_the_replacement_pod_on_the_same_connection() -> None:
+    tunnel = _Tunnel()
+    assert await Forwarder(_Plan(), tunnel)._dial() == ("reader", "writer")
+    assert tunnel.dialled == ["10.0.0.1", "10.0.0.2"]
