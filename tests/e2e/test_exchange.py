@@ -143,6 +143,7 @@ def test_shadow_pod_deleted_mid_exchange(ktctl: Ktctl, settled: str, client_pod:
     kubectl("-n", settled, "delete", pod, "--wait=true", "--timeout=60s", timeout=90)
     client_pod.wait_for(URL, LOCAL, timeout=120)
     assert ex.proc.poll() is None, ex.output()
+    assert "forwarded again" in ex.output(), ex.output()  # the log says the port came back
     assert ex.stop() in (0, 130)
     _assert_pristine(settled, client_pod)
 

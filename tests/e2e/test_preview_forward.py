@@ -15,8 +15,10 @@ import pytest
 pytest.register_assert_rewrite("ktctl_runner")
 from ktctl_runner import (  # noqa: E402
     DEMO,
+    KTCTL,
     LOCAL,
     RULE,
+    SHADOW_RULES,
     ClientPod,
     Ktctl,
     deploy_demo,
@@ -25,6 +27,7 @@ from ktctl_runner import (  # noqa: E402
     kt_objects,
     kubectl,
     local_get,
+    service_account_kubeconfig,
     wait_for,
     write_page,
 )
@@ -217,3 +220,14 @@ def test_forward_to_a_pod_by_name(ktctl: Ktctl, demo: str) -> None:
     f.wait_banner(f"Now you can access port 8080 of pod '{pod}' via 'localhost:{port}'")
     assert local_get(f"http://127.0.0.1:{port}") == DEMO
     assert f.stop() in (0, 130)
+
+
+def test_preview_without_permission_to_create_services(ktctl: Ktctl, demo: str, local_server: int) -> None:
+    before = kt_objects(demo)
+    cfg = service_account_kubeconfig(demo, "reader", SHADOW_RULES, ktctl.user)
+    r = subprocess.run([str(KTCTL), "--kubeconfig", cfg, "preview", "tomcat-v9", "--expose", "8080"],
+                       capture_output=True, text=True, timeout=120, env=ktctl.env(), user=ktctl.user.pw_uid)
+    assert r.returncode != 0
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1 and "no permission to create services" in errors[0], r.stderr
+    assert kt_objects(demo) == before
