@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: the first half of kt-connect's quickstart (seeds/000), command by command, with ktproxy.
+# `make demo`: kt-connect's quickstart (seeds/000), command by command, with ktproxy: connect, then
+# exchange, preview and forward (mesh is not built yet; the demo says so where the seed shows it).
 # Without KUBECONFIG it brings up the local cluster (and takes it down again if it started it);
 # with KUBECONFIG set it uses that cluster and only touches the demo objects it creates.
 set -euo pipefail
@@ -22,6 +23,7 @@ command -v kubectl >/dev/null || { echo "[demo] stopping: kubectl not found on P
 
 work=$(mktemp -d)
 connect_pid=""
+bg_pids=()   # exchange/preview/forward/local server, stopped (SIGINT, like Ctrl-C) at exit
 # The demo deletes only what it created: objects it makes carry this label, so a leftover of an earlier,
 # interrupted demo is recognised as its own too. Anything else named tomcat is never touched.
 DEMO_LABEL=ktproxy-demo
@@ -32,9 +34,9 @@ trap 'echo "[demo] stopping: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 cleanup() {
   set +e
   trap - ERR
-  if [[ -n "$connect_pid" ]] && kill -0 "$connect_pid" 2>/dev/null; then
-    kill -INT "$connect_pid"; wait "$connect_pid"
-  fi
+  for pid in "${bg_pids[@]}" $connect_pid; do
+    if kill -0 "$pid" 2>/dev/null; then kill -INT "$pid"; wait "$pid"; fi
+  done
   if (( ${#mine[@]} )); then
     echo; echo "[demo] removing what the demo created: ${mine[*]}"
     kubectl delete "${mine[@]}" --ignore-not-found >/dev/null
@@ -117,4 +119,56 @@ for url in "http://$pod_ip:8080" "http://$cluster_ip:8080" http://tomcat:8080 ht
 done
 step "dig @127.0.0.1 -p 10053 +short tomcat.default.svc.cluster.local"
 dig @127.0.0.1 -p 10053 +short tomcat.default.svc.cluster.local || true
-echo; echo "[demo] done: every request above went through ktctl connect (no TUN device, no routes, no sudo needed)."
+
+# --- cluster -> laptop ------------------------------------------------------------------------------
+# The seed runs a second tomcat locally with Docker; no Docker engine runs here, so a plain HTTP server
+# on 127.0.0.1:8080 serving the same page stands in for it.
+step "docker run -d --name tomcat -p 8080:8080 tomcat:9   # stand-in: python3 -m http.server 8080 --bind 127.0.0.1"
+echo "kt-connect local v2" > "$work/local/index.html"
+(cd "$work/local" && exec python3 -m http.server 8080 --bind 127.0.0.1 >"$work/local.log" 2>&1) &
+bg_pids+=($!)
+for _ in $(seq 1 50); do curl -s --noproxy '*' -o /dev/null http://127.0.0.1:8080/ && break; sleep 0.2; done
+curl -sS --noproxy '*' --max-time 5 http://127.0.0.1:8080/ >/dev/null || stop "the local stand-in server did not start on 127.0.0.1:8080 (port taken?)"
+
+# Runs a ktctl command in the background and waits for its banner; its pid is left in $last_pid.
+start_bg() {
+  local banner=$1 name=$2; shift 2
+  "$KTCTL" "$@" > "$work/$name.out" 2> >(tee "$work/$name.log" >&2) &
+  last_pid=$!
+  bg_pids+=("$last_pid")
+  for _ in $(seq 1 180); do
+    grep -qF "$banner" "$work/$name.log" 2>/dev/null && return 0
+    kill -0 "$last_pid" 2>/dev/null || stop "ktctl $* exited (its log is above)"
+    sleep 1
+  done
+  stop "ktctl $* did not print its banner in 180 s (its log is above)"
+}
+stop_bg() { kill -INT "$1"; wait "$1" || true; }
+
+step "ktctl exchange tomcat --expose 8080"
+start_bg "Now all request to service 'tomcat' will be redirected to local" exchange exchange tomcat --expose 8080
+exchange_pid=$last_pid
+step "curl http://tomcat:8080"
+curl -sS --max-time 20 http://tomcat:8080
+echo "[demo] Ctrl-C on the exchange puts the service back"
+stop_bg "$exchange_pid"
+step "curl http://tomcat:8080"
+curl -sS --max-time 20 http://tomcat:8080
+
+echo
+echo "[demo] ktctl mesh: not built yet (issue 10); the seed's mesh step is skipped"
+
+step "ktctl preview tomcat-v2 --expose 8080"
+start_bg "Now you can access your local service in cluster by name 'tomcat-v2'" preview preview tomcat-v2 --expose 8080
+preview_pid=$last_pid
+step "curl http://tomcat-v2:8080"
+curl -sS --max-time 20 http://tomcat-v2:8080
+
+step "ktctl forward tomcat-v2 6060:8080"
+start_bg "via 'localhost:6060'" forward forward tomcat-v2 6060:8080
+forward_pid=$last_pid
+step "curl http://localhost:6060"
+curl -sS --max-time 20 http://localhost:6060
+stop_bg "$forward_pid"
+stop_bg "$preview_pid"
+echo; echo "[demo] done: connect, exchange, preview and forward, without a TUN device, routes or sudo."
