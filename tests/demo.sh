@@ -124,6 +124,7 @@ dig @127.0.0.1 -p 10053 +short tomcat.default.svc.cluster.local || true
 # The seed runs a second tomcat locally with Docker; no Docker engine runs here, so a plain HTTP server
 # on 127.0.0.1:8080 serving the same page stands in for it.
 step "docker run -d --name tomcat -p 8080:8080 tomcat:9   # stand-in: python3 -m http.server 8080 --bind 127.0.0.1"
+mkdir -p "$work/local"
 echo "kt-connect local v2" > "$work/local/index.html"
 (cd "$work/local" && exec python3 -m http.server 8080 --bind 127.0.0.1 >"$work/local.log" 2>&1) &
 bg_pids+=($!)
