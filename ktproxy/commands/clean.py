@@ -26,7 +26,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def recover_hooks() -> list[RecoverHook]:
     """What puts back objects ktproxy changed but does not own (a command that changes such an object
     adds its hook here, so `clean` runs it without depending on which modules happen to be imported)."""
-    return []
+    from ktproxy.kube import recover
+
+    return [recover.clean_hook]  # exchange: selectors switched, deployments scaled to 0, stale kt-locks
 
 
 def run(args: argparse.Namespace) -> int:

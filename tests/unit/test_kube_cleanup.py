@@ -129,3 +129,12 @@ def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
     monkeypatch.setattr(clean_cmd, "in_scope", lambda args, work: asyncio.run(work(_listing_kube(), "team")))
     assert clean_cmd.run(argparse.Namespace(threshold=5, dry_run=False)) == 0
     assert "Restored service team/tomcat" in capsys.readouterr().out
+
+
+def test_clean_command_restores_what_a_dead_exchange_changed():
+    # Without this hook `ktctl clean` deleted a killed exchange's shadow and left its Service selecting
+    # nothing (the e2e test_sigkill_then_clean shows the user's side).
+    from ktproxy.commands import clean as clean_cmd
+    from ktproxy.kube import recover
+
+    assert recover.clean_hook in clean_cmd.recover_hooks()
