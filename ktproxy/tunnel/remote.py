@@ -2,12 +2,15 @@
 
 Each session asks the shadow once per port (tcpip-forward for ("", port)); the shadow then opens a
 forwarded-tcpip channel per connection and asyncssh dials the local address and relays both ways,
-half-close included. A session counts as up only when every port has been granted.
+half-close included. A session counts as up only when every port has been granted. Observers hear of
+each arriving connection with the peer the shadow saw, which is how a command proves that traffic
+sent to a Service really reaches the laptop.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncssh
@@ -16,6 +19,10 @@ log = logging.getLogger("ktproxy.tunnel")
 
 # The shadow listens on its own chosen addresses; the request names only the port.
 ANY_ADDRESS = ""
+
+
+# remote port, and the peer (host, port) the shadow accepted the connection from
+ArrivalCallback = Callable[[int, str, int], None]
 
 
 class PortRefused(ConnectionError):
@@ -40,6 +47,7 @@ class RemotePorts:
         self._listeners: dict[int, asyncssh.SSHListener] = {}
         self._session: asyncssh.SSHClientConnection | None = None
         self._announced: set[int] = set()
+        self.arrivals: list[ArrivalCallback] = []
 
     def add(self, exposure: Exposure) -> None:
         old = self._wanted.get(exposure.remote_port)
@@ -69,7 +77,7 @@ class RemotePorts:
         """One port on `conn`; True when it is the port's first grant (and logged as such)."""
         port = exposure.remote_port
         try:
-            listener = await conn.forward_remote_port(ANY_ADDRESS, port, exposure.local_host, exposure.local_port)
+            listener = await conn.create_server(self._forwarder(conn, exposure), ANY_ADDRESS, port)
         except asyncssh.ChannelListenError as exc:
             raise PortRefused(f"the shadow refused to listen on port {port} ({exc})") from exc
         if conn is not self._session or self._wanted.get(port) != exposure or port in self._listeners:
@@ -81,6 +89,20 @@ class RemotePorts:
         self._announced.add(port)
         log.info("%s", exposure)
         return True
+
+    def _forwarder(self, conn: asyncssh.SSHClientConnection,
+                   exposure: Exposure) -> Callable[[str, int], Awaitable[asyncssh.SSHTCPSession]]:
+        """What asyncssh's forward_remote_port does per connection (dial the local address and relay),
+        after telling the observers who connected."""
+        def session_factory(orig_host: str, orig_port: int) -> Awaitable[asyncssh.SSHTCPSession]:
+            for callback in list(self.arrivals):
+                try:
+                    callback(exposure.remote_port, orig_host, orig_port)
+                except Exception:  # an observer's bug must not cost the connection
+                    log.exception("arrival callback failed")
+            return conn.forward_connection(exposure.local_host, exposure.local_port)
+
+        return session_factory
 
     def release(self) -> None:
         """Close the listeners of the session that ended (or of the tunnel, at close)."""

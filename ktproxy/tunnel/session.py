@@ -18,7 +18,7 @@ import asyncssh
 
 from ktproxy.keys import SessionKeys
 from ktproxy.tunnel.channels import close_channel, close_stream, open_shielded, session_gone
-from ktproxy.tunnel.remote import Exposure, PortRefused, RemotePorts
+from ktproxy.tunnel.remote import ArrivalCallback, Exposure, PortRefused, RemotePorts
 from ktproxy.tunnel.supervisor import StateCallback, Supervisor, TunnelDown
 from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW
 
@@ -87,6 +87,12 @@ class SSHTunnel:
     def reconnects(self) -> int:
         """Sessions rebuilt since start()."""
         return self._supervisor.reconnects
+
+    @property
+    def arrivals(self) -> list[ArrivalCallback]:
+        """Callbacks called with (remote port, peer host, peer port) for each connection an exposed port
+        relays to this machine."""
+        return self._ports.arrivals
 
     @property
     def state_changed(self) -> list[StateCallback]:

@@ -342,3 +342,18 @@ async def test_start_fails_clearly_when_a_port_is_refused(shadow, make_tunnel):
     with pytest.raises(TunnelDown, match=f"refused to listen on port {remote}"):
         await tunnel.start()
     assert await closed(shadow.sessions[0])
+
+
+async def test_each_relayed_connection_is_reported_with_its_peer(shadow, make_tunnel, echo):
+    # How exchange proves that traffic sent to the Service reaches this machine, not just the pod's port.
+    seen: list[tuple[int, str, int]] = []
+    tunnel = make_tunnel()
+    tunnel.arrivals.append(lambda port, host, peer_port: seen.append((port, host, peer_port)))
+    tunnel.arrivals.append(lambda *_: 1 / 0)  # a broken observer costs nothing but a log line
+    remote = free_port()
+    await tunnel.expose(remote, "127.0.0.1", echo.port)
+    await tunnel.start()
+    assert await connect_remote(remote) == b"reverse"
+    assert len(seen) == 1
+    port, host, peer_port = seen[0]
+    assert port == remote and host == "127.0.0.1" and peer_port > 0
