@@ -22,16 +22,7 @@ import logging
 from typing import Any
 
 from ktproxy import lifecycle
-from ktproxy.commands.reverse import (
-    ReverseShadow,
-    ReverseSpec,
-    add_reverse_flags,
-    cancel_task,
-    check_local_ports,
-    check_timeout,
-    open_kube,
-    print_banner,
-)
+from ktproxy.commands import reverse
 from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
@@ -43,7 +34,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("exchange", parents=[common], help="redirect all traffic of a service to the laptop",
                        description="Send every request to a service (or the pods of a deployment) to local ports.")
     p.add_argument("target", metavar="SVC|svc/NAME|deployment/NAME")
-    add_reverse_flags(p, "instead of the service's pods")
+    reverse.add_reverse_flags(p, "instead of the service's pods")
     p.add_argument("--mode", choices=MODES, default="selector",
                    help="selector: switch the service's selector to the shadow (default); "
                         "scale: the shadow takes the deployment's labels and the deployment goes to 0")
@@ -60,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ktproxy.kube.expose import parse_expose
 
     pairs = parse_expose(args.expose)
-    check_timeout(args)
+    reverse.check_timeout(args)
     return lifecycle.run(lambda life: _main(args, pairs, life))
 
 
@@ -69,19 +60,19 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
     from ktproxy.kube.takeover import original_selector, refuse_if_taken
     from ktproxy.kube.targets import resolve_exchange_target
 
-    kube = open_kube(args, life)
+    kube = reverse.open_kube(args, life)
     ns = kube.namespace
     target = await life.until_stopped(resolve_exchange_target(kube, ns, args.target))
     service = target.service
     if args.mode == "selector":
         await life.until_stopped(refuse_if_taken(kube, ns, service))
     ports = await life.until_stopped(resolve_expose(kube, service, pairs, selector=original_selector(service)))
-    await life.until_stopped(check_local_ports(ports, args.skip_port_checking))
+    await life.until_stopped(reverse.check_local_ports(ports, args.skip_port_checking))
     if args.mode == "scale":
         await _scale_mode(args, kube, target, ports, life)
     else:
         await _selector_mode(args, kube, target, ports, life)
-    print_banner(banner(target))
+    reverse.print_banner(banner(target))
     await life.wait()
     return 0
 
@@ -95,9 +86,9 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
     ns = kube.namespace
     name = target.service_name
     labels = target_labels(meta.ROLE_EXCHANGE_SHADOW)
-    spec = ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
+    spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=labels, annotations={meta.KT_CONFIG: f"service={name}"})
-    shadow = ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, args, spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "services", ns)]))
     user = shadow.shadow.options.user
@@ -110,7 +101,7 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
         original = await switch_selector(kube, ns, name, labels, user)
         life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name)
         guard = asyncio.create_task(guard_selector(kube, ns, name, labels, original, user))
-        life.on_cleanup("selector guard", cancel_task, guard)
+        life.on_cleanup("selector guard", reverse.cancel_task, guard)
     await shadow.wait_serving(name)
 
 
@@ -130,10 +121,10 @@ async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: l
         scale.deployment_for_service(kube, ns, target.service))
     name = deployment.metadata.name
     replicas = deployment.spec.replicas if deployment.spec.replicas is not None else 1
-    spec = ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
+    spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=scale.shadow_labels(deployment),
                        annotations={meta.KT_CONFIG: scale.scale_config(name, replicas)})
-    shadow = ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, args, spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "deployments.apps", ns),
                                            Access("get", "deployments.apps", ns)]))

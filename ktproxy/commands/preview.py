@@ -15,16 +15,7 @@ import re
 from typing import Any
 
 from ktproxy import lifecycle
-from ktproxy.commands.reverse import (
-    ReverseShadow,
-    ReverseSpec,
-    add_reverse_flags,
-    cancel_task,
-    check_local_ports,
-    check_timeout,
-    open_kube,
-    print_banner,
-)
+from ktproxy.commands import reverse
 from ktproxy.errors import UsageError
 from ktproxy.kube import meta
 
@@ -38,7 +29,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("preview", parents=[common], help="make a local service reachable in the cluster by name",
                        description="Create Service NAME in the cluster whose traffic reaches local ports.")
     p.add_argument("name", metavar="NAME", help="name of the new Service")
-    add_reverse_flags(p, "as Service NAME")
+    reverse.add_reverse_flags(p, "as Service NAME")
     p.add_argument("--external", action="store_true", help="a LoadBalancer Service instead of ClusterIP")
     p.set_defaults(func=run)
 
@@ -54,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.name!r} is not a valid service name (lower-case letters, digits and '-', "
                          "starting with a letter, at most 63)")
     ports = standalone_ports(parse_expose(args.expose, allow_names=False))
-    check_timeout(args)
+    reverse.check_timeout(args)
     return lifecycle.run(lambda life: _main(args, ports, life))
 
 
@@ -64,17 +55,17 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     from ktproxy.kube.heartbeat import heartbeat_loop
     from ktproxy.kube.takeover import target_labels
 
-    kube = open_kube(args, life)
+    kube = reverse.open_kube(args, life)
     ns = kube.namespace
     name = args.name
     labels = target_labels(meta.ROLE_PREVIEW_SHADOW)
-    spec = ReverseSpec(role=meta.ROLE_PREVIEW_SHADOW, name_prefix=f"{name}-kt-", ports=ports, labels=labels,
+    spec = reverse.ReverseSpec(role=meta.ROLE_PREVIEW_SHADOW, name_prefix=f"{name}-kt-", ports=ports, labels=labels,
                        annotations={meta.KT_CONFIG: f"service={name}"})
-    shadow = ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, args, spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("create", "services", ns), Access("delete", "services", ns)]))
     await life.until_stopped(_check_free(kube, ns, name))
-    await life.until_stopped(check_local_ports(ports, args.skip_port_checking))
+    await life.until_stopped(reverse.check_local_ports(ports, args.skip_port_checking))
     await shadow.start()
     user = shadow.shadow.options.user
     # Not interruptible: a create cancelled in flight could leave a Service with no delete registered.
@@ -82,8 +73,8 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name)
     await shadow.wait_serving(name)
     beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
-    life.on_cleanup("service heartbeat", cancel_task, beat)
-    print_banner(banner(name))
+    life.on_cleanup("service heartbeat", reverse.cancel_task, beat)
+    reverse.print_banner(banner(name))
     await life.wait()
     return 0
 

@@ -133,11 +133,13 @@ class Ktctl:
     def env(self, **extra: str) -> dict[str, str]:
         return {"PATH": "/usr/bin:/bin", "HOME": self.user.pw_dir, "LANG": "C.UTF-8", **extra}
 
-    def argv(self, args: tuple[str, ...]) -> list[str]:
-        return [str(KTCTL), "--kubeconfig", self.kubeconfig, "-n", self.namespace, *args]
+    def argv(self, args: tuple[str, ...], kubeconfig: str | None = None) -> list[str]:
+        return [str(KTCTL), "--kubeconfig", kubeconfig or self.kubeconfig, "-n", self.namespace, *args]
 
-    def run(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(args), capture_output=True, text=True, timeout=timeout,
+    def run(self, *args: str, timeout: float = 180, kubeconfig: str | None = None,
+            **env: str) -> subprocess.CompletedProcess[str]:
+        """The command to its end; `kubeconfig`: as another identity than the admin's copy."""
+        return subprocess.run(self.argv(args, kubeconfig), capture_output=True, text=True, timeout=timeout,
                               env=self.env(**env), user=self.user.pw_uid, group=self.user.pw_gid)
 
     def start(self, *args: str, **env: str) -> Background:
@@ -198,6 +200,13 @@ def ktctl(unprivileged_user: pwd.struct_passwd, user_ktctl: Path, user_kubeconfi
 
 
 # ------------------------------------------------------------------------------------------ workloads
+@pytest.fixture(scope="module")
+def demo(module_namespace: str) -> str:
+    """The seed's tomcat (answering v1) in the module's namespace."""
+    deploy_demo(module_namespace)
+    return module_namespace
+
+
 def deploy_demo(namespace: str, name: str = "tomcat", page: str = DEMO) -> None:
     """The seed's own commands, in `namespace`."""
     kubectl("-n", namespace, "create", "deployment", name, "--image=tomcat:9", "--port=8080")

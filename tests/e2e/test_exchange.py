@@ -19,14 +19,12 @@ import pytest
 pytest.register_assert_rewrite("ktctl_runner")
 from ktctl_runner import (  # noqa: E402
     DEMO,
-    KTCTL,
     LOCAL,
     RULE,
     SHADOW_RULES,
     ClientPod,
     Ktctl,
     apply,
-    deploy_demo,
     error_lines,
     free_port,
     kt_annotations,
@@ -40,16 +38,10 @@ from ktctl_runner import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.cluster
-pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, client_pod, local_server
+pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, demo, client_pod, local_server
 
 BANNER = "Now all request to service 'tomcat' will be redirected to local"
 URL = "http://tomcat:8080"
-
-
-@pytest.fixture(scope="module")
-def demo(module_namespace: str) -> str:
-    deploy_demo(module_namespace)
-    return module_namespace
 
 
 @pytest.fixture
@@ -299,8 +291,7 @@ def test_scale_mode_second_interrupt_stops_only_the_wait(ktctl: Ktctl, module_na
 def test_missing_permission_one_line_nothing_left(ktctl: Ktctl, settled: str, local_server: int) -> None:
     """A user who may run a shadow and read services, but not change them."""
     cfg = service_account_kubeconfig(settled, "reader", SHADOW_RULES, ktctl.user)
-    r = subprocess.run([str(KTCTL), "--kubeconfig", cfg, "exchange", "tomcat", "--expose", "8080"],
-                       capture_output=True, text=True, timeout=120, env=ktctl.env(), user=ktctl.user.pw_uid)
+    r = ktctl.run("exchange", "tomcat", "--expose", "8080", kubeconfig=cfg, timeout=120)
     assert r.returncode != 0
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "no permission to patch services" in errors[0], r.stderr

@@ -15,13 +15,11 @@ import pytest
 pytest.register_assert_rewrite("ktctl_runner")
 from ktctl_runner import (  # noqa: E402
     DEMO,
-    KTCTL,
     LOCAL,
     RULE,
     SHADOW_RULES,
     ClientPod,
     Ktctl,
-    deploy_demo,
     error_lines,
     free_port,
     kt_objects,
@@ -33,15 +31,9 @@ from ktctl_runner import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.cluster
-pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, client_pod, local_server
+pytest_plugins = ["ktctl_runner"]  # its fixtures: ktctl, demo, client_pod, local_server
 
 PREVIEW_BANNER = "Now you can access your local service in cluster by name 'tomcat-v2'"
-
-
-@pytest.fixture(scope="module")
-def demo(module_namespace: str) -> str:
-    deploy_demo(module_namespace)
-    return module_namespace
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +217,7 @@ def test_forward_to_a_pod_by_name(ktctl: Ktctl, demo: str) -> None:
 def test_preview_without_permission_to_create_services(ktctl: Ktctl, demo: str, local_server: int) -> None:
     before = kt_objects(demo)
     cfg = service_account_kubeconfig(demo, "reader", SHADOW_RULES, ktctl.user)
-    r = subprocess.run([str(KTCTL), "--kubeconfig", cfg, "preview", "tomcat-v9", "--expose", "8080"],
-                       capture_output=True, text=True, timeout=120, env=ktctl.env(), user=ktctl.user.pw_uid)
+    r = ktctl.run("preview", "tomcat-v9", "--expose", "8080", kubeconfig=cfg, timeout=120)
     assert r.returncode != 0
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "no permission to create services" in errors[0], r.stderr
