@@ -1,9 +1,12 @@
-"""kt-connect (alibaba/kt-connect v0.3.7, its own `ktctl`) as a benchmark yardstick, in its SOCKS mode.
+"""kt-connect (alibaba/kt-connect v0.3.7, its own `ktctl`) as a benchmark yardstick: SOCKS mode
+(`connect`) and `exchange`.
 
-    ok, why = available()
+    ok, why = available()          # builds what is missing first (build.sh, cached), progress on stderr
     if ok:
         with start_socks(kubeconfig, namespace, port=22230) as h:
             ...  # socks5h://127.0.0.1:{h.socks_port}
+        with start_exchange(kubeconfig, namespace, "svc", "8080:80") as h:
+            ...  # the service's traffic now reaches 127.0.0.1:8080
     # or h = start_socks(...); ...; h.stop()
 
 What runs: `ktctl connect --mode tun2socks --disableTunDevice --dnsMode hosts --skipCleanup` (flags in
@@ -13,6 +16,8 @@ even in SOCKS mode, always edits /etc/hosts (dnsMode hosts) or /etc/resolv.conf 
 where a throwaway copy of /etc/hosts and /etc/resolv.conf is bind-mounted over the real ones: the
 machine's files are never touched. No TUN device, no routes, no iptables (those are only in the other
 modes). Its HOME (~/.kt: pid, lock and private-key files) is a fresh temporary directory per start.
+`exchange` needs no root in kt-connect, but runs the same way (it shares the start-up code that probes
+the clock and writes ~/.kt); SIGTERM makes it put the service's selector back and delete its shadow.
 
 `build.sh` next to this file builds everything; see README.md here.
 """
@@ -45,6 +50,7 @@ LABEL_KEY = "ktproxy-yardstick"
 # SOCKS mode of v0.3.x: tun2socks mode with the tun device disabled leaves just the SOCKS5 server.
 KTCTL_CONNECT_FLAGS = ("--mode", "tun2socks", "--disableTunDevice", "--dnsMode", "hosts", "--skipCleanup")
 READY_LINE = "All looks good, now you can access to resources in the kubernetes cluster"
+EXCHANGE_READY = "Now all request to service '%s' will be redirected to local"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -53,8 +59,30 @@ def _containerd_socket() -> Path:
     return state / "run" / "containerd.sock"
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") when start_socks() can run; otherwise (False, one line saying why)."""
+_build_tried = False
+
+
+def available(build: bool = True) -> tuple[bool, str]:
+    """(True, "") when start_socks()/start_exchange() can run; otherwise (False, one line saying why).
+
+    With `build` (the default), a missing ktctl or shadow image is built first by build.sh (cached under
+    ~/.cache, a no-op when nothing changed), once per process, its progress lines on stderr: `make bench`
+    on a fresh machine measures kt-connect instead of skipping it."""
+    global _build_tried
+    ok, why = _check()
+    if ok or not build or _build_tried or os.geteuid() != 0:
+        return ok, why
+    _build_tried = True
+    import sys
+    print(f"[ktconnect] not ready ({why}); building it with bash {BUILD_SH.relative_to(REPO)} (cached under "
+          f"{CACHE}; the first build takes ~5 min)", file=sys.stderr, flush=True)
+    built, err = build_verbose()
+    if not built:
+        return False, f"kt-connect could not be built: {err}"
+    return _check()
+
+
+def _check() -> tuple[bool, str]:
     failed = CACHE / "build.failed"
     if failed.exists():
         return False, f"kt-connect could not be built: {failed.read_text().strip()}"
@@ -86,6 +114,22 @@ def build() -> tuple[bool, str]:
         return True, ""
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     return False, lines[-1] if lines else f"build.sh exited {p.returncode}"
+
+
+def build_verbose() -> tuple[bool, str]:
+    """build.sh with its progress lines passed through to stderr as they come. (ok, last error line)."""
+    import sys
+    proc = subprocess.Popen(["bash", str(BUILD_SH)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    last = ""
+    for line in proc.stdout:
+        if line.strip():
+            last = line.strip()
+            print(f"  {last}", file=sys.stderr, flush=True)
+    if proc.wait() == 0:
+        return True, ""
+    return False, last or f"build.sh exited {proc.returncode}"
 
 
 def _core_api(kubeconfig: str):  # type: ignore[no-untyped-def]
@@ -213,14 +257,30 @@ def start_socks(kubeconfig: str, namespace: str, port: int, *, timeout: float = 
     """Start kt-connect's `ktctl connect` in SOCKS mode on 127.0.0.1:port; return once a SOCKS5 CONNECT
     through it reaches the shadow pod's sshd (the tunnel works end to end). Raises RuntimeError with the
     tail of ktctl's log if it does not come up within `timeout` (and cleans up what it made)."""
-    ok, why = available()
-    if not ok:
-        raise RuntimeError(why)
     with socket.socket() as probe:  # kt-connect would create its pods first and only then fail on this
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as e:
             raise RuntimeError(f"127.0.0.1:{port} is not free for kt-connect's SOCKS port: {e.strerror}") from None
+    return _launch(kubeconfig, namespace, ["connect", *KTCTL_CONNECT_FLAGS, "--proxyPort", str(port)],
+                   port, timeout, extra_args, _socks_ready)
+
+
+def start_exchange(kubeconfig: str, namespace: str, service: str, expose: str, *, timeout: float = 120.0,
+                   extra_args: tuple[str, ...] = ()) -> Handle:
+    """Start kt-connect's `ktctl exchange SERVICE --expose LOCAL:REMOTE` (selector mode); return once it
+    printed its banner and its reverse tunnel is up (the caller proves the path from inside the cluster).
+    `stop()` SIGTERMs it: kt-connect then restores the selector and deletes its shadow itself."""
+    banner = EXCHANGE_READY % service
+    return _launch(kubeconfig, namespace, ["exchange", service, "--expose", expose, "--mode", "selector"],
+                   0, timeout, extra_args, lambda h, api: banner in h.log_text() and "Reverse tunnel" in h.log_text())
+
+
+def _launch(kubeconfig: str, namespace: str, sub: list[str], port: int, timeout: float,
+            extra_args: tuple[str, ...], ready) -> Handle:  # type: ignore[no-untyped-def]
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(why)
     kubeconfig = os.path.abspath(kubeconfig)
     api = _core_api(kubeconfig)
     work = Path(tempfile.mkdtemp(prefix="ktconnect-"))
@@ -230,9 +290,9 @@ def start_socks(kubeconfig: str, namespace: str, port: int, *, timeout: float = 
     token = "kt-connect-" + os.urandom(4).hex()
     log_path = work / "ktctl.log"
     cmd = [
-        str(KTCTL), "connect", *KTCTL_CONNECT_FLAGS,
+        str(KTCTL), *sub,
         "--kubeconfig", kubeconfig, "--namespace", namespace, "--image", IMAGE,
-        "--proxyPort", str(port), "--withLabel", f"{LABEL_KEY}={token}", *extra_args,
+        "--withLabel", f"{LABEL_KEY}={token}", *extra_args,
     ]
     # Private mount namespace: kt-connect's /etc/hosts edits land in a throwaway copy. unshare and sh
     # both exec, so the PID we get is ktctl's own.
@@ -248,40 +308,44 @@ def start_socks(kubeconfig: str, namespace: str, port: int, *, timeout: float = 
                log_path=log_path, _proc=proc, _workdir=work, _rectifiers_before=rectifiers_before)
     _LIVE.add(h)
     try:
-        _wait_ready(h, api, t0, timeout)
+        _wait_ready(h, api, t0, timeout, ready)
     except BaseException as e:
         tail = "\n".join(h.log_text().splitlines()[-15:])
         h.stop()
         if not isinstance(e, Exception):
             raise  # KeyboardInterrupt / SystemExit: cleaned up, now propagate as is
         why = "timed out" if isinstance(e, TimeoutError) else str(e)
-        raise RuntimeError(f"kt-connect did not come up on port {port} ({why}):\n{tail}") from None
+        raise RuntimeError(f"kt-connect {sub[0]} did not come up ({why}):\n{tail}") from None
     return h
 
 
-def _wait_ready(h: Handle, api, t0: float, timeout: float) -> None:  # type: ignore[no-untyped-def]
+def _socks_ready(h: Handle, api) -> bool:  # type: ignore[no-untyped-def]
+    if READY_LINE not in h.log_text():
+        return False
+    if not h.shadow_ip:
+        h.shadow_ip = api.read_namespaced_pod(h.shadow_pod, h.namespace).status.pod_ip or ""
+    try:
+        return _socks_connect(h.socks_port, h.shadow_ip, 22).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _wait_ready(h: Handle, api, t0: float, timeout: float, ready) -> None:  # type: ignore[no-untyped-def]
     deadline = t0 + timeout
     while True:
         if h._proc is not None and h._proc.poll() is not None:
             raise RuntimeError(f"ktctl exited with status {h._proc.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError
-        text = h.log_text()
         if not h.shadow_pod:
-            m = re.search(r"Deploying shadow pod (\S+) in namespace", text)
+            m = re.search(r"Deploying shadow pod (\S+) in namespace", h.log_text())
             if m:
                 h.shadow_pod = m.group(1)
-        if READY_LINE in text and h.shadow_pod:
-            if not h.shadow_ip:
-                h.shadow_ip = api.read_namespaced_pod(h.shadow_pod, h.namespace).status.pod_ip or ""
-            try:
-                if _socks_connect(h.socks_port, h.shadow_ip, 22).startswith(b"SSH-"):
-                    h.startup_seconds = time.monotonic() - t0
-                    return
-            except OSError:
-                pass
+        if h.shadow_pod and ready(h, api):
+            h.startup_seconds = time.monotonic() - t0
+            return
         time.sleep(0.1)
 
 
 __all__ = ["CACHE", "IMAGE", "KTCTL", "KTCTL_CONNECT_FLAGS", "KT_VERSION", "Handle", "available", "build",
-           "start_socks"]
+           "build_verbose", "start_exchange", "start_socks"]
