@@ -30,6 +30,8 @@ LOCAL_HOST = "127.0.0.1"
 HEALTH_PORT_NAME = "kt-health"
 HEALTH_PORTS = (2280, 2281, 2282, 2283)  # the first one no exposed port uses
 PROOF_TIMEOUT = 30.0
+# How long the banner waits for the node's service routing (kube-proxy) to follow the new endpoints.
+SERVICE_PROOF_TIMEOUT = 20.0
 
 
 def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -163,6 +165,11 @@ class ReverseShadow:
         ips = {a.ip for a in (found.status.pod_ips or []) if a.ip} or {found.status.pod_ip}
         if await self.life.until_stopped(wait_for_addresses(self.kube, pod.namespace, service, ips)):
             log.info("Service %s now sends its traffic to shadow pod %s only", service, pod.name)
+        svc = await self.kube.call(self.kube.core.read_namespaced_service, service, pod.namespace)
+        cluster_ip = svc.spec.cluster_ip if svc.spec else None
+        if cluster_ip and cluster_ip != "None":  # headless: clients reach the pods directly
+            await self.life.until_stopped(asyncio.gather(
+                *(prove_service(self.tunnel, service, cluster_ip, p) for p in self.spec.ports)))
 
     async def _wait_ready(self) -> None:
         from ktproxy.kube.shadow import wait_ready
@@ -200,3 +207,45 @@ async def prove_path(tunnel: Any, port: ExposedPort, limit: float = PROOF_TIMEOU
     finally:
         tunnel.arrivals.remove(seen)
     log.info("Checked: port %d of the shadow pod reaches this machine (local port %d)", port.target_port, port.local)
+
+
+async def prove_service(tunnel: Any, service: str, cluster_ip: str, port: ExposedPort,
+                        limit: float = SERVICE_PROOF_TIMEOUT) -> bool:
+    """Connect from the shadow pod to the Service's cluster IP until such a connection lands on this
+    machine: only then does the node's service routing (kube-proxy) follow the new endpoints. The
+    EndpointSlices alone were not enough: on a loaded node kube-proxy lagged them by seconds, and the
+    seed's `curl http://tomcat:8080` right after the banner still met the original pod. A connection
+    that reaches the original pods instead is closed unused and the check tried again. Needs the node to
+    let a pod reach itself through its Service (hairpin); without it this gives up after `limit` s with
+    a warning rather than failing the command."""
+    from ktproxy.routing import is_loopback_host
+
+    arrived = asyncio.Event()
+
+    def seen(remote_port: int, host: str, _port: int) -> None:
+        if remote_port == port.target_port and not is_loopback_host(host):
+            arrived.set()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    tunnel.arrivals.append(seen)
+    try:
+        while loop.time() < deadline:
+            writer = None
+            try:
+                _, writer = await asyncio.wait_for(tunnel.open_connection(cluster_ip, port.service_port), 3)
+                await asyncio.wait_for(arrived.wait(), 1)
+                log.info("Checked: service %s (%s:%d) reaches this machine", service, cluster_ip,
+                         port.service_port)
+                return True
+            except (asyncssh.Error, OSError, TimeoutError):
+                await asyncio.sleep(0.3)
+            finally:
+                if writer is not None:
+                    writer.close()
+    finally:
+        tunnel.arrivals.remove(seen)
+    log.warning("connections to service %s (%s:%d) did not reach this machine within %g s: the cluster's "
+                "service routing is slow to follow, or pods cannot reach themselves through a Service here",
+                service, cluster_ip, port.service_port, limit)
+    return False

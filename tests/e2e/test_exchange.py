@@ -71,7 +71,11 @@ def test_seed_exchange_and_ctrl_c(ktctl: Ktctl, settled: str, client_pod: Client
     at = next(i for i, line in enumerate(lines) if line.endswith(BANNER))
     assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), ex.output()
     assert "Service tomcat now sends its traffic to shadow pod" in ex.output()  # endpoints confirmed
-    client_pod.wait_for(URL, LOCAL, timeout=5)  # only kube-proxy's own sync delay is left
+    # ... and the node's service routing too: a connection to the cluster IP reached the laptop before
+    # the banner, so the very first request after it is the laptop's (no waiting, no retry).
+    checked = next(i for i, line in enumerate(lines) if "Checked: service tomcat (" in line)
+    assert checked < at, ex.output()
+    assert client_pod.get(URL) == LOCAL
     svc = service(settled, "tomcat")
     assert json.loads(kt_annotations(svc)["kt-selector"]) == {"app": "tomcat"}
     assert "kt-lock" not in kt_annotations(svc)  # the lock guards set-up only

@@ -59,7 +59,9 @@ def test_seed_preview(preview, demo: str, client_pod: ClientPod) -> None:
     at = next(i for i, line in enumerate(lines) if line.endswith(PREVIEW_BANNER))
     assert lines[at - 1].endswith(RULE) and lines[at + 1].endswith(RULE), preview.output()
     assert "Service tomcat-v2 now sends its traffic to shadow pod" in preview.output()
-    client_pod.wait_for("http://tomcat-v2:8080", LOCAL, timeout=5)  # only kube-proxy's sync delay is left
+    checked = next(i for i, line in enumerate(lines) if "Checked: service tomcat-v2 (" in line)
+    assert checked < at, preview.output()  # the cluster IP reached the laptop before the banner
+    assert client_pod.get("http://tomcat-v2:8080") == LOCAL
     svc = kubectl("-n", demo, "get", "svc", "tomcat-v2", "-o", "jsonpath={.spec.type} {.metadata.labels.control-by}")
     assert svc.stdout == "ClusterIP kt"
 
