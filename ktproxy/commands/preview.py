@@ -85,4 +85,4 @@ async def _check_free(kube: Any, ns: str, name: str) -> None:
     from ktproxy.kube.cleanup import DEFAULT_THRESHOLD
 
     now = int((await kube.cluster_time()).timestamp())
-    await preview._check_free(kube, ns, name, now, DEFAULT_THRESHOLD)
+    await preview.check_free(kube, ns, name, now, DEFAULT_THRESHOLD)

@@ -32,7 +32,7 @@ KT_USER = "kt-user"
 ROLE_CONNECT_SHADOW = "shadow-connect"
 ROLE_EXCHANGE_SHADOW = "shadow-exchange"
 ROLE_MESH_SHADOW = "shadow-mesh"
-ROLE_PREVIEW_SHADOW = "shadow-provide"
+ROLE_PREVIEW_SHADOW = "shadow-preview"  # kt-connect v0.3.x's value: each tool recognises the other's objects
 ROLE_ROUTER = "router"
 
 SHADOW_PREFIX = "kt-connect-shadow-"

@@ -51,7 +51,7 @@ def _taken(name: str) -> KtError:
     return KtError(f"service '{name}' already exists and was not created by ktctl")
 
 
-async def _check_free(kube: KubeClient, namespace: str, name: str, now: int, stale_after: float) -> None:
+async def check_free(kube: KubeClient, namespace: str, name: str, now: int, stale_after: float) -> None:
     """Raise unless NAME is free or a stale preview of ours (then remove that one)."""
     try:
         existing = await kube.call(kube.core.read_namespaced_service, name, namespace,
@@ -76,7 +76,7 @@ async def create_service(
 ) -> Any:
     """Create the preview Service; its heartbeat is the caller's to keep (heartbeat.py, kind 'service')."""
     now = int((await kube.cluster_time()).timestamp())
-    await _check_free(kube, namespace, name, now, stale_after)
+    await check_free(kube, namespace, name, now, stale_after)
     body = build_service(name, namespace, ports, selector, user, now, external)
     try:
         created = await kube.call(kube.core.create_namespaced_service, namespace, body,

@@ -172,7 +172,7 @@ async def test_scale_round_trip(kube, app, kubectl):
 
 async def test_preview_service(kube, app, kubectl):
     ports = [ExposedPort(8080, 8080, 8080)]
-    selector = takeover.target_labels("shadow-provide")
+    selector = takeover.target_labels("shadow-preview")
     with pytest.raises(KtError) as err:
         await preview.create_service(kube, app, "tomcat", ports, selector, "alice")
     assert str(err.value) == "service 'tomcat' already exists and was not created by ktctl"

@@ -57,7 +57,7 @@ async def test_no_deployment_behind_service():
 
 # ------------------------------------------------------------------------------------------------ preview
 PV_PORTS = [ExposedPort(8080, 8080, 8080)]
-SEL = {"kt-role": "shadow-provide", "kt-target": "t"}
+SEL = {"kt-role": "shadow-preview", "kt-target": "t"}
 
 
 async def test_preview_service_shape(kube):
@@ -65,7 +65,7 @@ async def test_preview_service_shape(kube):
     s = kube.store.get("service", "default", "tomcat-v2")
     assert s["spec"]["type"] == "LoadBalancer" and s["spec"]["selector"] == SEL
     assert s["spec"]["ports"] == [{"name": "kt-8080", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]
-    assert s["metadata"]["labels"] == {"control-by": "kt", "kt-role": "shadow-provide"}
+    assert s["metadata"]["labels"] == {"control-by": "kt", "kt-role": "shadow-preview"}
     assert s["metadata"]["annotations"] == {"kt-user": "alice", "kt-last-heart-beat": str(int(NOW.timestamp()))}
 
 

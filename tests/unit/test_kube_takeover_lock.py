@@ -60,7 +60,7 @@ async def test_meshed_service_is_refused_with_holder_from_router_pod():
 
 async def test_preview_or_selectorless_service_cannot_be_exchanged():
     kube = FakeKube()
-    kube.store.put("service", service("pv", {"kt-role": "shadow-provide", "kt-target": "p"}, PORTS))
+    kube.store.put("service", service("pv", {"kt-role": "shadow-preview", "kt-target": "p"}, PORTS))
     kube.store.put("service", service("manual", None, PORTS))
     with pytest.raises(KtError, match="selects ktctl's own pods"):
         await takeover.switch_selector(kube, "default", "pv", OURS, "bob")
