@@ -116,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
+    from ktproxy.commands import options
     from ktproxy.commands.options import shadow_options
-    from ktproxy.kube.client import KubeClient
     from ktproxy.kube.shadow_session import ShadowSession
 
     log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
+    kube = options.kube_client(args)
     life.on_cleanup("Kubernetes client", kube.close)
     namespace = kube.namespace
     keys = generate_session_keys()

@@ -25,7 +25,9 @@ def in_scope(args: argparse.Namespace, work: Callable[[KubeClient, str | None], 
     """Run work(kube, namespace or None for all) with a client that is closed afterwards."""
 
     async def main() -> T:
-        kube = KubeClient.from_args(args)
+        from ktproxy.commands import options
+
+        kube = options.kube_client(args)
         try:
             return await work(kube, await scope(kube, args))
         finally:

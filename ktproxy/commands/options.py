@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ktproxy.kube import meta
+from ktproxy.kube.client import KubeClient
 from ktproxy.kube.shadow import DEFAULT_IMAGE, ShadowOptions
+
+
+def kube_client(args: argparse.Namespace) -> KubeClient:
+    """The client for the global flags --kubeconfig, --context and -n."""
+    return KubeClient.load(
+        kubeconfig=getattr(args, "kubeconfig", None),
+        context=getattr(args, "context", None),
+        namespace=getattr(args, "namespace", None),
+    )
 
 
 def shadow_options(args: argparse.Namespace, namespace: str) -> ShadowOptions:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube.client import KubeClient
+    from ktproxy.commands import options
     from ktproxy.kube.recover import recover
     from ktproxy.kube.targets import split_target
 
@@ -33,7 +33,7 @@ async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
         from ktproxy.errors import UsageError
 
         raise UsageError(f"recover takes a service (NAME or svc/NAME), not {args.service!r}")
-    kube = KubeClient.from_args(args)
+    kube = options.kube_client(args)
     life.on_cleanup("Kubernetes client", kube.close)
     # Not interruptible half-way: each step is one API call and every step leaves a consistent state.
     lines = await recover(kube, kube.namespace, name)

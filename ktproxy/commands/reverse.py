@@ -49,10 +49,10 @@ def check_timeout(args: argparse.Namespace) -> None:
 
 def open_kube(args: argparse.Namespace, life: lifecycle.Lifecycle) -> Any:
     """kt-connect's first line, and the Kubernetes client, closed last at clean-up."""
-    from ktproxy.kube.client import KubeClient
+    from ktproxy.commands import options
 
     log.info("KtConnect start at %d", os.getpid())
-    kube = KubeClient.from_args(args)
+    kube = options.kube_client(args)
     life.on_cleanup("Kubernetes client", kube.close)
     return kube
 

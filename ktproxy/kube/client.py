@@ -167,15 +167,6 @@ class KubeClient:
                 ns = None
         return cls(cfg, ns or "default", context=None, in_cluster=True)
 
-    @classmethod
-    def from_args(cls, args: Any) -> KubeClient:
-        """Build from the CLI's global flags (--kubeconfig, --context, -n)."""
-        return cls.load(
-            kubeconfig=getattr(args, "kubeconfig", None),
-            context=getattr(args, "context", None),
-            namespace=getattr(args, "namespace", None),
-        )
-
     # ---------------------------------------------------------------- calls
     @property
     def server(self) -> str:

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from ktproxy import cli
-from ktproxy.commands import connect
+from ktproxy.commands import connect, options
 from ktproxy.dataplane import DataPlane, DataPlaneSettings, is_loopback_bind
 from ktproxy.errors import UsageError
-from ktproxy.kube.client import KubeClient
 from ktproxy.kube.discovery import ClusterInfo
 from ktproxy.routing import ClusterRules
 
@@ -28,10 +27,10 @@ def _args(*argv: str) -> Any:
 
 @pytest.fixture
 def no_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(cls: Any, args: Any) -> Any:
+    def refuse(args: Any) -> Any:
         raise AssertionError("the Kubernetes API was reached before the user's input was checked")
 
-    monkeypatch.setattr(KubeClient, "from_args", classmethod(refuse))
+    monkeypatch.setattr(options, "kube_client", refuse)
 
 
 # -- input first (R7 "late validation", S3) -----------------------------------------------------------
@@ -145,7 +144,7 @@ class _Cluster:
 
         import ktproxy.kube.shadow_session as shadow_session
 
-        monkeypatch.setattr(KubeClient, "from_args", classmethod(lambda cls, args: Kube()))
+        monkeypatch.setattr(options, "kube_client", lambda args: Kube())
         monkeypatch.setattr(shadow_session, "ShadowSession", Shadow)
         monkeypatch.setattr(connect, "SSHTunnel", Tunnel)
         real_close = DataPlane.close

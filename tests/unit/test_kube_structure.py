@@ -91,3 +91,12 @@ def test_commands_build_shadow_options_from_the_global_flags():
     assert shadow_options(argparse.Namespace(), "ns").labels == {}
     with pytest.raises(UsageError, match="--with-label"):
         shadow_options(argparse.Namespace(with_label="novalue"), "ns")
+
+
+def test_the_client_is_built_from_typed_flags_by_the_commands():
+    # KubeClient.from_args read an argparse namespace inside the kube layer; commands/options.py now
+    # turns the global flags into KubeClient.load's keyword arguments.
+    from ktproxy.commands import options
+
+    assert not hasattr(KubeClient, "from_args")
+    assert callable(options.kube_client)
