@@ -35,15 +35,8 @@ def lock_age(service: Any, now: float) -> float | None:
         return None
 
 
-async def acquire(
-    kube: KubeClient,
-    namespace: str,
-    name: str,
-    *,
-    tries: int = TRIES,
-    retry_interval: float = RETRY_INTERVAL,
-    stale_after: float = STALE_AFTER,
-) -> None:
+async def acquire(kube: KubeClient, namespace: str, name: str, *, tries: int = TRIES,
+                  retry_interval: float = RETRY_INTERVAL, stale_after: float = STALE_AFTER) -> None:
     """Take the Service's lock, waiting while a fresh one is held; raise after `tries` attempts."""
     for _ in range(tries):
         service = await read(kube, namespace, name)
