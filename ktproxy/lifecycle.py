@@ -59,9 +59,13 @@ class Lifecycle:
         self._signals = 0
         self._loop_handlers: list[int] = []
         self._plain_handlers: dict[int, Any] = {}
+        self._interruptible: asyncio.Future[Any] | None = None
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
+        if self._interruptible is not None and not self._interruptible.done():
+            self._interruptible.cancel()  # a wait the user may cut short: this signal ends only the wait
+            return
         self._signals += 1
         if self._signals > 1:
             log.warning("interrupted again: exiting without clean-up (%s)", self.hint)
@@ -131,6 +135,21 @@ class Lifecycle:
     async def wait(self) -> None:
         """Until the first stop signal."""
         await self.stopping.wait()
+
+    async def interruptible(self, aw: Awaitable[Any]) -> bool:
+        """Await `aw` (a clean-up step's long wait) so that a further stop signal ends only this wait
+        instead of exiting at once; False when it was cut short."""
+        task = asyncio.ensure_future(aw)
+        self._interruptible = task
+        try:
+            await task
+            return True
+        except asyncio.CancelledError:
+            if not task.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return False
+        finally:
+            self._interruptible = None
 
     async def until_stopped(self, aw: Awaitable[T]) -> T:
         """Await `aw` unless a stop signal arrives first: then `aw` is cancelled and Stopped raised."""

@@ -142,26 +142,5 @@ async def _scale_back(life: lifecycle.Lifecycle, kube: Any, ns: str, name: str, 
 
     await asyncio.shield(scale.scale_back(kube, ns, name, replicas))
     log.info("Waiting for deployment %s to be ready (interrupt again to stop waiting)", name)
-    await _interruptible(life, scale.wait_ready(kube, ns, name, replicas, wait))
-
-
-async def _interruptible(life: lifecycle.Lifecycle, aw: Any) -> None:
-    """Await `aw` during clean-up; a further stop signal ends only this wait, not the whole clean-up."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(aw)
-    hooked = []
-    for sig in lifecycle.stop_signals():
-        try:
-            loop.add_signal_handler(sig, task.cancel)
-            hooked.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # no loop signal handlers (Windows)
-            pass
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
+    if not await life.interruptible(scale.wait_ready(kube, ns, name, replicas, wait)):
         log.warning("stopped waiting; the deployment comes back on its own")
-    finally:
-        for sig in hooked:
-            loop.add_signal_handler(sig, life._on_signal, sig)  # the lifecycle's own handling again

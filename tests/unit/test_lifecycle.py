@@ -38,6 +38,12 @@ COMMAND = textwrap.dedent("""
                 print("cleaning", flush=True)
                 await asyncio.sleep(3600)
             life.on_cleanup("slow", slow)
+        if phase == "interruptible-cleanup":
+            async def wait_for_replicas():
+                print("waiting", flush=True)
+                done = await life.interruptible(asyncio.sleep(3600))
+                print("waited" if done else "cut short", flush=True)
+            life.on_cleanup("wait", wait_for_replicas)
         print("ready", flush=True)
         if phase == "starting":
             await life.until_stopped(asyncio.sleep(3600))
@@ -100,6 +106,20 @@ def test_second_signal_exits_at_once_naming_ktctl_clean(start: Any) -> None:
     assert proc.returncode == 130
     assert "`ktctl clean` removes leftovers" in err
     assert not mark.exists()  # exited at once: the remaining steps did not run
+
+
+@POSIX
+def test_a_signal_during_an_interruptible_wait_ends_only_that_wait(start: Any) -> None:
+    # Scale mode waits at exit for the deployment's pods; a second Ctrl-C must stop the wait, not skip
+    # the rest of the clean-up (the shadow pod's deletion) by exiting at once.
+    proc, mark = start("interruptible-cleanup")
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "waiting"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "cut short", err
+    assert mark.read_text() == "cleaned"  # the steps after the wait still ran
+    assert "removes leftovers" not in err
 
 
 async def test_a_raising_step_does_not_skip_the_next(kt_log: pytest.LogCaptureFixture) -> None:
