@@ -47,10 +47,12 @@ def render(objs: list[KtObject], now: datetime, show_user: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, datetime, list[KtObject]]:
-        return namespace, await kube.cluster_time(), await list_objects(kube, namespace)
+    async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, datetime, list[KtObject], list[str]]:
+        from ktproxy.kube.recover import changes
 
-    namespace, now, objs = in_scope(args, work)
+        return namespace, await kube.cluster_time(), await list_objects(kube, namespace), await changes(kube, namespace)
+
+    namespace, now, objs, changed = in_scope(args, work)
     user = meta.local_user()
     if not args.all_users:
         objs = [o for o in objs if o.user == user]
@@ -58,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if not objs:
         who = "" if args.all_users else f" of user {user}"
         print(f"No ktproxy objects{who} {place}")
-        return 0
-    for line in render(objs, now, show_user=args.all_users):
-        print(line)
+    else:
+        for line in render(objs, now, show_user=args.all_users):
+            print(line)
+    if changed:  # every user's: someone else's exchange of a shared service matters to you too
+        print("Changed by ktproxy (`ktctl recover SVC` puts a service back):")
+        for line in changed:
+            print(f"  {line}")
     return 0

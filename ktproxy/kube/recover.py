@@ -78,6 +78,36 @@ async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
     return done or [f"Service {name} is clean and tidy, nothing would be done"]
 
 
+def _list(kube: KubeClient, namespace: str | None, namespaced: Any, everywhere: Any, plural: str,
+          **kw: Any) -> Any:
+    if namespace is None:
+        return kube.call(everywhere, access=Access("list", plural), **kw)
+    return kube.call(namespaced, namespace, access=Access("list", plural, namespace), **kw)
+
+
+async def changes(kube: KubeClient, namespace: str | None) -> list[str]:
+    """What exchanges changed on objects ktproxy does not own: switched Service selectors and Deployments
+    scaled to 0, one line each (for `ktctl status`; `ktctl recover SVC` puts them back)."""
+    core, apps = kube.core, kube.apps
+    services = await _list(kube, namespace, core.list_namespaced_service, core.list_service_for_all_namespaces,
+                           "services")
+    deployments = await _list(kube, namespace, apps.list_namespaced_deployment,
+                              apps.list_deployment_for_all_namespaces, "deployments.apps")
+    lines = []
+    for svc in services.items or []:
+        ann = takeover.annotations_of(svc)
+        if meta.KT_SELECTOR in ann:
+            lines.append(f"service {svc.metadata.namespace}/{svc.metadata.name}: selector switched by "
+                         f"{ann.get(meta.KT_USER) or 'an unknown user'} (original "
+                         f"{takeover.encode_selector(takeover.original_selector(svc))})")
+    for dep in deployments.items or []:
+        count = scale.recorded_replicas(dep)
+        if count and (dep.spec.replicas or 0) == 0:
+            lines.append(f"deployment {dep.metadata.namespace}/{dep.metadata.name}: scaled to 0 by an "
+                         f"exchange (was {count})")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ clean hook
 def _idle(obj: Any, now: datetime) -> float:
     beat = takeover.annotations_of(obj).get(meta.KT_LAST_HEART_BEAT, "")
@@ -93,9 +123,7 @@ async def clean_hook(
     """For `cleanup.register_recover_hook`: Services and Deployments whose exchange has no live shadow left
     (its heartbeat went stale, so clean removed it) are recovered; a stale kt-lock is dropped."""
     def listing(namespaced: Any, everywhere: Any, plural: str, **kw: Any) -> Any:
-        if namespace is None:
-            return kube.call(everywhere, access=Access("list", plural), **kw)
-        return kube.call(namespaced, namespace, access=Access("list", plural, namespace), **kw)
+        return _list(kube, namespace, namespaced, everywhere, plural, **kw)
 
     core, apps = kube.core, kube.apps
     pods = await listing(core.list_namespaced_pod, core.list_pod_for_all_namespaces, "pods",

@@ -81,6 +81,9 @@ def test_seed_exchange_and_ctrl_c(ktctl: Ktctl, settled: str, client_pod: Client
     assert "kt-lock" not in kt_annotations(svc)  # the lock guards set-up only
     shadows = [o for o in kt_objects(settled) if o.startswith("pod/tomcat-kt-exchange-")]
     assert len(shadows) == 1, kt_objects(settled)
+    status = ktctl.run("status").stdout  # knows the shadow it made and the selector it switched
+    assert shadows[0].removeprefix("pod/") in status, status
+    assert f"service {settled}/tomcat: selector switched by" in status, status
     assert ex.stop(signal.SIGINT) in (0, 130)
     _assert_pristine(settled, client_pod)
 

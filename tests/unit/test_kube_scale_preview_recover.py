@@ -150,3 +150,15 @@ async def test_clean_hook_only_recovers_exchanges_without_a_live_shadow(kube):
     assert kube.store.get("service", "default", "tomcat")["spec"]["selector"] == ours  # dry run
     await recover.clean_hook(kube, "default", now, 300, dry_run=False)
     assert kube.store.get("service", "default", "tomcat")["spec"]["selector"] == {"app": "tomcat"}
+
+
+async def test_changes_lists_switched_selectors_and_scaled_deployments(kube):
+    # `ktctl status` shows what an exchange changed on objects ktproxy does not own.
+    assert await recover.changes(kube, "default") == []
+    ours = {"kt-role": "shadow-exchange", "kt-target": "abc"}
+    await takeover.switch_selector(kube, "default", "tomcat", ours, "alice")
+    await scale.scale_down(kube, "default", kube.store.read("deployment", "other", "default"))
+    assert await recover.changes(kube, "default") == [
+        'service default/tomcat: selector switched by alice (original {"app":"tomcat"})',
+        "deployment default/other: scaled to 0 by an exchange (was 1)",
+    ]
