@@ -217,12 +217,21 @@ async def guard_selector(
             if change(service) is None or not await _shadow_alive(kube, namespace, labels):
                 continue
             log.warning("Selector of service %s was changed by someone else; putting ours back", name)
-            await update_with_retry(kube, namespace, name, change)
+            # The PATCH runs in a worker thread that cancelling cannot stop: let it land before this
+            # task ends, or it could land after the restore and point the Service at a deleted shadow.
+            write = asyncio.ensure_future(update_with_retry(kube, namespace, name, change))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait([write])
+                raise
             log.info("Service %s recovered", name)
-        except KtError as exc:
-            if isinstance(exc, KubeError) and exc.status == 404:
+        except KubeError as exc:
+            if exc.status == 404:
                 if not gone_logged:
                     log.warning("service %s/%s was deleted while exchanged", namespace, name)
                     gone_logged = True
                 continue
+            log.warning("checking the selector of service %s failed: %s", name, exc)
+        except Exception as exc:  # the guard must outlive any one bad answer
             log.warning("checking the selector of service %s failed: %s", name, exc)

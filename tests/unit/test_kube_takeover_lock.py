@@ -98,6 +98,49 @@ async def test_guard_puts_our_selector_back_only_while_a_shadow_lives(kube, capl
             await guard
 
 
+async def test_guard_cancelled_mid_write_ends_only_after_the_write_landed(kube, monkeypatch):
+    # The write is a PATCH in a worker thread that cancelling cannot stop; if the guard ended first,
+    # the restore could read the Service before that PATCH lands and the Service would be left pointing
+    # at the shadow about to be deleted. Cancellation must wait for the write.
+    original = await takeover.switch_selector(kube, "default", "tomcat", OURS, "alice")
+    kube.store.put("pod", pod("tomcat-kt-exchange-x", OURS))
+    writing, landed = asyncio.Event(), []
+
+    async def slow_write(*args, **kwargs):
+        writing.set()
+        await asyncio.sleep(0.2)  # stands for the thread's PATCH still on the wire
+        landed.append(True)
+
+    monkeypatch.setattr(takeover, "update_with_retry", slow_write)
+    guard = asyncio.create_task(takeover.guard_selector(kube, "default", "tomcat", OURS, original, "alice",
+                                                        interval=0.01))
+    kube.store.patch("service", "tomcat", "default", {"spec": {"selector": {"kt-role": None, "kt-target": None,
+                                                                            "app": "hijack"}}})
+    await asyncio.wait_for(writing.wait(), 5)
+    guard.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await guard
+    assert landed == [True]
+
+
+async def test_guard_survives_an_unexpected_error(kube, monkeypatch, caplog):
+    original = await takeover.switch_selector(kube, "default", "tomcat", OURS, "alice")
+    calls = []
+
+    async def odd_read(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("an odd answer")
+
+    monkeypatch.setattr(takeover, "read", odd_read)
+    guard = asyncio.create_task(takeover.guard_selector(kube, "default", "tomcat", OURS, original, "alice",
+                                                        interval=0.01))
+    await asyncio.sleep(0.1)
+    assert not guard.done() and len(calls) > 1  # still polling after the error
+    guard.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await guard
+
+
 # ------------------------------------------------------------------------------------------------ lock
 async def test_lock_acquire_release(kube, caplog):
     caplog.set_level(logging.INFO, logger="ktproxy")
