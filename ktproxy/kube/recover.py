@@ -78,11 +78,21 @@ async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
     return done or [f"Service {name} is clean and tidy, nothing would be done"]
 
 
-def _list(kube: KubeClient, namespace: str | None, namespaced: Any, everywhere: Any, plural: str,
-          **kw: Any) -> Any:
-    if namespace is None:
-        return kube.call(everywhere, access=Access("list", plural), **kw)
-    return kube.call(namespaced, namespace, access=Access("list", plural, namespace), **kw)
+async def _list(kube: KubeClient, namespace: str | None, namespaced: Any, everywhere: Any, plural: str,
+                **kw: Any) -> list[Any]:
+    """The items, or none when the user may not list them: a namespace-scoped account (the minimal Role
+    in the README) can still run `clean` and `status` on what it may see."""
+    try:
+        if namespace is None:
+            resp = await kube.call(everywhere, access=Access("list", plural), **kw)
+        else:
+            resp = await kube.call(namespaced, namespace, access=Access("list", plural, namespace), **kw)
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        log.debug("not checking %s: %s", plural, exc)
+        return []
+    return list(resp.items or [])
 
 
 async def changes(kube: KubeClient, namespace: str | None) -> list[str]:
@@ -94,13 +104,13 @@ async def changes(kube: KubeClient, namespace: str | None) -> list[str]:
     deployments = await _list(kube, namespace, apps.list_namespaced_deployment,
                               apps.list_deployment_for_all_namespaces, "deployments.apps")
     lines = []
-    for svc in services.items or []:
+    for svc in services:
         ann = takeover.annotations_of(svc)
         if meta.KT_SELECTOR in ann:
             lines.append(f"service {svc.metadata.namespace}/{svc.metadata.name}: selector switched by "
                          f"{ann.get(meta.KT_USER) or 'an unknown user'} (original "
                          f"{takeover.encode_selector(takeover.original_selector(svc))})")
-    for dep in deployments.items or []:
+    for dep in deployments:
         count = scale.recorded_replicas(dep)
         if count and (dep.spec.replicas or 0) == 0:
             lines.append(f"deployment {dep.metadata.namespace}/{dep.metadata.name}: scaled to 0 by an "
@@ -120,7 +130,7 @@ def _idle(obj: Any, now: datetime) -> float:
 async def clean_hook(
     kube: KubeClient, namespace: str | None, now: datetime, threshold: float, dry_run: bool
 ) -> list[str]:
-    """For `cleanup.register_recover_hook`: Services and Deployments whose exchange has no live shadow left
+    """For `clean(..., hooks=)`: Services and Deployments whose exchange has no live shadow left
     (its heartbeat went stale, so clean removed it) are recovered; a stale kt-lock is dropped."""
     def listing(namespaced: Any, everywhere: Any, plural: str, **kw: Any) -> Any:
         return _list(kube, namespace, namespaced, everywhere, plural, **kw)
@@ -128,13 +138,13 @@ async def clean_hook(
     core, apps = kube.core, kube.apps
     pods = await listing(core.list_namespaced_pod, core.list_pod_for_all_namespaces, "pods",
                          label_selector=meta.SELECTOR)
-    live = [p for p in pods.items or [] if _labels(p).get(meta.KT_ROLE) in _SHADOW_ROLES
+    live = [p for p in pods if _labels(p).get(meta.KT_ROLE) in _SHADOW_ROLES
             and _idle(p, now) <= threshold and not p.metadata.deletion_timestamp]
     services = await listing(core.list_namespaced_service, core.list_service_for_all_namespaces, "services")
     deployments = await listing(apps.list_namespaced_deployment, apps.list_deployment_for_all_namespaces,
                                 "deployments.apps")
     lines: list[str] = []
-    for svc in services.items or []:
+    for svc in services:
         ns, name = svc.metadata.namespace, svc.metadata.name
         ann = takeover.annotations_of(svc)
         has_live = any(p.metadata.namespace == ns and belongs_to(p, svc, []) for p in live)
@@ -147,7 +157,7 @@ async def clean_hook(
             lines.append(f"remove stale kt-lock of service {ns}/{name}")
             if not dry_run:
                 await lock.release(kube, ns, name)
-    for dep in deployments.items or []:
+    for dep in deployments:
         ns, name = dep.metadata.namespace, dep.metadata.name
         count = scale.recorded_replicas(dep)
         users = [p for p in live if p.metadata.namespace == ns

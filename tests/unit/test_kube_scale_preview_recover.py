@@ -162,3 +162,22 @@ async def test_changes_lists_switched_selectors_and_scaled_deployments(kube):
         'service default/tomcat: selector switched by alice (original {"app":"tomcat"})',
         "deployment default/other: scaled to 0 by an exchange (was 1)",
     ]
+
+
+async def test_status_and_clean_checks_skip_what_a_namespaced_user_may_not_list(kube, monkeypatch):
+    # The README's minimal Role has no `list` on services or deployments: `ktctl status` and `ktctl clean`
+    # must still work for that user (they failed with a 403, clean after it had already deleted things).
+    from ktproxy.kube.errors import KubeError
+
+    ours = {"kt-role": "shadow-exchange", "kt-target": "abc"}
+    await takeover.switch_selector(kube, "default", "tomcat", ours, "alice")
+    real_call = kube.call
+
+    async def namespaced_user(fn, *args, access=None, **kwargs):
+        if access is not None and access.verb == "list" and access.resource in ("services", "deployments.apps"):
+            raise KubeError(f"no permission to list {access.resource}", 403, "Forbidden")
+        return await real_call(fn, *args, access=access, **kwargs)
+
+    monkeypatch.setattr(kube, "call", namespaced_user)
+    assert await recover.changes(kube, "default") == []
+    assert await recover.clean_hook(kube, "default", NOW, 300, dry_run=True) == []
