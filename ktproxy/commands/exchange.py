@@ -23,6 +23,7 @@ from typing import Any
 
 from ktproxy import lifecycle
 from ktproxy.commands import reverse
+from ktproxy.errors import KtError
 from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
@@ -52,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = parse_expose(args.expose)
     reverse.check_timeout(args)
-    return lifecycle.run(lambda life: _main(args, pairs, life))
+    # A second Ctrl-C leaves the service switched while the shadow's heartbeat is fresh, which `clean`
+    # respects for minutes: recover is the command that puts it back at once.
+    hint = f"`ktctl recover {args.target.split('/')[-1]}` puts the service back now, `ktctl clean` later"
+    return lifecycle.run(lambda life: _main(args, pairs, life), leftovers_hint=hint)
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Lifecycle) -> int:
@@ -64,8 +68,9 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
     ns = kube.namespace
     target = await life.until_stopped(resolve_exchange_target(kube, ns, args.target))
     service = target.service
-    if args.mode == "selector":
-        await life.until_stopped(refuse_if_taken(kube, ns, service))
+    # Both modes: a service another exchange or a mesh holds is refused (scale mode too would otherwise
+    # print its banner while the switched selector keeps the traffic elsewhere).
+    await life.until_stopped(refuse_if_taken(kube, ns, service))
     ports = await life.until_stopped(resolve_expose(kube, service, pairs, selector=original_selector(service)))
     await life.until_stopped(reverse.check_local_ports(ports, args.skip_port_checking))
     if args.mode == "scale":
@@ -120,6 +125,9 @@ async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: l
     deployment = target.deployment or await life.until_stopped(
         scale.deployment_for_service(kube, ns, target.service))
     name = deployment.metadata.name
+    if scale.recorded_replicas(deployment) is not None and not deployment.spec.replicas:
+        raise KtError(f"deployment '{name}' is already scaled to 0 by another exchange "
+                      f"(`ktctl recover {target.service_name}` puts it back if that exchange is gone)")
     replicas = deployment.spec.replicas if deployment.spec.replicas is not None else 1
     spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=scale.shadow_labels(deployment),

@@ -154,6 +154,11 @@ def test_scale_mode_round_trip(ktctl: Ktctl, settled: str, client_pod: ClientPod
         "-n", settled, "get", "deploy", "tomcat", "-o", "jsonpath={.spec.replicas}").stdout == "0")
     client_pod.wait_for(URL, LOCAL)
     assert _selector(settled) == {"app": "tomcat"}  # scale mode leaves the service alone
+    # A second scale-mode exchange would share the traffic and scale the deployment back under the first.
+    second = ktctl.run("exchange", "deployment/tomcat", "--expose", "8080", "--mode", "scale", timeout=120)
+    errors = error_lines(second.stderr)
+    assert second.returncode != 0 and len(errors) == 1, second.stderr
+    assert "already scaled to 0 by another exchange" in errors[0], second.stderr
     assert ex.stop() in (0, 130)
     ready = kubectl("-n", settled, "get", "deploy", "tomcat", "-o", "jsonpath={.status.readyReplicas}").stdout
     assert ready == "1", "exit waits for the original pods to be ready"
