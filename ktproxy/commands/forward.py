@@ -23,6 +23,7 @@ from ktproxy.commands.reverse import check_timeout, open_kube, print_banner
 from ktproxy.errors import KtError, UsageError
 from ktproxy.kube.expose import Remote, parse_port_pair
 from ktproxy.proxy.relay import relay
+from ktproxy.tunnel.supervisor import TunnelDown
 
 log = logging.getLogger("ktproxy")
 
@@ -101,6 +102,9 @@ class Forwarder:
                 tried.add((host, port))
                 try:
                     return await asyncio.wait_for(self.tunnel.open_connection(host, port), DIAL_TIMEOUT)
+                except TunnelDown as exc:  # the session is being rebuilt: not the pod's fault
+                    log.warning("cannot forward a connection: %s", exc)
+                    return None
                 except (asyncssh.ChannelOpenError, OSError, TimeoutError, asyncssh.Error) as exc:
                     log.warning("%s:%s (%s) did not answer: %s", host, port, self.plan.description,
                                 getattr(exc, "reason", None) or exc)
@@ -117,7 +121,9 @@ class Forwarder:
 
 async def _listen(forwarder: Forwarder, address: str, port: int) -> asyncio.Server:
     try:
-        return await asyncio.start_server(forwarder.handle, address, port)
+        # Bound now, serving only once the session is up: an early client would meet a tunnel that is
+        # not there yet and be told every Ready pod "did not answer".
+        return await asyncio.start_server(forwarder.handle, address, port, start_serving=False)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"local port {address}:{port} is already in use") from None
@@ -152,6 +158,7 @@ async def _main(args: argparse.Namespace, local: int | None, remote: Remote | No
         await life.until_stopped(tunnel.start())
     except (asyncssh.Error, ConnectionError) as exc:
         raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
+    await server.start_serving()
     print_banner(banner(plan, args.address, port))
     await life.wait()
     return 0

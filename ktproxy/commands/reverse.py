@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -24,6 +24,7 @@ from ktproxy.errors import KtError, UsageError
 from ktproxy.kube.expose import ExposedPort, check_local_port
 
 log = logging.getLogger("ktproxy")
+T = TypeVar("T")
 
 RULE = "-" * 63
 LOCAL_HOST = "127.0.0.1"
@@ -153,7 +154,7 @@ class ReverseShadow:
         await life.until_stopped(self._wait_ready())
         if self.skip_local_check:
             log.info("Local ports not checked (--skip-port-checking): traffic fails until they listen")
-        await life.until_stopped(asyncio.gather(*(prove_path(self.tunnel, p) for p in self.spec.ports)))
+        await life.until_stopped(all_or_none(prove_path(self.tunnel, p) for p in self.spec.ports))
 
     async def wait_serving(self, service: str) -> None:
         """Until Service `service` sends its traffic to this shadow only (its EndpointSlices say so)."""
@@ -168,8 +169,8 @@ class ReverseShadow:
         svc = await self.kube.call(self.kube.core.read_namespaced_service, service, pod.namespace)
         cluster_ip = svc.spec.cluster_ip if svc.spec else None
         if cluster_ip and cluster_ip != "None":  # headless: clients reach the pods directly
-            await self.life.until_stopped(asyncio.gather(
-                *(prove_service(self.tunnel, service, cluster_ip, p) for p in self.spec.ports)))
+            await self.life.until_stopped(all_or_none(
+                prove_service(self.tunnel, service, cluster_ip, p) for p in self.spec.ports))
 
     async def _wait_ready(self) -> None:
         from ktproxy.kube.shadow import wait_ready
@@ -177,6 +178,17 @@ class ReverseShadow:
         pod = self.shadow.pod
         assert pod is not None
         await wait_ready(self.kube, pod.namespace, pod.name, self.shadow.options.image, self.timeout)
+
+
+async def all_or_none(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """gather(), except that the first failure cancels the others: no proof may run on against a tunnel
+    the clean-up is already closing."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def prove_path(tunnel: Any, port: ExposedPort, limit: float = PROOF_TIMEOUT) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncssh
 import pytest
 
@@ -10,7 +12,7 @@ from ktproxy.commands.forward import Forwarder, parse_ports
 from ktproxy.commands.forward import banner as forward_banner
 from ktproxy.commands.preview import banner as preview_banner
 from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
-from ktproxy.errors import UsageError
+from ktproxy.errors import KtError, UsageError
 from ktproxy.kube import meta
 from ktproxy.kube.expose import ExposedPort
 from ktproxy.kube.targets import AddressPlan, ExchangeTarget
@@ -90,3 +92,38 @@ async def test_forward_dials_the_replacement_pod_on_the_same_connection() -> Non
     tunnel = _Tunnel()
     assert await Forwarder(_Plan(), tunnel)._dial() == ("reader", "writer")
     assert tunnel.dialled == ["10.0.0.1", "10.0.0.2"]
+
+
+async def test_forward_does_not_blame_the_pods_while_the_session_is_down() -> None:
+    # A session being rebuilt is not a dead pod: no pod is dropped from the plan (which cost a fresh
+    # endpoint list per connection) and the connection simply waits for a later attempt.
+    from ktproxy.tunnel.supervisor import TunnelDown
+
+    class Down(_Tunnel):
+        async def open_connection(self, host: str, port: int) -> tuple[str, str]:
+            self.dialled.append(host)
+            raise TunnelDown("cannot reach the shadow")
+
+    plan, tunnel = _Plan(), Down()
+    assert await Forwarder(plan, tunnel)._dial() is None
+    assert tunnel.dialled == ["10.0.0.1"] and not plan.fresh
+
+
+async def test_first_failed_proof_cancels_the_others() -> None:
+    from ktproxy.commands.reverse import all_or_none
+
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def failing() -> None:
+        raise KtError("port 9090 did not reach this machine")
+
+    with pytest.raises(KtError):
+        await all_or_none([slow(), failing()])
+    await asyncio.wait_for(cancelled.wait(), 1)
