@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from typing import Any
+
+from ktproxy import lifecycle
+from ktproxy.errors import UsageError
+
+log = logging.getLogger("ktproxy")
+
+RULE = "-" * 63
 
 
 def add_all_namespaces(p: argparse.ArgumentParser) -> None:
@@ -21,3 +30,25 @@ async def scope(kube: Any, args: argparse.Namespace) -> str | None:
 
 def where(namespace: str | None) -> str:
     return "in all namespaces" if namespace is None else f"in namespace {namespace}"
+
+
+def check_timeout(args: argparse.Namespace) -> None:
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+
+
+def open_kube(args: argparse.Namespace, life: lifecycle.Lifecycle) -> Any:
+    """kt-connect's first line, and the Kubernetes client, closed last at clean-up."""
+    from ktproxy.commands import options
+
+    log.info("KtConnect start at %d", os.getpid())
+    kube = options.kube_client(args)
+    life.on_cleanup("Kubernetes client", kube.close)
+    return kube
+
+
+def print_banner(text: str) -> None:
+    """kt-connect's three lines (63 dashes) around what the command now offers."""
+    log.info(RULE)
+    log.info(text)
+    log.info(RULE)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
 from ktproxy import lifecycle
+from ktproxy.commands import check_timeout, open_kube, print_banner
 from ktproxy.dataplane import DataPlane, DataPlaneSettings, check_bind
 from ktproxy.errors import KtError, UsageError
 from ktproxy.keys import generate_session_keys
@@ -27,7 +27,6 @@ from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 log = logging.getLogger("ktproxy")
 
 BANNER = "All looks good, now you can access to resources in the kubernetes cluster"
-RULE = "-" * 63
 DEFAULT_PROXY_PORT = 2223
 DEFAULT_DNS_PORT = 10053
 
@@ -76,8 +75,7 @@ def check_input(args: argparse.Namespace) -> ConnectInput:
     # and CMD learns the real ones from its env.
     proxy_port = _port("--proxy-port", args.proxy_port, 0 if args.command else DEFAULT_PROXY_PORT)
     dns_port = _port("--dns-port", args.dns_port, 0 if args.command else DEFAULT_DNS_PORT, allow_off=True)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
+    check_timeout(args)
     return ConnectInput(credentials, _extra_cidrs(args.include_ips), proxy_port, dns_port)
 
 
@@ -116,47 +114,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
-    from ktproxy.commands import options
     from ktproxy.commands.options import shadow_options
     from ktproxy.kube.shadow_session import ShadowSession
 
-    log.info("KtConnect start at %d", os.getpid())
-    kube = options.kube_client(args)
-    life.on_cleanup("Kubernetes client", kube.close)
+    kube = open_kube(args, life)
     namespace = kube.namespace
     keys = generate_session_keys()
     shadow = ShadowSession(kube, namespace, shadow_options(args, namespace), keys)
     life.on_cleanup("shadow pod and secret", shadow.close)
     tunnel = SSHTunnel(shadow.connect, SSHOptions.for_session(keys))
     life.on_cleanup("SSH session", tunnel.close)
+    # Read-only checks and discovery, then the local ports: a missing permission or a port in
+    # use must fail before anything exists in the cluster.
+    await life.until_stopped(shadow.preflight())
+    found = await life.until_stopped(shadow.discover(args.cluster_domain))
+    rules = cluster_rules(namespace, args.route == "all", found, given.extra_cidrs)
+    settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=given.proxy_port,
+                                 dns_port=given.dns_port, credentials=given.credentials,
+                                 cluster_dns=(found.dns, 53) if found.dns else None,
+                                 direct_hosts=(kube.server_host,))
+    plane = DataPlane(rules, tunnel, settings)
+    life.on_cleanup("local proxy and DNS stub", plane.close)
+    await plane.start()
+    await life.until_stopped(shadow.sweep())
+    await life.until_stopped(shadow.start(timeout=args.timeout))
     try:
-        # Read-only checks and discovery, then the local ports: a missing permission or a port in
-        # use must fail before anything exists in the cluster.
-        await life.until_stopped(shadow.preflight())
-        found = await life.until_stopped(shadow.discover(args.cluster_domain))
-        rules = cluster_rules(namespace, args.route == "all", found, given.extra_cidrs)
-        settings = DataPlaneSettings(proxy_host=args.proxy_host, proxy_port=given.proxy_port,
-                                     dns_port=given.dns_port, credentials=given.credentials,
-                                     cluster_dns=(found.dns, 53) if found.dns else None,
-                                     direct_hosts=(kube.server_host,))
-        plane = DataPlane(rules, tunnel, settings)
-        life.on_cleanup("local proxy and DNS stub", plane.close)
-        await plane.start()
-        await life.until_stopped(shadow.sweep())
-        await life.until_stopped(shadow.start(timeout=args.timeout))
         await life.until_stopped(tunnel.start())
-        for line in plane.describe():
-            log.info("%s", line)
-        log.info(RULE)
-        log.info(BANNER)
-        log.info(RULE)
-        env = plane.env()
-        if args.command:
-            return await life.until_stopped(run_with_env(args.command, env))
-        for line in export_lines(env):
-            print(line, flush=True)
-        print(f"# PAC: {plane.pac_url}", flush=True)
-        await life.wait()
-        return 0
     except (asyncssh.Error, ConnectionError) as exc:
         raise KtError(f"cannot open the SSH session to the shadow pod: {exc}") from None
+    for line in plane.describe():
+        log.info("%s", line)
+    print_banner(BANNER)
+    env = plane.env()
+    if args.command:
+        return await life.until_stopped(run_with_env(args.command, env))
+    for line in export_lines(env):
+        print(line, flush=True)
+    print(f"# PAC: {plane.pac_url}", flush=True)
+    await life.wait()
+    return 0
+

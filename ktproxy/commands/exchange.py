@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from ktproxy import lifecycle
-from ktproxy.commands import reverse
+from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
 from ktproxy.errors import KtError
 from ktproxy.kube import meta
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ktproxy.kube.expose import parse_expose
 
     pairs = parse_expose(args.expose)
-    reverse.check_timeout(args)
+    check_timeout(args)
     # A second Ctrl-C leaves the service switched while the shadow's heartbeat is fresh, which `clean`
     # respects for minutes: recover is the command that puts it back at once.
     hint = f"`ktctl recover {args.target.split('/')[-1]}` puts the service back now, `ktctl clean` later"
@@ -64,7 +64,7 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
     from ktproxy.kube.takeover import original_selector, refuse_if_taken
     from ktproxy.kube.targets import resolve_exchange_target
 
-    kube = reverse.open_kube(args, life)
+    kube = open_kube(args, life)
     ns = kube.namespace
     target = await life.until_stopped(resolve_exchange_target(kube, ns, args.target))
     service = target.service
@@ -77,7 +77,7 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
         await _scale_mode(args, kube, target, ports, life)
     else:
         await _selector_mode(args, kube, target, ports, life)
-    reverse.print_banner(banner(target))
+    print_banner(banner(target))
     await life.wait()
     return 0
 

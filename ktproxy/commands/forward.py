@@ -19,7 +19,7 @@ from typing import Any
 import asyncssh
 
 from ktproxy import lifecycle
-from ktproxy.commands.reverse import check_timeout, open_kube, print_banner
+from ktproxy.commands import check_timeout, open_kube, print_banner
 from ktproxy.errors import KtError, UsageError
 from ktproxy.kube.expose import Remote, parse_port_pair
 from ktproxy.proxy.relay import relay

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from ktproxy import lifecycle
-from ktproxy.commands import reverse
+from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
 from ktproxy.errors import UsageError
 from ktproxy.kube import meta
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.name!r} is not a valid service name (lower-case letters, digits and '-', "
                          "starting with a letter, at most 63)")
     ports = standalone_ports(parse_expose(args.expose, allow_names=False))
-    reverse.check_timeout(args)
+    check_timeout(args)
     return lifecycle.run(lambda life: _main(args, ports, life))
 
 
@@ -55,7 +55,7 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     from ktproxy.kube.heartbeat import heartbeat_loop
     from ktproxy.kube.takeover import target_labels
 
-    kube = reverse.open_kube(args, life)
+    kube = open_kube(args, life)
     ns = kube.namespace
     name = args.name
     labels = target_labels(meta.ROLE_PREVIEW_SHADOW)
@@ -74,7 +74,7 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     await shadow.wait_serving(name)
     beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
     life.on_cleanup("service heartbeat", reverse.cancel_task, beat)
-    reverse.print_banner(banner(name))
+    print_banner(banner(name))
     await life.wait()
     return 0
 

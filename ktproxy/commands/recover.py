@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
-    from ktproxy.commands import options
+    from ktproxy.commands import open_kube
     from ktproxy.kube.recover import recover
     from ktproxy.kube.targets import split_target
 
@@ -33,8 +33,7 @@ async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
         from ktproxy.errors import UsageError
 
         raise UsageError(f"recover takes a service (NAME or svc/NAME), not {args.service!r}")
-    kube = options.kube_client(args)
-    life.on_cleanup("Kubernetes client", kube.close)
+    kube = open_kube(args, life)
     # Not interruptible half-way: each step is one API call and every step leaves a consistent state.
     lines = await recover(kube, kube.namespace, name)
     if lines and lines[-1].endswith("nothing would be done"):  # the actions were logged as they ran

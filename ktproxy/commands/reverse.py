@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,13 +19,12 @@ from typing import Any, TypeVar
 import asyncssh
 
 from ktproxy import lifecycle
-from ktproxy.errors import KtError, UsageError
+from ktproxy.errors import KtError
 from ktproxy.kube.expose import ExposedPort, check_local_port
 
 log = logging.getLogger("ktproxy")
 T = TypeVar("T")
 
-RULE = "-" * 63
 LOCAL_HOST = "127.0.0.1"
 HEALTH_PORT_NAME = "kt-health"
 HEALTH_PORTS = (2280, 2281, 2282, 2283)  # the first one no exposed port uses
@@ -41,28 +39,6 @@ def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--skip-port-checking", "--skipPortChecking", dest="skip_port_checking", action="store_true",
                    help="do not check that something listens on the local ports (start it later)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
-
-
-def check_timeout(args: argparse.Namespace) -> None:
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
-
-
-def open_kube(args: argparse.Namespace, life: lifecycle.Lifecycle) -> Any:
-    """kt-connect's first line, and the Kubernetes client, closed last at clean-up."""
-    from ktproxy.commands import options
-
-    log.info("KtConnect start at %d", os.getpid())
-    kube = options.kube_client(args)
-    life.on_cleanup("Kubernetes client", kube.close)
-    return kube
-
-
-def print_banner(text: str) -> None:
-    """kt-connect's three lines (63 dashes), as connect prints its own."""
-    log.info(RULE)
-    log.info(text)
-    log.info(RULE)
 
 
 async def check_local_ports(ports: list[ExposedPort], skip: bool) -> None:
