@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from ktproxy.errors import KtError, UsageError
+from ktproxy.kube import meta
 from ktproxy.kube.client import KubeClient
 from ktproxy.kube.errors import Access
 
 LOCAL_CHECK_TIMEOUT = 2.0
-# IANA_SVC_NAME, what Kubernetes allows as a port name (at most 15 characters, a letter somewhere).
-_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
 Remote = int | str  # a port number, or a port name (named targetPort / service port name)
 
@@ -67,7 +65,7 @@ def parse_port_pair(item: str, *, flag: str = "--expose", allow_names: bool = Tr
     remote_text = parts[1]
     if remote_text.isdigit():
         return PortPair(local, _port_number(remote_text, "remote port", item))
-    if allow_names and _PORT_NAME.match(remote_text):
+    if allow_names and meta.is_port_name(remote_text):
         return PortPair(local, remote_text)
     kind = "a port number or port name" if allow_names else "a port number (1-65535)"
     raise UsageError(f"remote port {remote_text!r} in {item!r} is not {kind}")
@@ -211,15 +209,6 @@ def standalone_ports(pairs: list[PortPair]) -> list[ExposedPort]:
             raise UsageError(f"remote port {pair.remote!r} must be a number here (there is no service to name it)")
         out.append(ExposedPort(pair.local, pair.remote, pair.remote))
     return out
-
-
-def container_ports(ports: list[ExposedPort]) -> list[dict[str, Any]]:
-    """The shadow container's `ports` entries for these exposed ports (one per target port)."""
-    seen: dict[int, dict[str, Any]] = {}
-    for p in ports:
-        seen.setdefault(p.target_port, {"name": p.container_port_name, "containerPort": p.target_port,
-                                        "protocol": "TCP"})
-    return list(seen.values())
 
 
 # ------------------------------------------------------------------------------------------ local

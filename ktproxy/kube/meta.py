@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import secrets
 import string
 
@@ -37,6 +38,15 @@ ROLE_ROUTER = "router"
 
 SHADOW_PREFIX = "kt-connect-shadow-"
 SELECTOR = f"{CONTROL_BY}={KT}"
+
+# IANA_SVC_NAME, what Kubernetes accepts as a port name: at most 15 characters, a letter somewhere,
+# no leading, trailing or doubled hyphen.
+_PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+
+
+def is_port_name(text: str) -> bool:
+    return bool(_PORT_NAME.match(text))
+
 
 _ALPHABET = string.ascii_lowercase + string.digits
 

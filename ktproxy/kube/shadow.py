@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,8 +45,6 @@ CREATE_SETTLE_TIMEOUT = 30.0
 # A namespaced sysctl Kubernetes counts as safe (allowed without kubelet flags since 1.22). Capabilities
 # cannot do this job: NET_BIND_SERVICE does not reach a process that runs as non-root.
 LOW_PORTS_SYSCTL = {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}
-# IANA_SVC_NAME: what Kubernetes accepts as a container port name.
-_PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _MAX_NAME = 63  # the pod's name is also its hostname: one DNS label
 
 # Waiting reasons that will not fix themselves while we wait (fail at once, say why).
@@ -116,7 +113,7 @@ class ShadowRole:
         names = {SSH_PORT_NAME}
         numbers = {SSH_PORT}
         for name, port in self.ports:
-            if not _PORT_NAME.match(name):
+            if not meta.is_port_name(name):
                 raise KtError(f"{name!r} is not a valid port name (1-15 of a-z, 0-9 and '-', with a letter)")
             if not 1 <= port <= 65535:
                 raise KtError(f"port {port} ({name}) is not a port number")

@@ -14,7 +14,6 @@ from ktproxy.kube.expose import (
     ExposedPort,
     PortPair,
     check_local_port,
-    container_ports,
     parse_expose,
     parse_port_pair,
     resolve_expose,
@@ -101,12 +100,7 @@ async def test_same_target_twice_is_refused():
         await resolve_expose(kube, model("service", MULTI), parse_expose("1000:80,2000:8080"))
 
 
-def test_container_ports_and_standalone():
-    ports = [ExposedPort(1, 80, 8080), ExposedPort(2, 9000, 9901, "mgmt")]
-    assert container_ports(ports) == [
-        {"name": "kt-8080", "containerPort": 8080, "protocol": "TCP"},
-        {"name": "mgmt", "containerPort": 9901, "protocol": "TCP"},
-    ]
+def test_standalone_ports():
     assert standalone_ports(parse_expose("8080:80")) == [ExposedPort(8080, 80, 80)]
     with pytest.raises(UsageError, match="must be a number"):
         standalone_ports(parse_expose("8080:http"))
@@ -127,3 +121,9 @@ async def test_check_local_port():
             await check_local_port("127.0.0.1", free)
     assert str(err.value) == (f"nothing is listening on local port {free} "
                               "(start it first, or pass --skip-port-checking)")
+
+
+def test_expose_accepts_only_names_the_shadow_can_declare():
+    # One rule for both: --expose took "a--b", which the shadow's pod spec then refused.
+    with pytest.raises(UsageError):
+        parse_expose("8080:a--b")
