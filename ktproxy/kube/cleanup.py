@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from ktproxy.kube import meta
 from ktproxy.kube.client import KubeClient
@@ -58,7 +59,8 @@ def _parse_heartbeat(value: str | None) -> int | None:
         return None
 
 
-def _to_object(kind: str, item) -> KtObject:
+def kt_object(kind: str, item: Any) -> KtObject:
+    """The kt facts of a Kubernetes object (role, user, creation, heartbeat) in one place."""
     md = item.metadata
     ann = md.annotations or {}
     labels = md.labels or {}
@@ -86,7 +88,7 @@ async def list_objects(
         else:
             resp = await kube.call(api.namespaced("list"), namespace, label_selector=meta.SELECTOR,
                                    access=Access("list", api.plural, namespace))
-        return [_to_object(kind, item) for item in resp.items or []]
+        return [kt_object(kind, item) for item in resp.items or []]
 
     results = await asyncio.gather(*(one(k) for k in kinds))
     objs = [o for group in results for o in group]

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from ktproxy.kube import lock, meta, scale, takeover
+from ktproxy.kube.cleanup import kt_object
 from ktproxy.kube.client import KubeClient
 from ktproxy.kube.errors import Access, KubeError
 from ktproxy.kube.shadow import delete_shadow
@@ -119,12 +120,8 @@ async def changes(kube: KubeClient, namespace: str | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ clean hook
-def _idle(obj: Any, now: datetime) -> float:
-    beat = takeover.annotations_of(obj).get(meta.KT_LAST_HEART_BEAT, "")
-    if beat.isdigit():
-        return now.timestamp() - int(beat)
-    created = obj.metadata.creation_timestamp if obj.metadata else None
-    return (now - created).total_seconds() if created else 0.0
+def _idle(pod: Any, now: datetime) -> float:
+    return kt_object("pod", pod).idle(now) or 0.0
 
 
 async def clean_hook(
