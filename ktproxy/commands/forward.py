@@ -72,6 +72,7 @@ class Forwarder:
         self.plan = plan
         self.tunnel = tunnel
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -83,6 +84,12 @@ class Forwarder:
                 writer.close()
                 return
             await relay(reader, writer, *remote)
+        except asyncio.CancelledError:
+            # Cancelled by close(): end normally. On Python 3.11 a cancelled client-connected task makes
+            # asyncio's own done-callback (task.exception()) log a traceback at every Ctrl-C.
+            writer.close()
+            if not self._closing:
+                raise
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -112,6 +119,7 @@ class Forwarder:
         return None
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

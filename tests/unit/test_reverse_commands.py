@@ -127,3 +127,38 @@ async def test_first_failed_proof_cancels_the_others() -> None:
     with pytest.raises(KtError):
         await all_or_none([slow(), failing()])
     await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_forward_closing_with_open_connections_logs_no_traceback() -> None:
+    # Ctrl-C while a client is connected printed "Exception in callback ... task.exception()" (3.11).
+    errors: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    target_got = asyncio.Event()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target_got.set()
+        await reader.read()
+
+    upstream = await asyncio.start_server(target, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+
+    class Plan(_Plan):
+        async def endpoints(self) -> list[tuple[str, int]]:
+            return [("127.0.0.1", up_port)]
+
+    class Direct:
+        async def open_connection(self, host: str, port: int) -> tuple[object, object]:
+            return await asyncio.open_connection(host, port)
+
+    forwarder = Forwarder(Plan(), Direct())
+    server = await asyncio.start_server(forwarder.handle, "127.0.0.1", 0)
+    _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    await asyncio.wait_for(target_got.wait(), 5)
+    await forwarder.close()
+    server.close()
+    upstream.close()
+    writer.close()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert errors == []
