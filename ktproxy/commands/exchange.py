@@ -104,16 +104,19 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
         # Not interruptible: a switch cancelled half-way could leave the selector changed with no
         # restore registered; it is one PATCH.
         original = await switch_selector(kube, ns, name, labels, user)
-        life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name)
+        life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name, shadow)
         guard = asyncio.create_task(guard_selector(kube, ns, name, labels, original, user))
         life.on_cleanup("selector guard", reverse.cancel_task, guard)
     await shadow.wait_serving(name)
 
 
-async def _restore(kube: Any, ns: str, name: str) -> None:
+async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow) -> None:
     from ktproxy.kube.takeover import restore_selector
 
     await asyncio.shield(restore_selector(kube, ns, name))
+    # The shadow goes only once the cluster IP leads to the original pods again: deleted at once, the
+    # requests kube-proxy still sent its way were refused (make demo's first curl after Ctrl-C got a 502).
+    await shadow.wait_released(name)
 
 
 async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: list[Any],

@@ -142,11 +142,24 @@ class ReverseShadow:
         ips = {a.ip for a in (found.status.pod_ips or []) if a.ip} or {found.status.pod_ip}
         if await self.life.until_stopped(wait_for_addresses(self.kube, pod.namespace, service, ips)):
             log.info("Service %s now sends its traffic to shadow pod %s only", service, pod.name)
-        svc = await self.kube.call(self.kube.core.read_namespaced_service, service, pod.namespace)
-        cluster_ip = svc.spec.cluster_ip if svc.spec else None
-        if cluster_ip and cluster_ip != "None":  # headless: clients reach the pods directly
+        cluster_ip = await self._cluster_ip(service)
+        if cluster_ip:
             await self.life.until_stopped(all_or_none(
                 prove_service(self.tunnel, service, cluster_ip, p) for p in self.spec.ports))
+
+    async def wait_released(self, service: str) -> None:
+        """After the original selector is back: until the Service's cluster IP no longer leads here, so
+        the shadow (and this machine) keep serving whatever kube-proxy still sends them until it follows
+        the original pods; a further interrupt stops waiting."""
+        cluster_ip = await self._cluster_ip(service)
+        if cluster_ip and self.tunnel.is_up:
+            await self.life.interruptible(all_or_none(
+                prove_service(self.tunnel, service, cluster_ip, p, reaches=False) for p in self.spec.ports))
+
+    async def _cluster_ip(self, service: str) -> str | None:
+        svc = await self.kube.call(self.kube.core.read_namespaced_service, service, self.kube.namespace)
+        cluster_ip = svc.spec.cluster_ip if svc.spec else None
+        return cluster_ip if cluster_ip and cluster_ip != "None" else None  # headless: no service routing
 
     async def _wait_ready(self) -> None:
         from ktproxy.kube.shadow import wait_ready
@@ -198,14 +211,14 @@ async def prove_path(tunnel: Any, port: ExposedPort, limit: float = PROOF_TIMEOU
 
 
 async def prove_service(tunnel: Any, service: str, cluster_ip: str, port: ExposedPort,
-                        limit: float = SERVICE_PROOF_TIMEOUT) -> bool:
+                        limit: float = SERVICE_PROOF_TIMEOUT, *, reaches: bool = True) -> bool:
     """Connect from the shadow pod to the Service's cluster IP until such a connection lands on this
-    machine: only then does the node's service routing (kube-proxy) follow the new endpoints. The
-    EndpointSlices alone were not enough: on a loaded node kube-proxy lagged them by seconds, and the
-    seed's `curl http://tomcat:8080` right after the banner still met the original pod. A connection
-    that reaches the original pods instead is closed unused and the check tried again. Needs the node to
-    let a pod reach itself through its Service (hairpin); without it this gives up after `limit` s with
-    a warning rather than failing the command."""
+    machine (reaches=False: until one no longer does): only then does the node's service routing
+    (kube-proxy) follow the endpoints. The EndpointSlices alone were not enough: on a loaded node
+    kube-proxy lagged them by seconds, and the seed's `curl http://tomcat:8080` right after the banner
+    still met the original pod (and right after Ctrl-C, the deleted shadow). Probe connections are closed
+    unused. Needs the node to let a pod reach itself through its Service (hairpin); without it this gives
+    up after `limit` s with a warning rather than failing the command."""
     from ktproxy.routing import is_loopback_host
 
     arrived = asyncio.Event()
@@ -216,24 +229,28 @@ async def prove_service(tunnel: Any, service: str, cluster_ip: str, port: Expose
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
+    where = f"service {service} ({cluster_ip}:{port.service_port})"
     tunnel.arrivals.append(seen)
     try:
         while loop.time() < deadline:
+            arrived.clear()
             writer = None
             try:
                 _, writer = await asyncio.wait_for(tunnel.open_connection(cluster_ip, port.service_port), 3)
-                await asyncio.wait_for(arrived.wait(), 1)
-                log.info("Checked: service %s (%s:%d) reaches this machine", service, cluster_ip,
-                         port.service_port)
-                return True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), 1)
+                if arrived.is_set() == reaches:
+                    log.info("Checked: %s %s this machine", where, "reaches" if reaches else "no longer reaches")
+                    return True
             except (asyncssh.Error, OSError, TimeoutError):
-                await asyncio.sleep(0.3)
+                pass
             finally:
                 if writer is not None:
                     writer.close()
+            await asyncio.sleep(0.3)
     finally:
         tunnel.arrivals.remove(seen)
-    log.warning("connections to service %s (%s:%d) did not reach this machine within %g s: the cluster's "
-                "service routing is slow to follow, or pods cannot reach themselves through a Service here",
-                service, cluster_ip, port.service_port, limit)
+    log.warning("connections to %s %s this machine after %g s: the cluster's service routing is slow to "
+                "follow, or pods cannot reach themselves through a Service here",
+                where, "did not reach" if reaches else "still reach", limit)
     return False

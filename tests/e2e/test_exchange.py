@@ -85,6 +85,10 @@ def test_seed_exchange_and_ctrl_c(ktctl: Ktctl, settled: str, client_pod: Client
     assert shadows[0].removeprefix("pod/") in status, status
     assert f"service {settled}/tomcat: selector switched by" in status, status
     assert ex.stop(signal.SIGINT) in (0, 130)
+    # The shadow went only once the cluster IP led to the original pods again: the first request after
+    # Ctrl-C is answered by them (deleted at once, kube-proxy's lag sent it to a dead pod: a 502).
+    assert "Checked: service tomcat (" in ex.output() and "no longer reaches this machine" in ex.output()
+    assert client_pod.get(URL) == DEMO
     _assert_pristine(settled, client_pod)
 
 
