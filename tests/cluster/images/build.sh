@@ -20,7 +20,7 @@ PY="${PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 # Pinned to requirements.lock so the shadow runs what the unit and integration tests ran.
 lock_pin() { grep -i "^$1==" "$REPO/requirements.lock" || echo "$1"; }
-SHADOW_REQS=("$(lock_pin asyncssh)" "$(lock_pin uvloop)")
+SHADOW_REQS=("$(lock_pin asyncssh)" "$(lock_pin uvloop)" "$(lock_pin httptools)" "$(lock_pin h2)" "$(lock_pin hpack)" "$(lock_pin hyperframe)")
 
 log() { echo "[images $(date +%H:%M:%S)] $*"; }
 die() { echo "images: $*" >&2; exit 1; }
