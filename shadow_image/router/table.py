@@ -1,0 +1,131 @@
+"""Which upstream a request goes to: the route table, and where it comes from.
+
+Routes live in the router pod's annotation ROUTES_ANNOTATION as `key:value` pairs joined by commas
+(key: a header name, lower-case; value: what that header must equal, exactly, case-sensitive). Each
+participant adds its own pair (ktproxy/kube/mesh.py); the pod sees its annotations as a downward API
+file the kubelet keeps current, one `name="go-quoted value"` line per annotation.
+
+Route upstreams are Services the participants create: `<svc>-kt-mesh-<value>`; everything else goes to
+`<svc>-kt-stuntman`, which selects the original pods. Both on the Service port that belongs to the
+target port the router listens on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+ROUTES_ANNOTATION = "kt-mesh-routes"
+# What a header name (RFC 9110 token, lower-cased) and a route value (it becomes part of a Service name,
+# a DNS label) may be; anything else in the annotation is ignored, never half-parsed.
+_KEY = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_VALUE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+_LINE = re.compile(r'^([^=]+)="(.*)"$')
+_ESCAPE = re.compile(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[abfnrtv\\"])')
+_SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"'}
+
+Route = tuple[str, str]  # (header name lower-case, value)
+
+
+def is_route(key: str, value: str) -> bool:
+    return bool(_KEY.match(key) and _VALUE.match(value))
+
+
+def format_routes(routes: Iterable[Route]) -> str:
+    return ",".join(f"{k}:{v}" for k, v in routes)
+
+
+def parse_routes(text: str) -> list[Route]:
+    """`version:abcde,version:fghij` -> [("version", "abcde"), ...]; malformed pairs are skipped."""
+    out: list[Route] = []
+    for part in text.split(","):
+        key, sep, value = part.strip().partition(":")
+        key = key.strip().lower()
+        value = value.strip()
+        if sep and is_route(key, value) and (key, value) not in out:
+            out.append((key, value))
+    return out
+
+
+def _unquote(text: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        s = m.group(1)
+        return _SIMPLE[s] if len(s) == 1 else chr(int(s[1:], 16))
+
+    return _ESCAPE.sub(one, text)
+
+
+def parse_annotations_file(text: str) -> dict[str, str]:
+    """The kubelet's downward API rendering of metadata.annotations: `name="value"` per line, the value
+    quoted as Go's strconv.Quote does."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out[m.group(1)] = _unquote(m.group(2))
+    return out
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes. `label` names it in logs and in the 502 body when it cannot be reached."""
+
+    host: str
+    port: int
+    label: str
+    route: Route | None = None  # None: the default (original pods)
+
+
+class RouteTable:
+    """Maps a listening (target) port plus request headers to an Upstream. Replaced wholesale by
+    set_routes(): requests already dispatched keep the Upstream they were given."""
+
+    def __init__(self, service: str, ports: Mapping[int, int], *,
+                 default_host: str | None = None, route_host: str | None = None) -> None:
+        """ports: target port the router listens on -> the Service port upstreams serve it on.
+        default_host / route_host (a format string with {value}) override the Service names: tests
+        point them at loopback."""
+        self.service = service
+        self.ports = dict(ports)
+        self._default_host = default_host or f"{service}-kt-stuntman"
+        self._route_host = route_host or f"{service}-kt-mesh-{{value}}"
+        self._routes: dict[bytes, dict[bytes, str]] = {}
+        self.routes: list[Route] = []
+
+    def set_routes(self, routes: Iterable[Route]) -> None:
+        by_key: dict[bytes, dict[bytes, str]] = {}
+        kept: list[Route] = []
+        for key, value in routes:
+            if is_route(key, value):
+                by_key.setdefault(key.encode(), {})[value.encode()] = value
+                kept.append((key, value))
+        self._routes = by_key
+        self.routes = kept
+
+    @property
+    def keys(self) -> frozenset[bytes]:
+        """Header names (lower-case bytes) that can select a route."""
+        return frozenset(self._routes)
+
+    def default(self, listen_port: int) -> Upstream:
+        port = self.ports[listen_port]
+        return Upstream(self._default_host, port, f"{self._default_host}:{port}")
+
+    def for_route(self, key: str, value: str, listen_port: int) -> Upstream:
+        port = self.ports[listen_port]
+        host = self._route_host.format(value=value)
+        return Upstream(host, port, f"route '{key.upper()}: {value}' ({host}:{port})", (key, value))
+
+    def pick(self, listen_port: int, headers: Iterable[tuple[bytes, bytes]]) -> Upstream:
+        """The first header whose name is a route key and whose value is one of that key's values picks
+        the route; anything else (no such header, an unknown value) goes to the original pods."""
+        routes = self._routes
+        if routes:
+            for name, value in headers:
+                values = routes.get(name.lower())
+                if values is not None:
+                    hit = values.get(value.strip())
+                    if hit is not None:
+                        return self.for_route(name.lower().decode(), hit, listen_port)
+        return self.default(listen_port)
