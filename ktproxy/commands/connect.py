@@ -19,6 +19,7 @@ from ktproxy.commands import check_timeout, open_kube, print_banner
 from ktproxy.dataplane import DataPlane, DataPlaneSettings, check_bind
 from ktproxy.errors import KtError, UsageError
 from ktproxy.keys import generate_session_keys
+from ktproxy.mesh_marks import MeshMarks
 from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy_env import export_lines, run_with_env
 from ktproxy.routing import ClusterRules, IPNetwork
@@ -134,6 +135,8 @@ async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.L
                                  cluster_dns=(found.dns, 53) if found.dns else None,
                                  direct_hosts=(kube.server_host,))
     plane = DataPlane(rules, tunnel, settings)
+    # `ktctl mesh --auto-header` runs of this user name their services relative to these rules.
+    plane.proxy.marks = MeshMarks(rules.namespace, rules.domain)
     life.on_cleanup("local proxy and DNS stub", plane.close)
     await plane.start()
     await life.until_stopped(shadow.sweep())

@@ -30,8 +30,9 @@ def absolute_target(req: Request) -> tuple[str, int, str]:
     return host, port, path
 
 
-def upstream_head(req: Request, path: str, host: str, port: int) -> bytes:
-    """The request as the origin server sees it: origin-form, no proxy hop-by-hop headers.
+def upstream_head(req: Request, path: str, host: str, port: int, add: tuple[str, str] | None = None) -> bytes:
+    """The request as the origin server sees it: origin-form, no proxy hop-by-hop headers, plus the
+    field `add` (the mesh header of `ktctl mesh --auto-header`; the caller checked the request has none).
 
     Host is rebuilt from the absolute-form target (RFC 9112 3.2.2: a proxy MUST ignore a received
     Host and use the target's authority), so the origin never sees a Host the proxy did not route.
@@ -39,6 +40,8 @@ def upstream_head(req: Request, path: str, host: str, port: int) -> bytes:
     upgrade = req.get("upgrade") if "upgrade" in req.tokens("connection") else None
     lines = [f"{req.method} {path} {req.version}", f"Host: {host_header(host, port)}"]
     lines += [f"{k}: {v}" for k, v in req.end_to_end() if k.lower() != "host"]
+    if add is not None:
+        lines.append(f"{add[0]}: {add[1]}")
     if upgrade:
         lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
     elif not req.keep_alive():

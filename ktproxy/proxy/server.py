@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from ktproxy.errors import KtError
+from ktproxy.mesh_marks import MeshMarks
 from ktproxy.pac import CONTENT_TYPE as PAC_TYPE
 from ktproxy.proxy import http, socks
 from ktproxy.proxy.dialer import Dialer, DialError, set_nodelay
@@ -73,10 +74,13 @@ class _Upstream:
 
 class ProxyServer:
     def __init__(self, dialer: Dialer, pac: Callable[[], str] | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None, marks: MeshMarks | None = None) -> None:
         self.dialer = dialer
         self.pac = pac
         self.credentials = credentials
+        # The headers `ktctl mesh --auto-header` runs ask for (None: never add one). Settable before
+        # start(): connect hands it over once it knows its namespace and cluster domain.
+        self.marks = marks
         self._server: asyncio.AbstractServer | None = None
         self._bind_host = ""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -286,6 +290,7 @@ class ProxyServer:
                        upstream: _Upstream) -> bool:
         """One absolute-URI request on the kept-alive upstream (or a new one); True to keep the client."""
         host, port, path = http.absolute_target(req)
+        add = self._mesh_header(req, host, port)
         for attempt in range(2):
             reused = upstream.usable_for((host, port))
             if not reused:
@@ -295,7 +300,7 @@ class ProxyServer:
             assert upstream.streams is not None
             try:
                 result = await self._exchange(req, path, host, port, reader, writer, upstream.streams,
-                                              retry_ok=reused and attempt == 0)
+                                              retry_ok=reused and attempt == 0, add=add)
             except _Stale:
                 log.debug("kept-alive upstream %s:%s had closed; sending the request again", host, port)
                 await upstream.close()
@@ -311,9 +316,17 @@ class ProxyServer:
             return keep_client
         raise AssertionError("unreachable: the second attempt never raises _Stale")
 
+    def _mesh_header(self, req: http1.Request, host: str, port: int) -> tuple[str, str] | None:
+        """The mesh header to add for host:port, unless the client chose its own value (or none applies).
+        Only here, in absolute-URI forwarding: CONNECT and SOCKS carry bytes the proxy cannot edit."""
+        if self.marks is None:
+            return None
+        found = self.marks.header_for(host, port)
+        return None if found is None or req.get(found[0]) is not None else found
+
     async def _exchange(self, req: http1.Request, path: str, host: str, port: int,
                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Streams,
-                        retry_ok: bool) -> tuple[bool, bool] | None:
+                        retry_ok: bool, add: tuple[str, str] | None = None) -> tuple[bool, bool] | None:
         """One request/response: (keep the client, keep the upstream), or None after a 101."""
         up_reader, up_writer = upstream
         req_len = http1.body_length(req, is_response=False)
@@ -321,7 +334,7 @@ class ProxyServer:
         try:
             async with Idle(EXCHANGE_IDLE_TIMEOUT) as idle:
                 body_up, client = Touching(up_writer, idle), Touching(writer, idle)
-                up_writer.write(http.upstream_head(req, path, host, port))
+                up_writer.write(http.upstream_head(req, path, host, port, add))
                 # The body goes up while the response is awaited: a client waiting for "100 Continue"
                 # and an origin answering early both work. Whichever fails first decides.
                 body = asyncio.ensure_future(http1.copy_body(reader, body_up, req_len, status=400))
