@@ -1,0 +1,192 @@
+"""HTTP/1.1 load for HTTP proxies (the mesh router, nginx): benchmarks.load's rr and conn modes with chosen
+request headers and responses framed by their Content-Length.
+
+benchmarks.load counts a fixed number of response bytes, which only works when the bytes are the origin's
+own; a proxy rewrites the header block (nginx adds Server, Date, Connection), so here each response ends
+where its header block and Content-Length say. Latency percentiles and the socket set-up are load.py's.
+
+    python -m benchmarks.httpload --target 127.0.0.1:PORT --mode rr --streams 100 --header 'Version: abcde'
+
+Prints one JSON line: p50_us, p99_us, rps (requests or connections per second), requests, and `bad` (responses
+whose status was not 200: a proxy that answers 502 fast must not look fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+
+from benchmarks.load import Stats, Via, allowed_target, open_socket
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Framer:
+    """Counts complete responses in a byte stream (Content-Length bodies: what both proxies send for the
+    origin's fixed body) and how many of them were not 200."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.need = -1  # body bytes still to come; -1: inside a header block
+        self.bad = 0
+
+    def feed(self, data: bytes) -> int:
+        self.buf += data
+        done = 0
+        while True:
+            if self.need < 0:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return done
+                head = bytes(self.buf[:end]).lower()
+                if not head.startswith(b"http/1.1 200 ") and not head.startswith(b"http/1.0 200 "):
+                    self.bad += 1
+                at = head.find(b"\r\ncontent-length:")
+                if at < 0:
+                    raise ProtocolError(f"response without Content-Length: {head[:200]!r}")
+                stop = head.find(b"\r\n", at + 2)
+                self.need = int(head[at + 17:stop if stop >= 0 else end])
+                del self.buf[:end + 4]
+            if len(self.buf) < self.need:
+                return done
+            del self.buf[:self.need]
+            self.need = -1
+            done += 1
+
+
+def request(headers: list[str], close: bool = False) -> bytes:
+    lines = ["GET / HTTP/1.1", "Host: bench", *headers] + (["Connection: close"] if close else [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class KeepAlive(asyncio.Protocol):
+    """Closed loop on one connection: a request, its whole response, the next request."""
+
+    def __init__(self, stats: Stats, req: bytes) -> None:
+        self.stats = stats
+        self.req = req
+        self.framer = Framer()
+        self.t: asyncio.Transport | None = None
+        self.sent_at = 0.0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+
+    def fire(self) -> None:
+        assert self.t is not None
+        self.sent_at = time.perf_counter()
+        self.t.write(self.req)
+
+    def data_received(self, data: bytes) -> None:
+        if self.framer.feed(data):
+            now = time.perf_counter()
+            self.stats.add(now - self.sent_at, now)
+            if not self.stats.stopping:
+                self.fire()
+            elif self.t is not None:
+                self.t.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Once(asyncio.Protocol):
+    """One request on a fresh connection (Connection: close); done at its whole response."""
+
+    def __init__(self) -> None:
+        self.framer = Framer()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.framer.feed(data) and not self.done.done():
+            self.done.set_result(time.perf_counter())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("closed before the response"))
+
+
+async def keepalive(target: tuple[str, int], streams: int, duration: float, warmup: float,
+                    headers: list[str]) -> dict:
+    loop = asyncio.get_running_loop()
+    socks = await asyncio.gather(*(open_socket(Via("direct"), target) for _ in range(streams)))
+    start = time.perf_counter()
+    stats = Stats(start + warmup, start + warmup + duration)
+    req = request(headers)
+    conns = [await loop.create_connection(lambda: KeepAlive(stats, req), sock=s) for s in socks]
+    for _, p in conns:
+        p.fire()
+    await asyncio.sleep(warmup + duration)
+    stats.stopping = True
+    await asyncio.wait([p.closed for _, p in conns], timeout=5)
+    for t, _ in conns:
+        t.close()
+    return dict(stats.result(duration), bad=sum(p.framer.bad for _, p in conns))
+
+
+async def connections(target: tuple[str, int], streams: int, duration: float, warmup: float,
+                      headers: list[str]) -> dict:
+    """`streams` workers, each opening a connection per request, in a closed loop; latency includes the
+    TCP handshake."""
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    stats = Stats(start + warmup, start + warmup + duration)
+    req = request(headers, close=True)
+    errors = bad = 0
+
+    async def worker() -> None:
+        nonlocal errors, bad
+        while not stats.stopping:
+            t0 = time.perf_counter()
+            try:
+                sock = await open_socket(Via("direct"), target)
+                t, p = await loop.create_connection(Once, sock=sock)
+                t.write(req)
+                end = await p.done
+                t.close()
+            except (OSError, ConnectionError):
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            bad += p.framer.bad
+            stats.add(end - t0, end)
+
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    return dict(stats.result(duration), errors=errors, bad=bad)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.httpload")
+    p.add_argument("--target", required=True, help="host:port (loopback or the local cluster's pod range)")
+    p.add_argument("--mode", choices=["rr", "conn"], required=True)
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=0.3)
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    p.add_argument("--no-uvloop", action="store_true")
+    args = p.parse_args()
+    host, _, port = args.target.rpartition(":")
+    if not allowed_target(host):
+        raise SystemExit(f"benchmarks only ever send traffic to loopback and the local cluster's pods, not {host}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.streams + 256)), hard))
+    if not args.no_uvloop:
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+    run = keepalive if args.mode == "rr" else connections
+    print(json.dumps(asyncio.run(run((host, int(port)), args.streams, args.duration, args.warmup, args.header))),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
