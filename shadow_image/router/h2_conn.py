@@ -1,0 +1,87 @@
+"""What both ends of the HTTP/2 relay share: how an h2 connection is configured, and a `Side` (one h2
+connection plus its transport) that batches its writes and knows whether it may take more data.
+
+Flow control is the relay's whole memory bound: a Side never acknowledges received DATA itself; the
+stream that moves the bytes to the other Side acknowledges them once that Side accepted them (h2.py
+`acknowledge_received_data`), so a slow reader on one end throttles the writer on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection, H2ConnectionStateMachine
+from h2.settings import SettingCodes
+
+if TYPE_CHECKING:
+    from shadow_image.router.h2_route import Stream
+
+# Per stream: how much one side may send before we forwarded it; per connection: the sum. The
+# connection window is several stream windows so that one stalled stream does not stall the others.
+STREAM_WINDOW = 1 << 19
+CONN_WINDOW = 1 << 22
+# Larger inbound frames mean fewer events per megabyte; peers may still send 16 KiB frames.
+MAX_FRAME = 1 << 16
+MAX_STREAMS = 256
+
+# h2 treats a received GOAWAY as the end of the connection and refuses every later frame, but a GOAWAY
+# only forbids new streams: the ones up to its last-stream-id still complete (RFC 9113 6.8; gRPC servers
+# and curl send one before they finish). The relay decides itself when a connection that got one is
+# done, so receiving GOAWAY keeps the connection open in the state machine.
+_TRANSITIONS = dict(H2ConnectionStateMachine._transitions)
+for _state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+    _TRANSITIONS[(_state, ConnectionInputs.RECV_GOAWAY)] = (None, _state)
+
+
+def new_connection(client_side: bool) -> H2Connection:
+    """An h2 connection with the relay's settings. Headers stay bytes; what we forward was validated
+    on the way in, so outbound validation is skipped (it would only cost time)."""
+    config = H2Configuration(client_side=client_side, header_encoding=None,
+                             validate_outbound_headers=False, normalize_outbound_headers=False)
+    conn = H2Connection(config=config)
+    conn.state_machine._transitions = _TRANSITIONS  # type: ignore[misc]
+    settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS}
+    if client_side:
+        settings[SettingCodes.ENABLE_PUSH] = 0
+    conn.initiate_connection()
+    # Applied by h2 once the peer acknowledges them, as RFC 9113 6.5.3 wants.
+    conn.update_settings(settings)  # type: ignore[arg-type]
+    conn.increase_flow_control_window(CONN_WINDOW - 65535)
+    return conn
+
+
+class Side:
+    """One h2 connection of the relay and the transport under it. Frames h2 queues are written once per
+    loop iteration (mark()), however many streams produced them."""
+
+    def __init__(self, conn: H2Connection, transport: asyncio.BaseTransport | None) -> None:
+        self.h2 = conn
+        self.transport: asyncio.BaseTransport | None = transport
+        self.streams: dict[int, Stream] = {}
+        self.paused = False  # the transport's buffer is full: move no DATA into it
+        self.closed = False
+        self._flush_due = False
+
+    def mark(self) -> None:
+        """h2 queued frames: write them at the end of this loop iteration."""
+        if not self._flush_due and not self.closed:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_due = False
+        data = self.h2.data_to_send()
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Write what is queued (a GOAWAY, say) and close the transport."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
