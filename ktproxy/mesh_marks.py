@@ -42,6 +42,14 @@ RACY_NS = 100_000_000
 START_CHECK_INTERVAL = 1.0
 
 
+# The mesh command's --auto-header help, here so the flag and what the proxy does cannot drift apart.
+AUTO_HEADER_HELP = ("add this mesh's header by itself to the plain-HTTP requests this user's `ktctl connect` "
+                    "forwards to the service through its HTTP proxy (http_proxy=...), unless they carry the "
+                    "header already: your curl and browser reach your version, nobody else's traffic changes. "
+                    "Not HTTPS, CONNECT tunnels or SOCKS clients (their bytes are not the proxy's to edit). "
+                    "Off by default")
+
+
 def marks_dir(home: Path | None = None) -> Path:
     """~/.ktproxy/mesh-marks of the user running this process (connect and mesh run as the same user)."""
     return (home if home is not None else Path.home()) / ".ktproxy" / "mesh-marks"
