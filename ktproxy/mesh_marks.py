@@ -238,7 +238,12 @@ class MeshMarks:
     def __init__(self, namespace: str, domain: str, directory: Path | None = None) -> None:
         self.namespace = normalise_name(namespace)
         self.domain = normalise_name(domain)
-        self.directory = directory if directory is not None else marks_dir()
+        if directory is None:
+            try:
+                directory = marks_dir()
+            except RuntimeError:  # no home directory: no mesh of this user can have published a mark
+                directory = Path("/nonexistent/ktproxy/mesh-marks")
+        self.directory = directory
         self._stamp: tuple[int, int, int] | None = None
         self._racy = False
         self._by_name: dict[str, list[_Entry]] = {}
