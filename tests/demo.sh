@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: kt-connect's quickstart (seeds/000), command by command, with ktproxy: connect, then
-# exchange, preview and forward (mesh is not built yet; the demo says so where the seed shows it).
+# exchange, mesh, preview and forward.
 # Without KUBECONFIG it brings up the local cluster (and takes it down again if it started it);
 # with KUBECONFIG set it uses that cluster and only touches the demo objects it creates.
 set -euo pipefail
@@ -23,7 +23,7 @@ command -v kubectl >/dev/null || { echo "[demo] stopping: kubectl not found on P
 
 work=$(mktemp -d)
 connect_pid=""
-bg_pids=()   # exchange/preview/forward/local server, stopped (SIGINT, like Ctrl-C) at exit
+bg_pids=()   # exchange/mesh/preview/forward/local server, stopped (SIGINT, like Ctrl-C) at exit
 # The demo deletes only what it created: objects it makes carry this label, so a leftover of an earlier,
 # interrupted demo is recognised as its own too. Anything else named tomcat is never touched.
 DEMO_LABEL=ktproxy-demo
@@ -156,8 +156,25 @@ stop_bg "$exchange_pid"
 step "curl http://tomcat:8080"
 curl -sS --max-time 20 http://tomcat:8080
 
-echo
-echo "[demo] ktctl mesh: not built yet (issue 10); the seed's mesh step is skipped"
+# --- mesh: only requests carrying the printed header reach the laptop ---------------------------------
+step "ktctl mesh tomcat --expose 8080"
+start_bg "Now you can access your service by header" mesh mesh tomcat --expose 8080
+mesh_pid=$last_pid
+header=$(sed -n "s/.*Now you can access your service by header '\([^']*\)'.*/\1/p" "$work/mesh.log" | tail -1)
+[[ -n $header ]] || stop "ktctl mesh printed no header in its banner (its log is above)"
+step "curl http://tomcat:8080"
+curl -sS --max-time 20 http://tomcat:8080
+step "curl -H '$header' http://tomcat:8080"
+curl -sS --max-time 20 -H "$header" http://tomcat:8080
+echo "[demo] Ctrl-C on the mesh removes its router, stuntman and shadow and puts the service back"
+stop_bg "$mesh_pid"
+step "curl http://tomcat:8080"
+curl -sS --max-time 20 http://tomcat:8080
+selector=$(kubectl get service tomcat -o 'jsonpath={.spec.selector}')
+left=$(kubectl get pods,services -l control-by=kt -o name | grep -E '/tomcat-kt-(router|stuntman|mesh-)' || true)
+[[ $selector == '{"app":"tomcat"}' && -z $left ]] \
+  || stop "after the mesh: service tomcat selects $selector, left over: ${left:-nothing} (see \`ktctl recover tomcat\`)"
+echo "[demo] service tomcat selects $selector again; no router, stuntman or mesh shadow left"
 
 step "ktctl preview tomcat-v2 --expose 8080"
 start_bg "Now you can access your local service in cluster by name 'tomcat-v2'" preview preview tomcat-v2 --expose 8080
@@ -172,4 +189,4 @@ step "curl http://localhost:6060"
 curl -sS --max-time 20 http://localhost:6060
 stop_bg "$forward_pid"
 stop_bg "$preview_pid"
-echo; echo "[demo] done: connect, exchange, preview and forward, without a TUN device, routes or sudo."
+echo; echo "[demo] done: connect, exchange, mesh, preview and forward, without a TUN device, routes or sudo."
