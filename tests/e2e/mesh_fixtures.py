@@ -94,6 +94,13 @@ def mesh_objects(namespace: str, svc: str, value: str) -> list[str]:
     return [o for o in kt_objects(namespace) if o.split("/", 1)[1].startswith(f"{svc}-kt-mesh-{value}")]
 
 
+def owned_by(namespace: str, user: str) -> list[str]:
+    """The kt objects whose kt-user annotation names `user` (KTCTL_USER of the run that made them)."""
+    r = kubectl("get", "pods,secrets,services,configmaps", "-n", namespace, "-l", "control-by=kt", "-o", "json")
+    return sorted(f"{item['kind'].lower()}/{item['metadata']['name']}" for item in json.loads(r.stdout)["items"]
+                  if (item["metadata"].get("annotations") or {}).get("kt-user") == user)
+
+
 def set_heartbeat(namespace: str, objects: list[str], epoch: int) -> None:
     for obj in objects:
         kubectl("-n", namespace, "annotate", "--overwrite", obj, f"kt-last-heart-beat={epoch}")
