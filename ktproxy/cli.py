@@ -13,7 +13,7 @@ from ktproxy.log import setup_logging
 from ktwire import sshwire
 
 # Each module defines register(subparsers, common) and run(args) -> int.
-COMMANDS = ["connect", "exchange", "preview", "forward", "recover", "clean", "status"]
+COMMANDS = ["connect", "exchange", "mesh", "preview", "forward", "recover", "clean", "status"]
 
 
 def _common_parser(suppress: bool = False) -> argparse.ArgumentParser:

@@ -31,10 +31,18 @@ def recover_hooks() -> list[RecoverHook]:
     return [recover.clean_hook]  # exchange: selectors switched, deployments scaled to 0, stale kt-locks
 
 
+def first_hooks() -> list[RecoverHook]:
+    """What runs before the stale sweep: a mesh's dead participants lose their routes, and a mesh with
+    none left gives the Service its selector back before its router and stuntman go."""
+    from ktproxy.kube import mesh_clean
+
+    return [mesh_clean.clean_hook]
+
+
 def run(args: argparse.Namespace) -> int:
     async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, CleanResult]:
         return namespace, await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run,
-                                      hooks=recover_hooks())
+                                      hooks=recover_hooks(), before=first_hooks())
 
     namespace, result = in_scope(args, work)
     verb = "Would delete" if args.dry_run else "Deleted"

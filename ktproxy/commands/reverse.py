@@ -69,6 +69,7 @@ class ReverseSpec:
     ports: list[ExposedPort]
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    name: str | None = None  # a fixed pod name (mesh) instead of name_prefix + random
 
     def shadow_role(self) -> Any:
         from ktproxy.kube.shadow import ShadowRole
@@ -86,6 +87,7 @@ class ReverseSpec:
             health_port=HEALTH_PORT_NAME,
             labels=dict(self.labels),
             annotations=dict(self.annotations),
+            name=self.name,
         )
 
 
@@ -142,7 +144,7 @@ class ReverseShadow:
         ips = {a.ip for a in (found.status.pod_ips or []) if a.ip} or {found.status.pod_ip}
         if await self.life.until_stopped(wait_for_addresses(self.kube, pod.namespace, service, ips)):
             log.info("Service %s now sends its traffic to shadow pod %s only", service, pod.name)
-        cluster_ip = await self._cluster_ip(service)
+        cluster_ip = await self.cluster_ip(service)
         if cluster_ip:
             await self.life.until_stopped(all_or_none(
                 prove_service(self.tunnel, service, cluster_ip, p) for p in self.spec.ports))
@@ -151,12 +153,12 @@ class ReverseShadow:
         """After the original selector is back: until the Service's cluster IP no longer leads here, so
         the shadow (and this machine) keep serving whatever kube-proxy still sends them until it follows
         the original pods; a further interrupt stops waiting."""
-        cluster_ip = await self._cluster_ip(service)
+        cluster_ip = await self.cluster_ip(service)
         if cluster_ip and self.tunnel.is_up:
             await self.life.interruptible(all_or_none(
                 prove_service(self.tunnel, service, cluster_ip, p, reaches=False) for p in self.spec.ports))
 
-    async def _cluster_ip(self, service: str) -> str | None:
+    async def cluster_ip(self, service: str) -> str | None:
         svc = await self.kube.call(self.kube.core.read_namespaced_service, service, self.kube.namespace)
         cluster_ip = svc.spec.cluster_ip if svc.spec else None
         return cluster_ip if cluster_ip and cluster_ip != "None" else None  # headless: no service routing
@@ -211,14 +213,19 @@ async def prove_path(tunnel: Any, port: ExposedPort, limit: float = PROOF_TIMEOU
 
 
 async def prove_service(tunnel: Any, service: str, cluster_ip: str, port: ExposedPort,
-                        limit: float = SERVICE_PROOF_TIMEOUT, *, reaches: bool = True) -> bool:
+                        limit: float = SERVICE_PROOF_TIMEOUT, *, reaches: bool = True,
+                        payload: bytes | None = None, connect_port: int | None = None) -> bool:
     """Connect from the shadow pod to the Service's cluster IP until such a connection lands on this
     machine (reaches=False: until one no longer does): only then does the node's service routing
     (kube-proxy) follow the endpoints. The EndpointSlices alone were not enough: on a loaded node
     kube-proxy lagged them by seconds, and the seed's `curl http://tomcat:8080` right after the banner
     still met the original pod (and right after Ctrl-C, the deleted shadow). Probe connections are closed
     unused. Needs the node to let a pod reach itself through its Service (hairpin); without it this gives
-    up after `limit` s with a warning rather than failing the command."""
+    up after `limit` s with a warning rather than failing the command.
+
+    mesh: `payload` (a request carrying the developer's header) is sent on each probe connection, so a
+    router between the two picks the route by it; `connect_port` connects there instead of the
+    Service port (a router pod's own IP and target port); `service` then names what is probed."""
     from ktproxy.routing import is_loopback_host
 
     arrived = asyncio.Event()
@@ -229,14 +236,17 @@ async def prove_service(tunnel: Any, service: str, cluster_ip: str, port: Expose
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    where = f"service {service} ({cluster_ip}:{port.service_port})"
+    dest_port = connect_port or port.service_port
+    where = f"service {service} ({cluster_ip}:{dest_port})"
     tunnel.arrivals.append(seen)
     try:
         while loop.time() < deadline:
             arrived.clear()
             writer = None
             try:
-                _, writer = await asyncio.wait_for(tunnel.open_connection(cluster_ip, port.service_port), 3)
+                _, writer = await asyncio.wait_for(tunnel.open_connection(cluster_ip, dest_port), 3)
+                if payload:
+                    writer.write(payload)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(arrived.wait(), 1)
                 if arrived.is_set() == reaches:

@@ -47,12 +47,15 @@ def render(objs: list[KtObject], now: datetime, show_user: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, datetime, list[KtObject], list[str]]:
+    async def work(kube: KubeClient, namespace: str | None
+                   ) -> tuple[str | None, datetime, list[KtObject], list[str], list[str]]:
+        from ktproxy.kube.mesh_clean import participants
         from ktproxy.kube.recover import changes
 
-        return namespace, await kube.cluster_time(), await list_objects(kube, namespace), await changes(kube, namespace)
+        return (namespace, await kube.cluster_time(), await list_objects(kube, namespace),
+                await changes(kube, namespace), await participants(kube, namespace))
 
-    namespace, now, objs, changed = in_scope(args, work)
+    namespace, now, objs, changed, meshes = in_scope(args, work)
     user = meta.local_user()
     if not args.all_users:
         objs = [o for o in objs if o.user == user]
@@ -63,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         for line in render(objs, now, show_user=args.all_users):
             print(line)
+    if meshes:  # every user's: developers sharing a meshed service see each other
+        print("Mesh participants:")
+        for line in meshes:
+            print(f"  {line}")
     if changed:  # every user's: someone else's exchange of a shared service matters to you too
         print("Changed by ktproxy (`ktctl recover SVC` puts a service back):")
         for line in changed:

@@ -102,6 +102,14 @@ def stale(objs: list[KtObject], now: datetime, threshold: float = DEFAULT_THRESH
     return [o for o in objs if (o.idle(now) or 0) > threshold]
 
 
+def is_mesh_shared(obj: KtObject) -> bool:
+    """A mesh's router pod or stuntman Service. The sweep leaves them to the mesh hook, which puts the
+    Service back before deleting them (a router deleted first leaves the Service pointing at nothing)
+    and never deletes them while a participant lives."""
+    return ((obj.kind == "pod" and obj.role == meta.ROLE_ROUTER)
+            or (obj.kind == "service" and obj.name.endswith("-kt-stuntman")))
+
+
 # A recover hook undoes a change to an object ktproxy does not own (exchange's selector rewrite,
 # scale mode's replicas=0). It gets (kube, namespace or None, now, threshold, dry_run) and returns one
 # human-readable line per action it took (or would take).
@@ -136,11 +144,16 @@ async def clean(
     threshold: float = DEFAULT_THRESHOLD,
     dry_run: bool = False,
     hooks: Sequence[RecoverHook] = (),
+    before: Sequence[RecoverHook] = (),
 ) -> CleanResult:
-    """Delete (or, with dry_run, only list) stale kt objects, then run the recover hooks."""
+    """Run the `before` hooks (mesh: routes of the dead out first), delete (or, with dry_run, only
+    list) stale kt objects except a mesh's shared ones, then run the recover hooks."""
     now = await kube.cluster_time()
+    recovered: list[str] = []
+    for hook in before:
+        recovered += await hook(kube, namespace, now, threshold, dry_run)
     objs = await list_objects(kube, namespace)
-    doomed = stale(objs, now, threshold)
+    doomed = [o for o in stale(objs, now, threshold) if not is_mesh_shared(o)]
     kept = [o for o in objs if o not in doomed]
     removed: list[KtObject] = []
     failed: list[tuple[KtObject, str]] = []
@@ -153,7 +166,6 @@ async def clean(
             removed.append(obj)
         except KubeError as exc:
             failed.append((obj, str(exc)))
-    recovered: list[str] = []
     for hook in hooks:
         recovered += await hook(kube, namespace, now, threshold, dry_run)
     return CleanResult(now, removed, kept, recovered, failed)

@@ -1,4 +1,5 @@
-"""`ktctl recover SVC`, and the matching `clean` hook: put a Service back whatever killed the exchange.
+"""`ktctl recover SVC`, and the matching `clean` hook: put a Service back whatever killed the exchange
+(or mesh: kube/mesh.py recover_mesh).
 
 Everything needed is on cluster objects: kt-selector/kt-lock on the Service, kt-config on exchange
 shadows (kt-connect's `service=<svc>` or `app=<deploy>,replicas=<n>`) and on a scaled Deployment.
@@ -11,7 +12,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from ktproxy.kube import lock, meta, scale, takeover
+from ktproxy.kube import lock, mesh, meta, scale, takeover
 from ktproxy.kube.cleanup import kt_object
 from ktproxy.kube.client import KubeClient
 from ktproxy.kube.errors import Access, KubeError
@@ -45,7 +46,9 @@ def belongs_to(pod: Any, service: Any, deployments: list[str]) -> bool:
 async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
     """Undo every kt change to Service NAME; returns one line per action (or the 'clean and tidy' line)."""
     service = await read_service(kube, namespace, name)
-    done: list[str] = []
+    # A mesh first (selector back, router, stuntman, every <svc>-kt-mesh-*): then nothing below sees
+    # a router.
+    done: list[str] = await mesh.recover_mesh(kube, namespace, service)
     original = takeover.original_selector(service)
     deployments = []
     if original:
@@ -145,7 +148,9 @@ async def clean_hook(
         ns, name = svc.metadata.namespace, svc.metadata.name
         ann = takeover.annotations_of(svc)
         has_live = any(p.metadata.namespace == ns and belongs_to(p, svc, []) for p in live)
-        if meta.KT_SELECTOR in ann and not has_live:
+        # A Service pointing at a mesh router is the mesh hook's (mesh_clean): its router lives while
+        # any participant does, whoever created it.
+        if meta.KT_SELECTOR in ann and not has_live and not mesh.is_meshed(svc):
             lines.append(f"restore selector of service {ns}/{name} (its exchange is gone)")
             if not dry_run:
                 await takeover.restore_selector(kube, ns, name)

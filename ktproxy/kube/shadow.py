@@ -82,6 +82,7 @@ class ShadowRole:
     """What one command's shadow adds to the common pod.
 
     name_prefix   connect: kt-connect-shadow-; exchange: <svc>-kt-exchange-; preview: <name>-kt-
+    name          a fixed name instead (mesh: <svc>-kt-mesh-<value>, which names the developer's route)
     ports         (name, port) the shadow listens on besides ssh, declared as named container ports
     args          extra shadow arguments, e.g. ("--expose", "8080,9090", "--health-port", "2280")
     health_port   the name of one of `ports`: readiness is an HTTP GET of health_path on it; None: the
@@ -98,9 +99,13 @@ class ShadowRole:
     health_path: str = "/ready"
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    name: str | None = None  # a fixed name instead of prefix + random (mesh: <svc>-kt-mesh-<value>)
 
     def new_name(self) -> str:
-        """prefix + 5 random characters, the prefix cut so the name stays one DNS label."""
+        """The fixed name, else prefix + 5 random characters, the prefix cut so the name stays one DNS
+        label."""
+        if self.name:
+            return self.name
         suffix = meta.random_suffix()
         room = _MAX_NAME - len(suffix)
         prefix = self.name_prefix
@@ -202,7 +207,7 @@ def _probes(role: ShadowRole) -> dict[str, Any]:
     }
 
 
-def _container_security() -> dict[str, Any]:
+def container_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "runAsUser": NOBODY,
@@ -215,7 +220,8 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def _pod_security(role: ShadowRole) -> dict[str, Any]:
+def pod_security(low_ports: bool) -> dict[str, Any]:
+    """The pod-level half (the router pod uses it too); low_ports: it listens below 1024."""
     sc: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": NOBODY,
@@ -224,7 +230,7 @@ def _pod_security(role: ShadowRole) -> dict[str, Any]:
         "fsGroup": NOBODY,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    if role.low_ports:
+    if low_ports:
         sc["sysctls"] = [dict(LOW_PORTS_SYSCTL)]
     return sc
 
@@ -247,7 +253,7 @@ def build_pod(
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         **_probes(role),
         "volumeMounts": [{"name": "ktproxy", "mountPath": MOUNT_PATH, "readOnly": True}],
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
     }
     command = opts.command or (DEFAULT_COMMAND if opts.image == DEFAULT_IMAGE else None)
     if command:
@@ -259,7 +265,7 @@ def build_pod(
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": 1,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(role),
+        "securityContext": pod_security(role.low_ports),
         "volumes": [{"name": "ktproxy", "secret": {"secretName": secret, "defaultMode": 0o400}}],
         # No API token in the pod unless asked for: the shadow never talks to the API server.
         "automountServiceAccountToken": bool(opts.service_account),
@@ -333,14 +339,14 @@ def pod_state(pod: V1Pod) -> PodState:
     return PodState(False, f"{phase}: ContainerCreating", False, "ContainerCreating")
 
 
-async def _last_log_line(kube: KubeClient, ns: str, name: str) -> str | None:
+async def _last_log_line(kube: KubeClient, ns: str, name: str, container: str = "shadow") -> str | None:
     """The container's last log line: the current container (terminated: Error), else the previous one
     (waiting: CrashLoopBackOff). The kubelet answers "unable to retrieve container logs ..." with 200
     when a container is already gone; that is not the container's output."""
     for previous in (False, True):
         try:
             text = await kube.call(
-                kube.core.read_namespaced_pod_log, name, ns, container="shadow", tail_lines=5, previous=previous
+                kube.core.read_namespaced_pod_log, name, ns, container=container, tail_lines=5, previous=previous
             )
         except KtError:
             continue
@@ -351,9 +357,10 @@ async def _last_log_line(kube: KubeClient, ns: str, name: str) -> str | None:
 
 
 async def _failure(
-    kube: KubeClient, pod_name: str, ns: str, state: PodState, image: str, timed_out: bool
+    kube: KubeClient, pod_name: str, ns: str, state: PodState, image: str, timed_out: bool,
+    what: str = "shadow pod", container: str = "shadow",
 ) -> KtError:
-    head = f"shadow pod {pod_name} did not become ready"
+    head = f"{what} {pod_name} did not become ready"
     if timed_out:
         head += " in time"
     reason = state.reason or state.summary
@@ -365,7 +372,7 @@ async def _failure(
     elif reason == "Unschedulable":
         detail = state.message or "no node can run it"
     elif state.container_waiting or reason in ("CrashLoopBackOff", "Error") or state.fatal:
-        line = await _last_log_line(kube, ns, pod_name)
+        line = await _last_log_line(kube, ns, pod_name, container)
         detail = state.message or ""
         if line:
             detail = (detail + "; " if detail else "") + f"last log line: {line}"
@@ -478,9 +485,12 @@ async def wait_ready(
     limit: float = READY_TIMEOUT,
     *,
     started: bool = False,
+    what: str = "shadow pod",
+    container: str = "shadow",
 ) -> V1Pod:
     """Poll until the pod is Ready (with `started`: until its container has started), logging each new
-    state; fail fast on states that cannot recover.
+    state; fail fast on states that cannot recover. `what`/`container` name another kind of pod (the
+    mesh router) in the failure line and say whose log to quote.
 
     `limit` is a budget, not a cancel scope: running out ends in a line that says what the pod was doing."""
     deadline = time.monotonic() + limit
@@ -493,13 +503,13 @@ async def wait_ready(
         if state.ready or (started and state.started):
             return pod
         if state.fatal:
-            raise await _failure(kube, name, ns, state, image, timed_out=False)
+            raise await _failure(kube, name, ns, state, image, False, what, container)
         now = time.monotonic()
         if state.summary != last_summary or now - last_log >= 10:
             log.info("waiting for pod %s to be ready (%s)", name, state.summary)
             last_summary, last_log = state.summary, now
         if now >= deadline:
-            raise await _failure(kube, name, ns, state, image, timed_out=True)
+            raise await _failure(kube, name, ns, state, image, True, what, container)
         await asyncio.sleep(min(1.0, max(0.05, deadline - now)))
 
 

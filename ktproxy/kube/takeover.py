@@ -107,13 +107,35 @@ async def holder_of(kube: KubeClient, namespace: str, service: Any) -> str:
     return "another user"
 
 
+async def mesh_users(kube: KubeClient, namespace: str, service: str) -> list[str]:
+    """The users meshing `service` (the kt-user of shadows whose kt-config names it): a meshed Service is
+    held by every developer on it, not by whoever switched its selector first."""
+    try:
+        resp = await kube.call(kube.core.list_namespaced_pod, namespace,
+                               label_selector=f"{meta.SELECTOR},{meta.KT_ROLE}={meta.ROLE_MESH_SHADOW}")
+    except KubeError:
+        return []
+    users = set()
+    for pod in resp.items or []:
+        ann = annotations_of(pod)
+        with contextlib.suppress(KtError):  # a malformed kt-config names nobody
+            if meta.parse_kv_list(ann.get(meta.KT_CONFIG)).get("service") == service and ann.get(meta.KT_USER):
+                users.add(ann[meta.KT_USER])
+    return sorted(users)
+
+
 async def refuse_if_taken(kube: KubeClient, namespace: str, service: Any) -> None:
     """One line naming the holder when another exchange or mesh has the Service."""
     name = service.metadata.name
     selector = service.spec.selector or {}
     if meta.KT_SELECTOR in annotations_of(service):
-        who = await holder_of(kube, namespace, service)
-        verb = "meshed" if selector.get(meta.KT_ROLE) == meta.ROLE_ROUTER else "exchanged"
+        if selector.get(meta.KT_ROLE) == meta.ROLE_ROUTER:
+            users = await mesh_users(kube, namespace, name)
+            who = ", ".join(users) if users else await holder_of(kube, namespace, service)
+            verb = "meshed"
+        else:
+            who = await holder_of(kube, namespace, service)
+            verb = "exchanged"
         raise KtError(f"service '{name}' is already {verb} by {who} (if that session is dead: ktctl recover {name})")
     if meta.KT_ROLE in selector:
         raise KtError(f"service '{name}' selects ktctl's own pods ({meta.KT_ROLE}={selector[meta.KT_ROLE]}); "
