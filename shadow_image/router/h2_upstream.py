@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,10 @@ class UpstreamConn(asyncio.Protocol, Side):
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await loop.create_connection(lambda: self, self.upstream.host, self.upstream.port)
         except (OSError, TimeoutError) as e:
-            reason = "connection timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+            if isinstance(e, TimeoutError):
+                reason = "connection timed out"
+            else:
+                reason = os.strerror(e.errno) if e.errno else str(e)
             log.warning("cannot reach %s: %s", self.upstream.label, reason)
             self.closed = True
             self.pool.forget(self)
