@@ -1,0 +1,3 @@
+from shadow_image.router.server import main
+
+raise SystemExit(main())

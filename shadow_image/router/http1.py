@@ -1,0 +1,219 @@
+"""HTTP/1 decisions that need no socket: is a request head acceptable, what head goes upstream, what head
+goes back to the client and how its body is framed.
+
+The router never forwards framing it did not produce itself: request bodies are re-framed (Content-Length
+kept, chunked re-chunked), so whatever ambiguity a client's bytes had cannot reach an upstream. llhttp
+(httptools) already rejects most smuggling shapes; request_problem() checks the rest and repeats the
+essential ones so a parser upgrade that turns on a leniency cannot open a hole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+# Request body framing.
+NO_BODY, LENGTH, CHUNKED = 0, 1, 2
+# Response body modes towards the client.
+RESP_NONE, RESP_RAW, RESP_CHUNKED = 0, 1, 2
+
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 200
+
+# Connection-specific fields (RFC 9110 7.6.1): they describe one hop, so never cross the router.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+                        b"upgrade", b"http2-settings"})
+_CONNECTION_STANDARD = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Methods whose repetition has no further effect: a request of these may go again on a fresh connection
+# when a pooled one turns out dead before answering.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
+
+
+class UnexpectedSwitch(Exception):
+    """An upstream answered 101 to a request that asked for no protocol switch."""
+
+
+class BadRequest(Exception):
+    """The request must get a 400 and the connection closed; the message is the body's reason."""
+
+
+def client_address(peer: object) -> bytes:
+    """The address X-Forwarded-For names: IPv4-mapped IPv6 (dual-stack socket) shown as IPv4."""
+    host = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host.encode()
+
+
+def _tokens(values: list[bytes]) -> set[bytes]:
+    return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
+
+
+def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, client: bytes,
+                    upgrade: bool) -> tuple[bytes, int, bool]:
+    """(head for the upstream, body framing, is a real upgrade). Raises BadRequest.
+
+    The head is HTTP/1.1 whatever the client spoke (so upstream connections can be pooled), keeps Host and
+    every end-to-end field, drops hop-by-hop ones, appends the client to X-Forwarded-For, and states the
+    framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a real protocol switch:
+    `Upgrade: h2c` on cleartext is dropped and the request served as plain HTTP/1.1.
+    """
+    if version == "1.1":
+        http11 = True
+    elif version == "1.0":
+        http11 = False
+    else:
+        raise BadRequest(f"HTTP/{version} is not supported")
+    lowered = [n.lower() for n, _ in headers]
+    hosts = lowered.count(b"host")
+    if hosts > 1 or (http11 and hosts == 0):
+        raise BadRequest("a request needs exactly one Host header")
+    connection = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"connection"]
+    te = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"transfer-encoding"]
+    cls = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"content-length"]
+    if len(cls) > 1:
+        raise BadRequest("more than one Content-Length")
+    if te and cls:
+        raise BadRequest("both Transfer-Encoding and Content-Length")
+    if te:
+        if not http11:
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if len(te) > 1 or te[0].strip().lower() != b"chunked":
+            # Any coding besides chunked would have to travel on, and a proxy that re-frames must not.
+            raise BadRequest("Transfer-Encoding other than chunked")
+        framing = CHUNKED
+    elif cls:
+        value = cls[0].strip()
+        if not value.isdigit() or len(value) > 18:
+            raise BadRequest("invalid Content-Length")
+        framing = LENGTH if int(value) else NO_BODY
+    else:
+        framing = NO_BODY
+    drop = HOP_BY_HOP
+    if connection:
+        named = _tokens(connection) - _CONNECTION_STANDARD
+        if named:
+            drop = drop | named
+    if upgrade:
+        protocols = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"upgrade"]
+        upgrade = bool(protocols) and not _tokens(protocols) <= {b"h2c"}
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    xff: list[bytes] = []
+    for ln, (name, value) in zip(lowered, headers, strict=True):
+        if ln in drop:
+            if upgrade and ln == b"upgrade":
+                out += (name, b": ", value, b"\r\n")
+            continue
+        if ln == b"x-forwarded-for":
+            xff.append(value.strip())
+            continue
+        out += (name, b": ", value, b"\r\n")
+    xff.append(client)
+    out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
+    if framing == CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if upgrade:
+        out.append(b"Connection: upgrade\r\n")
+    out.append(b"\r\n")
+    return b"".join(out), framing, upgrade
+
+
+def format_trailers(trailers: Headers) -> bytes:
+    """The end of a chunked body with the trailer fields that may travel on."""
+    out = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in _FRAMING_TRAILERS:
+            out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def prepare_response(status: int, reason: bytes, headers: Headers, *, client_http11: bool, head_request: bool,
+                     client_keep_alive: bool) -> tuple[bytes, int, bool]:
+    """(head for the client, body mode, close the client connection after this response).
+
+    A HEAD answer, 1xx, 204 and 304 have no body whatever their headers say. A chunked body is re-chunked
+    for an HTTP/1.1 client and sent plain, delimited by close, to an HTTP/1.0 one; a body without length
+    is delimited by close."""
+    if status == 101 or 100 <= status < 200:
+        return _verbatim(status, reason, headers), RESP_NONE, False
+    lowered = [n.lower() for n, _ in headers]
+    connection = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"connection"]
+    te = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"transfer-encoding"]
+    no_body = head_request or status in (204, 304)
+    drop = HOP_BY_HOP
+    if connection:
+        named = _tokens(connection) - _CONNECTION_STANDARD
+        if named:
+            drop = drop | named
+    close = not client_keep_alive
+    extra: list[bytes] = []
+    if no_body:
+        mode = RESP_NONE
+        if te:  # a HEAD answer may describe the framing a GET would have had
+            extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
+    elif te and te[-1].strip().lower().endswith(b"chunked"):
+        if client_http11:
+            mode = RESP_CHUNKED  # re-chunked; any coding under chunked (gzip, ...) still applies
+            extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
+        else:
+            mode, close = RESP_RAW, True
+    elif b"content-length" in lowered and not te:
+        mode = RESP_RAW
+    else:
+        mode, close = RESP_RAW, True
+        extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for ln, (name, value) in zip(lowered, headers, strict=True):
+        if ln not in drop:
+            out += (name, b": ", value, b"\r\n")
+    out += extra
+    if close:
+        out.append(b"Connection: close\r\n")
+    elif not client_http11:
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return b"".join(out), mode, close
+
+
+def _verbatim(status: int, reason: bytes, headers: Headers) -> bytes:
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def error_response(status: int, text: str, *, close: bool) -> bytes:
+    """A plain-text answer of the router's own (400, 502, 504)."""
+    reasons = {400: b"Bad Request", 502: b"Bad Gateway", 504: b"Gateway Timeout", 405: b"Method Not Allowed"}
+    body = text.encode("utf-8", "replace") + b"\n"
+    return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reasons.get(status, b"Error")),
+                     b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+                     b"Connection: close\r\n" if close else b"", b"\r\n", body])
+
+
+def keep_alive(version: str, headers: Headers) -> bool:
+    """Whether an upstream's response leaves its connection reusable (for the HEAD path, where the parser
+    is abandoned after the head)."""
+    tokens = _tokens([v for n, v in headers if n.lower() == b"connection"])
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
+
+
+def close_delimited(headers: Headers) -> bool:
+    """A response body that ends only when the upstream closes: no Content-Length, no final chunked."""
+    length = False
+    te: list[bytes] = []
+    for name, value in headers:
+        ln = name.lower()
+        if ln == b"content-length":
+            length = True
+        elif ln == b"transfer-encoding":
+            te.append(value)
+    if te:
+        return not te[-1].strip().lower().endswith(b"chunked")
+    return not length
