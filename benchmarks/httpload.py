@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import resource
+import socket
 import time
 
 from benchmarks.load import Stats, Via, allowed_target, open_socket
@@ -62,6 +63,17 @@ class Framer:
 def request(headers: list[str], close: bool = False) -> bytes:
     lines = ["GET / HTTP/1.1", "Host: bench", *headers] + (["Connection: close"] if close else [])
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def fetch(addr: tuple[str, int], headers: list[str]) -> tuple[int, bytes]:
+    """One request on its own blocking connection: the status and the body (which origin answered)."""
+    with socket.create_connection(addr, timeout=5) as s:
+        s.sendall(request(headers, close=True))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
 
 
 class KeepAlive(asyncio.Protocol):

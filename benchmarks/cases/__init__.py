@@ -1,3 +1,3 @@
 """Every module here registers its cases with @case on import; the order here is the run order."""
 
-from benchmarks.cases import cluster, loopback, memory, mesh, reverse, tuning  # noqa: F401
+from benchmarks.cases import cluster, loopback, memory, mesh, mesh_cluster, reverse, tuning  # noqa: F401

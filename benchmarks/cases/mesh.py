@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness import Context, Skip, case
+from benchmarks.httpload import fetch
 from benchmarks.procs import PY, REPO, free_port, port_open, rss_kb, wait_for
 
 NGINX = Path("/usr/sbin/nginx")
@@ -221,11 +221,15 @@ class MeshEnv:
     proxies: list[Proxy]
 
 
+def require_router() -> None:
+    if importlib.util.find_spec("shadow_image.router.__main__") is None:
+        raise Skip("shadow_image/router has no __main__ yet (the router is not in this tree)")
+
+
 def mesh_env(ctx: Context) -> MeshEnv:
     if not NGINX.exists():
         raise Skip(f"{NGINX} missing (Debian: apt-get install nginx-light)")
-    if importlib.util.find_spec("shadow_image.router.__main__") is None:
-        raise Skip("shadow_image/router has no __main__ yet (the router is not in this tree)")
+    require_router()
     op = free_port(STUNTMAN_HOST)
     start_nginx(ctx, "origin", 1, render_origin(op, {STUNTMAN_HOST: b"S" * BODY_LEN, MESH_HOST: b"M" * BODY_LEN}),
                 (MESH_HOST, op))
@@ -255,25 +259,33 @@ def sizes(ctx: Context) -> dict[str, float]:
     return dict(duration=0.3, warmup=0.1) if ctx.quick else dict(duration=2.0, warmup=0.3)
 
 
-def fetch(addr: tuple[str, int], headers: list[str]) -> tuple[int, bytes]:
-    """One request on its own connection: the status and the body."""
-    with socket.create_connection(addr, timeout=5) as s:
-        s.sendall(("GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
-                   + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+Load = Callable[[tuple[str, int], str, int, list[str]], dict]  # (addr, mode, clients, headers) -> result
 
 
-def check_routes(name: str, addr: tuple[str, int], direct: bool = False) -> None:
+@dataclass(frozen=True)
+class Target:
+    """Where one yardstick is measured: per route label the address, and the RSS/PSS of its processes."""
+
+    name: str
+    addrs: dict[str, tuple[str, int]]
+    memory: Callable[[], tuple[float, float]] | None = None  # (RSS MB, PSS MB); None: the origin itself
+
+    @property
+    def is_direct(self) -> bool:
+        return self.memory is None
+
+
+def check_body(name: str, label: str, status: int, body: bytes) -> None:
     """The default route reaches the stuntman's origin and the header the route's, before any figure counts."""
-    for (label, headers), (want, host) in zip(ROUTES, ((b"S", STUNTMAN_HOST), (b"M", MESH_HOST)), strict=True):
-        status, body = fetch((host, addr[1]) if direct else addr, headers)
-        if status != 200 or body != want * BODY_LEN:
-            raise RuntimeError(f"{name}: {label} answered {status} {body[:60]!r}, not the "
-                               f"{'stuntman' if want == b'S' else 'route'}'s body")
+    want = b"S" if label == ROUTES[0][0] else b"M"
+    if status != 200 or body != want * BODY_LEN:
+        raise RuntimeError(f"{name}: {label} answered {status} {body[:60]!r}, not the "
+                           f"{'stuntman' if want == b'S' else 'route'}'s body")
+
+
+def check_routes(t: Target) -> None:
+    for label, headers in ROUTES:
+        check_body(t.name, label, *fetch(t.addrs[label], headers))
 
 
 def run_http(ctx: Context, addr: tuple[str, int], mode: str, streams: int, headers: list[str]) -> dict:
@@ -285,35 +297,53 @@ def run_http(ctx: Context, addr: tuple[str, int], mode: str, streams: int, heade
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
     if r.returncode != 0:
         raise RuntimeError(f"httpload {mode} x{streams} on {addr} failed: {r.stderr.strip()[-600:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return checked(json.loads(r.stdout.strip().splitlines()[-1]), mode, streams, addr)
+
+
+def checked(out: dict, mode: str, streams: int, addr: tuple[str, int]) -> dict:
     if out.get("bad"):
         raise RuntimeError(f"httpload {mode} x{streams} on {addr}: {out['bad']} responses were not 200")
     return out
 
 
-def measure(ctx: Context, name: str, op: int, proxy: Proxy | None, direct_p99: dict[str, float]) -> None:
+def measure(ctx: Context, t: Target, load: Load, direct_p99: dict[str, float]) -> None:
     """One repetition of every load on one yardstick; the direct one fills direct_p99 for the others."""
     for label, headers in ROUTES:
-        if proxy is None:
-            addr = (STUNTMAN_HOST if not headers else MESH_HOST, op)
-        else:
-            addr = (LISTEN_HOST, proxy.port)
         for n in CLIENTS:
-            r = run_http(ctx, addr, "rr", n, headers)
-            ctx.add(rr_metric(label, n, "rate"), name, "requests/s", r["rps"])
-            ctx.add(rr_metric(label, n, "p50"), name, "µs", r["p50_us"], "lower")
-            ctx.add(rr_metric(label, n, "p99"), name, "µs", r["p99_us"], "lower")
+            r = load(t.addrs[label], "rr", n, headers)
+            ctx.add(rr_metric(label, n, "rate"), t.name, "requests/s", r["rps"])
+            ctx.add(rr_metric(label, n, "p50"), t.name, "µs", r["p50_us"], "lower")
+            ctx.add(rr_metric(label, n, "p99"), t.name, "µs", r["p99_us"], "lower")
             key = rr_metric(label, n, "added p99")
-            if proxy is None:
+            if t.is_direct:
                 direct_p99[key] = r["p99_us"]
             elif key in direct_p99:
-                ctx.add(key, name, "µs", r["p99_us"] - direct_p99[key], "lower")
-    r = run_http(ctx, (STUNTMAN_HOST, op) if proxy is None else (LISTEN_HOST, proxy.port), "conn", CONN_CLIENTS, [])
-    ctx.add(f"{CONN_METRIC}: rate", name, "connections/s", r["rps"])
-    ctx.add(f"{CONN_METRIC}: p99", name, "µs", r["p99_us"], "lower")
-    if proxy is not None:
-        ctx.add("RSS after the loads", name, "MB", proxy.rss_mb(), "lower")
-        ctx.add("PSS after the loads", name, "MB", proxy.pss_mb(), "lower")
+                ctx.add(key, t.name, "µs", r["p99_us"] - direct_p99[key], "lower")
+    r = load(t.addrs[ROUTES[0][0]], "conn", CONN_CLIENTS, [])
+    ctx.add(f"{CONN_METRIC}: rate", t.name, "connections/s", r["rps"])
+    ctx.add(f"{CONN_METRIC}: p99", t.name, "µs", r["p99_us"], "lower")
+    add_memory(ctx, t, "after the loads")
+
+
+def add_memory(ctx: Context, t: Target, when: str) -> None:
+    if t.memory is not None:
+        rss, pss = t.memory()
+        ctx.add(f"RSS {when}", t.name, "MB", rss, "lower")
+        ctx.add(f"PSS {when}", t.name, "MB", pss, "lower")
+
+
+def run_reps(ctx: Context, targets: list[Target], load: Load) -> None:
+    """Every yardstick measured once per repetition: the origin first (the added latency's
+    base), the router and nginx 1-worker swapping order every other repetition, then the others."""
+    direct, router, nginx1, *rest = targets
+    if ctx.quick:  # --quick checks the harness works; the other nginx variants add nothing to that
+        rest = []
+    for i in ctx.reps():
+        direct_p99: dict[str, float] = {}
+        pair = [router, nginx1] if i % 2 == 0 else [nginx1, router]
+        for t in [direct, *pair, *rest]:
+            ctx.log(f"  yardstick: {t.name}")
+            measure(ctx, t, load, direct_p99)
 
 
 # -- the verdict (pure) ---------------------------------------------------------------------------
@@ -364,19 +394,24 @@ def goal_rows(gs: list[Goal]) -> list[list[str]]:
              "n/a" if g.met is None else ("met" if g.met else "NOT met")] for g in gs]
 
 
-def summarize(ctx: Context, op: int) -> None:
+def verdict(ctx: Context) -> None:
+    """The ratio table (router / each nginx) and issue 10's goals against the 1-worker nginx."""
     assert ctx.current is not None
     medians = {(r.metric, r.yardstick): r.median for r in ctx.current.rows}
     metrics = list(dict.fromkeys(r.metric for r in ctx.current.rows))
-    ctx.table("Router / nginx (medians of this run; >1 better for rates, <1 better for latency and RSS)",
-              ["metric", *(f"{ROUTER} / {o}" for o in (NGINX_1, NGINX_AUTO, NGINX_SHIPPED))],
-              ratio_rows(medians, metrics, ROUTER, [NGINX_1, NGINX_AUTO, NGINX_SHIPPED]))
+    others = [o for o in (NGINX_1, NGINX_AUTO, NGINX_SHIPPED) if any(y == o for _, y in medians)]
+    ctx.table("Router / nginx (medians of this run; >1 better for rates, <1 better for latency and memory)",
+              ["metric", *(f"{ROUTER} / {o}" for o in others)], ratio_rows(medians, metrics, ROUTER, others))
     gs = goals(medians, ROUTER, NGINX_1)
     ctx.table(f"Issue 10 goals against {NGINX_1}", ["goal", "router / nginx", "verdict"], goal_rows(gs))
     judged = [g for g in gs if g.met is not None]
     ctx.note(f"Goals met: {sum(bool(g.met) for g in judged)} of {len(judged)}"
              + (f" ({len(gs) - len(judged)} not judged: the yardstick's figure was not positive)"
                 if len(judged) < len(gs) else ""))
+
+
+def summarize(ctx: Context, op: int) -> None:
+    verdict(ctx)
     s = sizes(ctx)
     ctx.note(
         f"Loopback, all processes ours. Origins: one nginx-light 1.22 process (1 worker) answering a "
@@ -400,24 +435,20 @@ def summarize(ctx: Context, op: int) -> None:
         f"nginx 1-worker swap order every other repetition.")
 
 
+def loopback_targets(env: MeshEnv) -> list[Target]:
+    op = env.origin_port
+    direct = Target(DIRECT, {ROUTES[0][0]: (STUNTMAN_HOST, op), ROUTES[1][0]: (MESH_HOST, op)})
+    return [direct, *(Target(p.name, dict.fromkeys((label for label, _ in ROUTES), (LISTEN_HOST, p.port)),
+                             lambda p=p: (p.rss_mb(), p.pss_mb())) for p in env.proxies)]
+
+
 @case("mesh", "Mesh router vs nginx with kt-connect's route.conf (loopback): requests/s, p50/p99, "
       "new connections/s, RSS")
 def mesh(ctx: Context) -> None:
     env = ctx.fixture("mesh-env", mesh_env)
-    op = env.origin_port
-    check_routes(DIRECT, (STUNTMAN_HOST, op), direct=True)
-    for p in env.proxies:
-        check_routes(p.name, (LISTEN_HOST, p.port))
-        ctx.add("RSS idle (after start)", p.name, "MB", p.rss_mb(), "lower")
-        ctx.add("PSS idle (after start)", p.name, "MB", p.pss_mb(), "lower")
-    router, nginx1, *rest = env.proxies
-    if ctx.quick:  # --quick checks the harness works; two nginx variants add nothing to that
-        rest = []
-    for i in ctx.reps():
-        direct_p99: dict[str, float] = {}
-        pair = [router, nginx1] if i % 2 == 0 else [nginx1, router]
-        for p in [None, *pair, *rest]:
-            name = DIRECT if p is None else p.name
-            ctx.log(f"  yardstick: {name}")
-            measure(ctx, name, op, p, direct_p99)
-    summarize(ctx, op)
+    targets = loopback_targets(env)
+    for t in targets:
+        check_routes(t)
+        add_memory(ctx, t, "idle (after start)")
+    run_reps(ctx, targets, lambda addr, mode, n, headers: run_http(ctx, addr, mode, n, headers))
+    summarize(ctx, env.origin_port)
