@@ -384,7 +384,8 @@ def ratio_rows(medians: Mapping[tuple[str, str], float], metrics: Iterable[str],
         cells = [metric]
         for other in others:
             b = medians.get((metric, other))
-            cells.append(f"{a / b:.2f}x" if b else "n/a")
+            # a ratio to a negative or zero figure (an added latency lost in the noise) means nothing
+            cells.append(f"{a / b:.2f}x" if b is not None and b > 0 else "n/a")
         rows.append(cells)
     return rows
 

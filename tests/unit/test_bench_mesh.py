@@ -110,5 +110,5 @@ def test_goals_rate_and_added_latency() -> None:
 
 
 def test_ratio_rows_skip_what_ours_lacks() -> None:
-    rows = mesh.ratio_rows(medians({"a": 3, "b": 1}, {"a": 2}), ["a", "b", "c"], "r", ["n"])
-    assert rows == [["a", "1.50x"], ["b", "n/a"]]
+    rows = mesh.ratio_rows(medians({"a": 3, "b": 1, "d": 5}, {"a": 2, "d": -5}), ["a", "b", "c", "d"], "r", ["n"])
+    assert rows == [["a", "1.50x"], ["b", "n/a"], ["d", "n/a"]]
