@@ -47,6 +47,7 @@ class Context:
         self.table = table
         self.pool = pool
         self.loop = loop
+        self.host = table.service.encode()  # Host for an HTTP/1.0 request that had none
 
 
 class Exchange:
@@ -289,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.mode = H2
-        self._h2 = H2Downstream(self.transport, self.ctx.table, self.listen_port, self.peer)
+        self._h2 = H2Downstream(self.transport, self.ctx.table, self.listen_port, self.client.decode())
         if self._write_paused:
             self._h2.pause_writing()
         self._h2.data_received(buf)
@@ -412,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
         version = parser.get_http_version()
         headers = self._headers
         head, framing, upgrade = http1.prepare_request(method, self._url, version, headers, self.client,
-                                                       parser.should_upgrade())
+                                                       parser.should_upgrade(), self.ctx.host)
         ex = Exchange(method, head, framing, upgrade, self.ctx.table.pick(self.listen_port, headers),
                       parser.should_keep_alive(), version == "1.1")
         self._cur = self._last = ex

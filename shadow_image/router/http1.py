@@ -52,13 +52,14 @@ def _tokens(values: list[bytes]) -> set[bytes]:
 
 
 def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, client: bytes,
-                    upgrade: bool) -> tuple[bytes, int, bool]:
+                    upgrade: bool, host: bytes = b"") -> tuple[bytes, int, bool]:
     """(head for the upstream, body framing, is a real upgrade). Raises BadRequest.
 
     The head is HTTP/1.1 whatever the client spoke (so upstream connections can be pooled), keeps Host and
     every end-to-end field, drops hop-by-hop ones, appends the client to X-Forwarded-For, and states the
     framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a real protocol switch:
-    `Upgrade: h2c` on cleartext is dropped and the request served as plain HTTP/1.1.
+    `Upgrade: h2c` on cleartext is dropped and the request served as plain HTTP/1.1. An HTTP/1.0 request
+    without Host gets `host` (HTTP/1.1 requires one).
     """
     if version == "1.1":
         http11 = True
@@ -100,6 +101,8 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         protocols = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"upgrade"]
         upgrade = bool(protocols) and not _tokens(protocols) <= {b"h2c"}
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    if not hosts and host:
+        out += (b"Host: ", host, b"\r\n")
     xff: list[bytes] = []
     for ln, (name, value) in zip(lowered, headers, strict=True):
         if ln in drop:

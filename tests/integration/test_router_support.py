@@ -55,6 +55,7 @@ class Upstream:
     raw: dict[int, bytearray] = field(default_factory=dict)  # every byte each connection received
     connections: int = 0
     bad: list[str] = field(default_factory=list)  # what h11 refused (never expected from the router)
+    drop_next: set[int] = field(default_factory=set)
 
     def reset(self) -> None:
         self.requests.clear()
@@ -69,7 +70,7 @@ class Upstream:
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         cid = self.connections
-        raw = self.raw.setdefault(cid, bytearray())
+        raw = _Tap(self.raw, cid)
         try:
             try:
                 first = await asyncio.wait_for(reader.read(65536), 0.3)
@@ -87,7 +88,7 @@ class Upstream:
             writer.close()
 
     async def _echo_raw(self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        raw: bytearray) -> None:
+                        raw: _Tap) -> None:
         data = first
         while data:
             writer.write(f"{self.name} raw:".encode() + data)
@@ -98,7 +99,7 @@ class Upstream:
         await writer.drain()
 
     async def _http(self, cid: int, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    raw: bytearray) -> None:
+                    raw: _Tap) -> None:
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(first)
         req: h11.Request | None = None
@@ -153,6 +154,8 @@ class Upstream:
                 continue
             if isinstance(event, h11.EndOfMessage):
                 assert req is not None
+                if conn.our_state is h11.SWITCHED_PROTOCOL:
+                    continue  # recorded with its 101
                 rec = Recorded(req.method.decode(), req.target.decode(),
                                [(n.decode(), v.decode()) for n, v in req.headers]
                                + [("trailer:" + n.decode(), v.decode()) for n, v in event.headers],
@@ -165,6 +168,12 @@ class Upstream:
         """Answer by path; False when the connection must end here."""
         path = rec.target.split("?", 1)[0]
         text = f"{self.name} {rec.method} {rec.target}\n".encode()
+        if rec.conn_id in self.drop_next:  # the keep-alive race: the request after /then-drop is never answered
+            self.drop_next.discard(rec.conn_id)
+            writer.transport.abort()
+            return False
+        if path == "/then-drop":
+            self.drop_next.add(rec.conn_id)
         if path == "/die":
             writer.transport.abort()
             return False
@@ -236,6 +245,18 @@ class Upstream:
                 out = (self.name + ": ").encode() + payload
                 writer.write(bytes([0x80 | opcode]) + _ws_len(len(out)) + out)
                 await writer.drain()
+
+
+class _Tap:
+    """Appends to raw[cid], found anew each time (a test may have reset the dict meanwhile)."""
+
+    def __init__(self, raw: dict[int, bytearray], cid: int) -> None:
+        self.raw = raw
+        self.cid = cid
+
+    def __iadd__(self, data: bytes) -> _Tap:
+        self.raw.setdefault(self.cid, bytearray()).extend(data)
+        return self
 
 
 def _ws_len(n: int) -> bytes:

@@ -1,0 +1,348 @@
+"""The router program (`python -m shadow_image.router`) on loopback with real clients: curl, raw sockets, a
+WebSocket client. `default` (127.0.0.1:P) stands in for the original pods, `route` (127.0.0.2:P) for the
+developer whose header is VERSION: abcde; both record what reached them (test_router_support.py)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_router_support import RouterProcess, Upstreams, http_get, recv_all
+from websockets.sync.client import connect as ws_connect
+
+ROUTE = ("VERSION", "abcde")
+
+
+@pytest.fixture(scope="module")
+def ups() -> Iterator[Upstreams]:
+    u = Upstreams().start()
+    yield u
+    u.stop()
+
+
+@pytest.fixture(scope="module")
+def router(ups: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProcess]:
+    r = RouterProcess(ups, tmp_path_factory.mktemp("router")).start()
+    yield r
+    r.stop()
+    log = r.log.read_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(autouse=True)
+def _fresh(ups: Upstreams) -> None:
+    ups.reset()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, check=False)
+
+
+def _url(router: RouterProcess, path: str) -> str:
+    return f"http://127.0.0.1:{router.port}{path}"
+
+
+def _response(sock: socket.socket, buf: bytearray, head_only: bool = False) -> tuple[bytes, dict[str, str], bytes]:
+    """One response off a raw socket (Content-Length or no body), leaving the rest in buf."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed; got {bytes(buf)!r}")
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.decode().partition(":") for ln in lines[1:])}
+    n = 0 if head_only else int(headers.get("content-length", "0"))
+    buf[:] = rest
+    while len(buf) < n:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed inside a body")
+        buf += data
+    body = bytes(buf[:n])
+    del buf[:n]
+    return lines[0], headers, body
+
+
+def test_curl_keep_alive_connection_alternates_between_route_and_original_pods(router, ups):
+    u = _url(router, "/alt")
+    res = curl("-v", u, "--next", "-H", "VERSION: abcde", u, "--next", "-H", "version: nobody", u,
+               "--next", "-H", "Version: abcde", u)
+    assert res.stdout == "default GET /alt\nroute GET /alt\ndefault GET /alt\nroute GET /alt\n"
+    assert res.stderr.count("Re-using existing connection") == 3  # one client connection throughout
+
+
+def test_raw_socket_keep_alive_routes_each_request_and_forwards_host_and_client(router, ups):
+    with router.connect() as s:
+        buf = bytearray()
+        for i, hdr in enumerate(["", "VERSION: abcde\r\n", "X-Other: 1\r\n", "version:abcde \r\n", ""]):
+            s.sendall(f"GET /k{i} HTTP/1.1\r\nHost: tomcat:8080\r\nX-Forwarded-For: 9.9.9.9\r\n{hdr}\r\n".encode())
+            _, _headers, body = _response(s, buf)
+            assert body == f"{'route' if 'abcde' in hdr else 'default'} GET /k{i}\n".encode()
+    got = sorted(ups.default.requests + ups.route.requests, key=lambda r: r.target)
+    assert [r.header("host") for r in got] == ["tomcat:8080"] * 5
+    assert [r.header("x-forwarded-for") for r in got] == ["9.9.9.9, 127.0.0.1"] * 5
+    # Upstream connections are kept alive too: one each.
+    assert len({r.conn_id for r in ups.default.requests}) == 1 and len({r.conn_id for r in ups.route.requests}) == 1
+
+
+def test_options_star_probe_passes_through(router, ups):
+    with router.connect() as s:
+        s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: tomcat\r\nVERSION: abcde\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"route OPTIONS *\n")
+
+
+def test_pipelined_requests_are_answered_in_order_and_head_has_no_body(router, ups):
+    with router.connect() as s:
+        s.sendall(b"GET /p1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                  b"GET /sleep?0.3 HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n"
+                  b"HEAD /p3 HTTP/1.1\r\nHost: a\r\n\r\n"
+                  b"POST /echo HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nContent-Length: 5\r\n\r\nhello"
+                  b"GET /p5 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        buf = bytearray()
+        bodies = [_response(s, buf)[2], _response(s, buf)[2]]
+        _status, headers, _ = _response(s, buf, head_only=True)
+        assert headers["content-length"] == "17"  # the length a GET would have had, and no body follows
+        bodies += [_response(s, buf)[2], _response(s, buf)[2]]
+        assert bytes(buf) + recv_all(s) == b""
+    assert bodies == [b"default GET /p1\n", b"route GET /sleep?0.3\n", b"hello", b"default GET /p5\n"]
+
+
+def test_head_via_curl(router, ups):
+    res = curl("-I", "-H", "VERSION: abcde", _url(router, "/h"))
+    assert res.returncode == 0 and "x-upstream: route" in res.stdout
+    assert [r.method for r in ups.route.requests] == ["HEAD"]
+
+
+def test_chunked_upload_and_download_with_trailers(router, ups, tmp_path):
+    payload = bytes(range(256)) * 4000  # 1 MB
+    (tmp_path / "up").write_bytes(payload)
+    res = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", "Transfer-Encoding: chunked", "-H", "VERSION: abcde",
+                          "--data-binary", f"@{tmp_path / 'up'}", _url(router, "/echo")],
+                         capture_output=True, check=False)
+    assert res.returncode == 0 and res.stdout == payload
+    assert ups.route.requests[-1].body == payload
+    assert ups.route.requests[-1].header("transfer-encoding") == "chunked"
+    with router.connect() as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Checksum: 42\r\n\r\n"
+                  b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+    assert ups.default.requests[0].body == b"hello!"
+    assert ("trailer:x-checksum", "42") in ups.default.requests[0].headers
+    assert b"\r\n\r\nhello!HTTP/1.1 200 " in data
+    assert data.endswith(b"0\r\nx-sum: 3\r\n\r\n") and b"part2 default GET /chunked\n" in data
+
+
+def test_expect_100_continue_relays_the_upstreams_interim_answer(router, ups):
+    with router.connect() as s:
+        s.sendall(b"POST /expect HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 4\r\n\r\n")
+        buf = bytearray()
+        status, _, _ = _response(s, buf, head_only=True)
+        assert status == b"HTTP/1.1 100 "
+        s.sendall(b"body")
+        status, _, body = _response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"route POST /expect\n"
+
+
+def test_expect_100_continue_never_answered_by_the_router_itself(router, ups):
+    """The upstream refuses the body (417, no 100): the client's first answer must be that 417."""
+    with router.connect() as s:
+        s.sendall(b"PUT /expect-refuse HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 417 ")
+    assert b" 100 " not in data
+
+
+def test_websocket_goes_where_its_handshake_was_routed(router, ups):
+    with ws_connect(f"ws://127.0.0.1:{router.port}/ws", additional_headers={"VERSION": "abcde"}) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "route: hello"
+        ws.send(b"\x00\x01" * 40000)
+        assert ws.recv(timeout=10) == b"route: " + b"\x00\x01" * 40000
+    with ws_connect(f"ws://127.0.0.1:{router.port}/ws") as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "default: hi"
+    assert [r.target for r in ups.route.requests] == ["/ws"]
+    assert ups.route.requests[0].header("x-forwarded-for") == "127.0.0.1"
+
+
+def test_non_http_bytes_go_to_the_original_pods_untouched_with_half_close(router, ups):
+    with router.connect() as s:
+        s.sendall(b"\x16\x03\x01\x00\x05hello")
+        got = bytearray()
+        while len(got) < len(b"default raw:\x16\x03\x01\x00\x05hello"):
+            got += s.recv(100)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""  # the upstream's half-close answered ours
+    assert bytes(got) == b"default raw:\x16\x03\x01\x00\x05hello"
+    assert [bytes(v) for v in ups.default.raw.values()] == [b"\x16\x03\x01\x00\x05hello"]
+
+
+def test_a_silent_client_reaches_a_server_that_speaks_first(router, ups):
+    with router.connect() as s:
+        assert s.recv(100) == b"default greeting\r\n"
+
+
+def test_http10_client(router, ups):
+    res = curl("-0", "-v", "-H", "VERSION: abcde", _url(router, "/old"))
+    assert res.stdout == "route GET /old\n"
+    with router.connect() as s:
+        s.sendall(b"GET /chunked HTTP/1.0\r\n\r\n")
+        data = recv_all(s)  # chunked upstream answer, sent plain and delimited by close
+    assert b"Transfer-Encoding" not in data and b"Connection: close" in data
+    assert data.endswith(b"part0 default GET /chunked\npart1 default GET /chunked\npart2 default GET /chunked\n")
+
+
+def test_connection_close_and_close_delimited_answers(router, ups):
+    res = curl("-v", _url(router, "/close-delimited"), "--next", _url(router, "/after"))
+    assert res.stdout == "default GET /close-delimited\nmore\ndefault GET /after\n"
+    assert "Re-using existing connection" not in res.stderr  # the first answer ended with the connection
+
+
+def test_204_and_304_have_no_body(router, ups):
+    with router.connect() as s:
+        s.sendall(b"GET /204 HTTP/1.1\r\nHost: a\r\n\r\nGET /304 HTTP/1.1\r\nHost: a\r\n\r\n"
+                  b"GET /z HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+    assert data.count(b"HTTP/1.1 ") == 3 and data.endswith(b"default GET /z\n")
+
+
+def test_unreachable_route_is_a_502_naming_it(ups, tmp_path):
+    r = RouterProcess(ups, tmp_path, route_host="127.0.0.3").start()
+    try:
+        res = curl("-i", "-H", "VERSION: abcde", _url(r, "/x"), "--next", _url(r, "/y"))
+        assert res.stdout.startswith("HTTP/1.1 502 Bad Gateway")
+        assert (f"ktproxy mesh: route 'VERSION: abcde' (127.0.0.3:{ups.port}) is unreachable: connection refused\n"
+                in res.stdout)
+        assert res.stdout.endswith("default GET /y\n")  # the same connection goes on
+    finally:
+        r.stop()
+
+
+def test_upstream_closing_before_answering_is_a_502_and_dying_mid_response_cuts_the_client(router, ups):
+    res = curl("-i", "-H", "VERSION: abcde", _url(router, "/die"))
+    assert res.stdout.startswith("HTTP/1.1 502 ")
+    assert "route 'VERSION: abcde'" in res.stdout and "closed the connection before answering" in res.stdout
+    res = curl(_url(router, "/cut"))
+    assert res.returncode == 18  # CURLE_PARTIAL_FILE: the client sees the answer cut, not a hang
+
+
+def test_dead_pooled_connection_is_retried_for_idempotent_requests_only(router, ups):
+    res = curl(_url(router, "/then-drop"), "--next", _url(router, "/again"))
+    assert res.stdout == "default GET /then-drop\ndefault GET /again\n"
+    res = curl("-i", _url(router, "/then-drop"), "--next", "-i", "-X", "POST", _url(router, "/post"))
+    assert "HTTP/1.1 502 " in res.stdout and "closed the connection before answering" in res.stdout
+    assert [r.target for r in ups.default.requests].count("/post") == 1  # sent once, never repeated
+
+
+def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, ups):
+    cases = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 70000 + b"\r\n\r\n",
+    ]
+    for case in cases:
+        with router.connect() as s:
+            s.sendall(case)
+            data = recv_all(s)
+        assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (case[:60], data)
+    assert ups.default.requests == [] and ups.route.requests == []
+
+
+def test_an_error_after_a_valid_pipelined_request_answers_that_one_first(router, ups):
+    with router.connect() as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n"
+                  b"GET /bad HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 200 ") and b"route GET /ok\n" in data
+    assert data.endswith(b"ktproxy mesh: bad request: a request needs exactly one Host header\n")
+    assert [r.target for r in ups.route.requests] == ["/ok"] and ups.default.requests == []
+
+
+def test_route_removed_and_added_while_a_request_is_in_flight(router, ups):
+    results: list[str] = []
+    slow = threading.Thread(target=lambda: results.append(
+        curl("-H", "VERSION: abcde", _url(router, "/sleep?1.5")).stdout))
+    slow.start()
+    while not any(r.target == "/sleep?1.5" for r in ups.route.requests) and slow.is_alive():
+        # the request reached the route's upstream (it records at the request's end, before sleeping)
+        time.sleep(0.02)
+    router.set_routes("version:fghij")
+    router.wait_routes([["version", "fghij"]])
+    assert curl("-H", "VERSION: abcde", _url(router, "/gone")).stdout == "default GET /gone\n"
+    slow.join(20)
+    assert results == ["route GET /sleep?1.5\n"]  # dispatched before the change: completes where it went
+    router.set_routes("version:fghij,version:abcde")
+    router.wait_routes([["version", "fghij"], ["version", "abcde"]])
+    assert curl("-H", "VERSION: abcde", _url(router, "/back")).stdout == "route GET /back\n"
+    router.set_routes("version:abcde")
+    router.wait_routes([["version", "abcde"]])
+    log = router.log.read_text()
+    assert "route removed: VERSION: abcde -> 127.0.0.2:" in log and "route added: VERSION: fghij" in log
+
+
+def test_health_port(router):
+    assert http_get("127.0.0.1", router.health_port, "/ready") == (200, b"routing 1 route(s)\n")
+    status, body = http_get("127.0.0.1", router.health_port, "/routes")
+    assert (status, body) == (200, b'{"routes": [["version", "abcde"]]}\n')
+
+
+def test_not_ready_until_the_annotations_file_was_read(ups, tmp_path):
+    r = RouterProcess(ups, tmp_path)
+    r.annotations.unlink()
+    r.proc = subprocess.Popen(r.args, stdout=open(r.log, "wb"), stderr=subprocess.STDOUT,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        status = 0
+        deadline = time.monotonic() + 15
+        while status == 0 and time.monotonic() < deadline:
+            try:
+                status, body = http_get("127.0.0.1", r.health_port, "/ready")
+            except OSError:
+                time.sleep(0.05)
+        assert status == 503 and b"not read yet" in body
+        r.set_routes("version:abcde")
+        deadline = time.monotonic() + 10
+        while http_get("127.0.0.1", r.health_port, "/ready")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        r.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_client_holds_the_upstream_back_instead_of_the_routers_memory(router, ups):
+    size = 200 * 1024 * 1024
+    pid = router.proc.pid
+    before = _rss_kib(pid)
+    with router.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(f"GET /big?{size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        got = len(s.recv(65536))
+        time.sleep(1.5)  # the upstream writes as fast as it is allowed meanwhile
+        grown = _rss_kib(pid) - before
+        while got < size:
+            data = s.recv(1 << 20)
+            assert data
+            got += len(data)
+    assert grown < 40 * 1024, f"router grew {grown} KiB while its client did not read"

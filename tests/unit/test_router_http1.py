@@ -1,0 +1,179 @@
+"""The router's HTTP/1 decisions without sockets: which requests are refused, the head sent upstream (Host
+kept, hop-by-hop fields gone, X-Forwarded-For appended, framing the router's own), the head sent back and
+how the response body is framed for the client."""
+
+from __future__ import annotations
+
+import pytest
+
+from shadow_image.router import http1
+from shadow_image.router.http1 import BadRequest, prepare_request, prepare_response
+
+
+def _req(headers: list[tuple[bytes, bytes]], *, version: str = "1.1", method: bytes = b"GET",
+         upgrade: bool = False) -> tuple[bytes, int, bool]:
+    return prepare_request(method, b"/p?q=1", version, headers, b"10.0.0.7", upgrade)
+
+
+def _lines(head: bytes) -> list[bytes]:
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
+
+
+def test_request_head_keeps_host_and_end_to_end_fields_and_appends_the_client():
+    head, framing, upgrade = _req([(b"Host", b"tomcat:8080"), (b"VERSION", b"abcde"), (b"Accept", b"*/*"),
+                                   (b"X-Forwarded-For", b"1.2.3.4")])
+    assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: tomcat:8080", b"VERSION: abcde", b"Accept: */*",
+                            b"X-Forwarded-For: 1.2.3.4, 10.0.0.7"]
+    assert (framing, upgrade) == (http1.NO_BODY, False)
+
+
+def test_several_x_forwarded_for_fields_become_one_list():
+    head, _, _ = _req([(b"Host", b"a"), (b"x-forwarded-for", b"1.1.1.1"), (b"X-Forwarded-For", b"2.2.2.2")])
+    assert b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 10.0.0.7" in _lines(head)
+    assert head.lower().count(b"x-forwarded-for") == 1
+
+
+def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
+    head, _, _ = _req([(b"Host", b"a"), (b"Connection", b"keep-alive, X-Secret"), (b"Keep-Alive", b"timeout=5"),
+                       (b"X-Secret", b"1"), (b"TE", b"trailers"), (b"Proxy-Connection", b"keep-alive"),
+                       (b"Upgrade", b"foo"), (b"X-Kept", b"2")])
+    assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 2", b"X-Forwarded-For: 10.0.0.7"]
+
+
+def test_http10_request_goes_upstream_as_http11_so_the_connection_can_be_pooled():
+    head, _, _ = _req([], version="1.0")
+    assert _lines(head)[0] == b"GET /p?q=1 HTTP/1.1"
+
+
+def test_chunked_request_is_re_framed_by_the_router():
+    head, framing, _ = _req([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], method=b"POST")
+    assert framing == http1.CHUNKED
+    assert _lines(head)[-1] == b"Transfer-Encoding: chunked"
+    assert head.lower().count(b"transfer-encoding") == 1
+
+
+def test_content_length_is_kept_and_zero_means_no_body():
+    head, framing, _ = _req([(b"Host", b"a"), (b"Content-Length", b"5")], method=b"POST")
+    assert framing == http1.LENGTH and b"Content-Length: 5" in _lines(head)
+    assert _req([(b"Host", b"a"), (b"Content-Length", b"0")], method=b"POST")[1] == http1.NO_BODY
+
+
+def test_websocket_upgrade_keeps_upgrade_and_says_connection_upgrade():
+    head, _, upgrade = _req([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
+                             (b"Sec-WebSocket-Key", b"k")], upgrade=True)
+    assert upgrade
+    assert _lines(head)[1:] == [b"Host: a", b"Upgrade: websocket", b"Sec-WebSocket-Key: k",
+                                b"X-Forwarded-For: 10.0.0.7", b"Connection: upgrade"]
+
+
+def test_h2c_upgrade_on_cleartext_is_served_as_plain_http11():
+    head, _, upgrade = _req([(b"Host", b"a"), (b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"),
+                             (b"HTTP2-Settings", b"AAMAAABkAAQCAAAAAAIAAAAA")], upgrade=True)
+    assert not upgrade
+    assert _lines(head)[1:] == [b"Host: a", b"X-Forwarded-For: 10.0.0.7"]
+
+
+@pytest.mark.parametrize(("headers", "version", "reason"), [
+    ([], "1.1", "Host"),
+    ([(b"Host", b"a"), (b"Host", b"b")], "1.1", "Host"),
+    ([(b"Host", b"a"), (b"Host", b"a")], "1.0", "Host"),
+    ([(b"Host", b"a")], "2.0", "HTTP/2.0"),
+    ([(b"Host", b"a")], "0.9", "HTTP/0.9"),
+    ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Content-Length", b"2")], "1.1", "Content-Length"),
+    ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Content-Length", b"1")], "1.1", "Content-Length"),
+    ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")], "1.1", "both"),
+    ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], "1.0", "HTTP/1.0"),
+    ([(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], "1.1", "chunked"),
+    ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")], "1.1", "chunked"),
+    ([(b"Host", b"a"), (b"Content-Length", b"-1")], "1.1", "Content-Length"),
+    ([(b"Host", b"a"), (b"Content-Length", b"1" * 19)], "1.1", "Content-Length"),
+])
+def test_ambiguous_or_unsupported_requests_are_refused(headers, version, reason):
+    with pytest.raises(BadRequest, match=reason):
+        _req(headers, version=version, method=b"POST")
+
+
+def test_http10_needs_no_host_but_gets_the_services_name_upstream():
+    head, _framing, _ = prepare_request(b"GET", b"/", "1.0", [], b"10.0.0.7", False, b"tomcat")
+    assert _lines(head) == [b"GET / HTTP/1.1", b"Host: tomcat", b"X-Forwarded-For: 10.0.0.7"]
+
+
+def test_trailers_travel_except_framing_fields():
+    end = http1.format_trailers([(b"X-Sum", b"3"), (b"Content-Length", b"9"), (b"Transfer-Encoding", b"x"),
+                                 (b"grpc-status", b"0")])
+    assert end == b"0\r\nX-Sum: 3\r\ngrpc-status: 0\r\n\r\n"
+    assert http1.format_trailers([]) == b"0\r\n\r\n"
+
+
+def _resp(status: int, headers: list[tuple[bytes, bytes]], *, http11: bool = True, head: bool = False,
+          keep: bool = True) -> tuple[list[bytes], int, bool]:
+    out, mode, close = prepare_response(status, b"OK", headers, client_http11=http11, head_request=head,
+                                        client_keep_alive=keep)
+    return _lines(out), mode, close
+
+
+def test_response_with_length_passes_raw_and_keeps_the_connection():
+    lines, mode, close = _resp(200, [(b"Content-Length", b"5"), (b"Connection", b"keep-alive"),
+                                     (b"Keep-Alive", b"timeout=5")])
+    assert (lines, mode, close) == ([b"HTTP/1.1 200 OK", b"Content-Length: 5"], http1.RESP_RAW, False)
+
+
+def test_chunked_response_is_re_chunked_for_http11_and_delimited_by_close_for_http10():
+    lines, mode, close = _resp(200, [(b"Transfer-Encoding", b"chunked")])
+    assert (lines, mode, close) == ([b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"], http1.RESP_CHUNKED, False)
+    lines, mode, close = _resp(200, [(b"Transfer-Encoding", b"chunked")], http11=False)
+    assert (lines, mode, close) == ([b"HTTP/1.1 200 OK", b"Connection: close"], http1.RESP_RAW, True)
+
+
+def test_response_without_length_is_delimited_by_close():
+    lines, mode, close = _resp(200, [(b"Content-Type", b"text/plain")])
+    assert (lines[-1], mode, close) == (b"Connection: close", http1.RESP_RAW, True)
+    assert http1.close_delimited([(b"Content-Type", b"x")])
+    assert http1.close_delimited([(b"Transfer-Encoding", b"gzip")])
+    assert not http1.close_delimited([(b"Transfer-Encoding", b"gzip, chunked")])
+    assert not http1.close_delimited([(b"content-length", b"0")])
+
+
+@pytest.mark.parametrize(("status", "head"), [(204, False), (304, False), (200, True)])
+def test_no_body_answers_whatever_their_headers_say(status, head):
+    lines, mode, close = _resp(status, [(b"Content-Length", b"100"), (b"Transfer-Encoding", b"chunked")],
+                               head=head)
+    assert mode == http1.RESP_NONE and not close
+    assert b"Content-Length: 100" in lines  # a HEAD answer still tells the GET's length
+
+
+def test_http10_client_that_asked_for_keep_alive_is_told_so_and_a_closing_one_gets_close():
+    lines, _, close = _resp(200, [(b"Content-Length", b"1")], http11=False)
+    assert lines[-1] == b"Connection: keep-alive" and not close
+    lines, _, close = _resp(200, [(b"Content-Length", b"1")], keep=False)
+    assert lines[-1] == b"Connection: close" and close
+
+
+def test_interim_and_switching_answers_go_verbatim():
+    lines, mode, close = _resp(101, [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")])
+    assert lines == [b"HTTP/1.1 101 OK", b"Upgrade: websocket", b"Connection: Upgrade"]
+    assert (mode, close) == (http1.RESP_NONE, False)
+    assert _resp(103, [(b"Link", b"</a>")])[0] == [b"HTTP/1.1 103 OK", b"Link: </a>"]
+
+
+def test_upstream_keep_alive_rule_for_head_answers():
+    assert http1.keep_alive("1.1", [])
+    assert not http1.keep_alive("1.1", [(b"Connection", b"close")])
+    assert not http1.keep_alive("1.0", [])
+    assert http1.keep_alive("1.0", [(b"connection", b"Keep-Alive")])
+
+
+def test_error_response_is_well_framed():
+    out = http1.error_response(502, "ktproxy mesh: route 'VERSION: abcde' (x:1) is unreachable: refused", close=True)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"Content-Length: %d" % len(body) in head and b"Connection: close" in head
+    assert body == b"ktproxy mesh: route 'VERSION: abcde' (x:1) is unreachable: refused\n"
+
+
+@pytest.mark.parametrize(("peer", "addr"), [(("::ffff:10.1.2.3", 5, 0, 0), b"10.1.2.3"),
+                                            (("fd00::1", 5, 0, 0), b"fd00::1"), (("127.0.0.1", 5), b"127.0.0.1"),
+                                            (None, b"unknown")])
+def test_client_address(peer, addr):
+    assert http1.client_address(peer) == addr
