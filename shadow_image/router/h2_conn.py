@@ -43,7 +43,7 @@ def new_connection(client_side: bool) -> H2Connection:
     config = H2Configuration(client_side=client_side, header_encoding=None,
                              validate_outbound_headers=False, normalize_outbound_headers=False)
     conn = H2Connection(config=config)
-    pass
+    conn.state_machine._transitions = _TRANSITIONS  # type: ignore[misc]
     settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS}
     if client_side:
         settings[SettingCodes.ENABLE_PUSH] = 0
