@@ -20,7 +20,7 @@ import resource
 import socket
 import time
 
-from benchmarks.load import Stats, Via, allowed_target, open_socket
+from benchmarks.load import RR, OneShot, Stats, Via, allowed_target, open_socket
 
 
 class ProtocolError(Exception):
@@ -76,19 +76,13 @@ def fetch(addr: tuple[str, int], headers: list[str]) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-class KeepAlive(asyncio.Protocol):
-    """Closed loop on one connection: a request, its whole response, the next request."""
+class KeepAlive(RR):
+    """load.RR's closed loop (a request, its whole response, the next request) with this request and framing."""
 
     def __init__(self, stats: Stats, req: bytes) -> None:
-        self.stats = stats
+        super().__init__(stats)
         self.req = req
         self.framer = Framer()
-        self.t: asyncio.Transport | None = None
-        self.sent_at = 0.0
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
 
     def fire(self) -> None:
         assert self.t is not None
@@ -104,25 +98,17 @@ class KeepAlive(asyncio.Protocol):
             elif self.t is not None:
                 self.t.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
 
-
-class Once(asyncio.Protocol):
-    """One request on a fresh connection (Connection: close); done at its whole response."""
+class Once(OneShot):
+    """load.OneShot (one request on a fresh connection, done at its whole response) with framing."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.framer = Framer()
-        self.done = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         if self.framer.feed(data) and not self.done.done():
             self.done.set_result(time.perf_counter())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError("closed before the response"))
 
 
 async def keepalive(target: tuple[str, int], streams: int, duration: float, warmup: float,

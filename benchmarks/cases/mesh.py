@@ -270,10 +270,6 @@ class Target:
     addrs: dict[str, tuple[str, int]]
     memory: Callable[[], tuple[float, float]] | None = None  # (RSS MB, PSS MB); None: the origin itself
 
-    @property
-    def is_direct(self) -> bool:
-        return self.memory is None
-
 
 def check_body(name: str, label: str, status: int, body: bytes) -> None:
     """The default route reaches the stuntman's origin and the header the route's, before any figure counts."""
@@ -306,22 +302,31 @@ def checked(out: dict, mode: str, streams: int, addr: tuple[str, int]) -> dict:
     return out
 
 
-def measure(ctx: Context, t: Target, load: Load, direct_p99: dict[str, float]) -> None:
-    """One repetition of every load on one yardstick; the direct one fills direct_p99 for the others."""
-    for label, headers in ROUTES:
-        for n in CLIENTS:
-            r = load(t.addrs[label], "rr", n, headers)
-            ctx.add(rr_metric(label, n, "rate"), t.name, "requests/s", r["rps"])
-            ctx.add(rr_metric(label, n, "p50"), t.name, "µs", r["p50_us"], "lower")
-            ctx.add(rr_metric(label, n, "p99"), t.name, "µs", r["p99_us"], "lower")
-            key = rr_metric(label, n, "added p99")
-            if t.is_direct:
-                direct_p99[key] = r["p99_us"]
-            elif key in direct_p99:
-                ctx.add(key, t.name, "µs", r["p99_us"] - direct_p99[key], "lower")
+def rr_rows(ctx: Context, t: Target, load: Load, label: str, headers: list[str], n: int) -> float:
+    """One keep-alive load on one yardstick, its rows; its p99."""
+    r = load(t.addrs[label], "rr", n, headers)
+    ctx.add(rr_metric(label, n, "rate"), t.name, "requests/s", r["rps"])
+    ctx.add(rr_metric(label, n, "p50"), t.name, "µs", r["p50_us"], "lower")
+    ctx.add(rr_metric(label, n, "p99"), t.name, "µs", r["p99_us"], "lower")
+    return r["p99_us"]
+
+
+def conn_rows(ctx: Context, t: Target, load: Load) -> None:
     r = load(t.addrs[ROUTES[0][0]], "conn", CONN_CLIENTS, [])
     ctx.add(f"{CONN_METRIC}: rate", t.name, "connections/s", r["rps"])
     ctx.add(f"{CONN_METRIC}: p99", t.name, "µs", r["p99_us"], "lower")
+
+
+def measure(ctx: Context, t: Target, load: Load, direct: Target) -> None:
+    """One repetition of every load on one proxy. Each keep-alive load is paired with the same load straight
+    to the origin just before it (a row of the direct yardstick too): the added p99 is their difference,
+    taken seconds apart rather than a whole repetition apart, as the shared machine's load drifts."""
+    for label, headers in ROUTES:
+        for n in CLIENTS:
+            base = rr_rows(ctx, direct, load, label, headers, n)
+            ctx.add(rr_metric(label, n, "added p99"), t.name, "µs",
+                    rr_rows(ctx, t, load, label, headers, n) - base, "lower")
+    conn_rows(ctx, t, load)
     add_memory(ctx, t, "after the loads")
 
 
@@ -333,17 +338,16 @@ def add_memory(ctx: Context, t: Target, when: str) -> None:
 
 
 def run_reps(ctx: Context, targets: list[Target], load: Load) -> None:
-    """Every yardstick measured once per repetition: the origin first (the added latency's
-    base), the router and nginx 1-worker swapping order every other repetition, then the others."""
+    """Every proxy measured once per repetition, the router and nginx 1-worker swapping order every other
+    repetition, then the other nginx variants; new connections straight to the origin once per repetition."""
     direct, router, nginx1, *rest = targets
     if ctx.quick:  # --quick checks the harness works; the other nginx variants add nothing to that
         rest = []
     for i in ctx.reps():
-        direct_p99: dict[str, float] = {}
-        pair = [router, nginx1] if i % 2 == 0 else [nginx1, router]
-        for t in [direct, *pair, *rest]:
+        conn_rows(ctx, direct, load)
+        for t in ([router, nginx1] if i % 2 == 0 else [nginx1, router]) + rest:
             ctx.log(f"  yardstick: {t.name}")
-            measure(ctx, t, load, direct_p99)
+            measure(ctx, t, load, direct)
 
 
 # -- the verdict (pure) ---------------------------------------------------------------------------
@@ -429,7 +433,8 @@ def summarize(ctx: Context, op: int) -> None:
         f"{os.cpu_count()} CPUs as the proxy and the origin), HTTP/1.1 GET, closed loop, {s['duration']:.1f} s "
         f"after {s['warmup']:.1f} s warm-up; 'header route' requests carry `{ROUTES[1][1][0]}`; new "
         f"connections: {CONN_CLIENTS} workers each opening a connection per request (`Connection: close`). "
-        f"'added p99' = the proxy's p99 minus the direct-to-origin p99 of the same repetition and load. RSS: "
+        f"'added p99' = the proxy's p99 minus the p99 of the same load straight to the origin, run just before "
+        f"it (so the direct column has one sample per proxy and repetition). RSS: "
         f"VmRSS, nginx's master plus its workers (shared pages counted in each); PSS: the same with shared "
         f"pages split among the processes that map them (smaps_rollup). Each proxy "
         f"is checked to route (the body says which origin answered) before it is measured; the router and "
