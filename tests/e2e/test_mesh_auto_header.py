@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,18 +101,29 @@ def _marks(user: pwd.struct_passwd, namespace: str) -> list[dict]:
     return out
 
 
-def _start_mesh(ktctl: Ktctl, laptop: int, *flags: str) -> tuple[Background, tuple[str, str]]:
-    mesh = ktctl.start("mesh", "tomcat", "--expose", f"{laptop}:8080", *flags)
-    mesh.wait_banner(MESH_BANNER)
-    m = _HEADER.search(mesh.output())
-    assert m, mesh.output()
-    return mesh, (m.group(1), m.group(2))
+@pytest.fixture
+def start_mesh(ktctl: Ktctl, laptop: int) -> Iterator[Callable[..., tuple[Background, tuple[str, str]]]]:
+    """`ktctl mesh tomcat --expose LAPTOP:8080 FLAGS...` up to its banner: (process, (KEY, value)). A run
+    the test did not end is stopped with Ctrl-C after it, so a failure leaves the next test a clean service."""
+    started: list[Background] = []
+
+    def start(*flags: str) -> tuple[Background, tuple[str, str]]:
+        mesh = ktctl.start("mesh", "tomcat", "--expose", f"{laptop}:8080", *flags)
+        started.append(mesh)
+        mesh.wait_banner(MESH_BANNER)
+        m = _HEADER.search(mesh.output())
+        assert m, mesh.output()
+        return mesh, (m.group(1), m.group(2))
+
+    yield start
+    for mesh in started:
+        mesh.stop(signal.SIGINT)
 
 
 def test_auto_header_sends_the_laptops_plain_curl_to_the_laptop(
-        ktctl: Ktctl, settled: str, client_pod: ClientPod, connect: Connected, laptop: int,
+        start_mesh: Callable, settled: str, client_pod: ClientPod, connect: Connected,
         unprivileged_user: pwd.struct_passwd) -> None:
-    mesh, (key, value) = _start_mesh(ktctl, laptop, "--auto-header")
+    mesh, (key, value) = start_mesh("--auto-header")
     [mark] = _marks(unprivileged_user, settled)
     assert (mark["service"], mark["key"], mark["value"], mark["pid"]) == ("tomcat", key.lower(), value, mesh.proc.pid)
     # This laptop's plain curl, no header given, by every name of the service: the laptop's version.
@@ -131,9 +142,9 @@ def test_auto_header_sends_the_laptops_plain_curl_to_the_laptop(
 
 
 def test_without_the_flag_the_same_curl_reaches_the_cluster(
-        ktctl: Ktctl, settled: str, client_pod: ClientPod, connect: Connected, laptop: int,
+        start_mesh: Callable, settled: str, client_pod: ClientPod, connect: Connected,
         unprivileged_user: pwd.struct_passwd) -> None:
-    mesh, (key, value) = _start_mesh(ktctl, laptop)
+    mesh, (key, value) = start_mesh()
     assert _marks(unprivileged_user, settled) == []
     assert connect.curl() == DEMO
     assert connect.curl(URL, f"{key}: {value}") == LOCAL  # the mesh itself works: the header is what decides
@@ -143,28 +154,25 @@ def test_without_the_flag_the_same_curl_reaches_the_cluster(
 
 @pytest.mark.chromium
 def test_a_browser_using_the_http_proxy_sees_the_laptops_version(
-        ktctl: Ktctl, settled: str, connect: Connected, laptop: int) -> None:
+        start_mesh: Callable, settled: str, connect: Connected) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian chromium not installed")
-    mesh, _ = _start_mesh(ktctl, laptop, "--auto-header")
-    try:
-        with tempfile.TemporaryDirectory() as profile:
-            r = subprocess.run(
-                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{connect.port}",
-                 "--dump-dom", f"{URL}/"],
-                capture_output=True, text=True, timeout=90)
-        assert LOCAL in r.stdout, r.stderr[-2000:]
-    finally:
-        assert mesh.stop(signal.SIGINT) in (0, 130)
+    start_mesh("--auto-header")
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{connect.port}",
+             "--dump-dom", f"{URL}/"],
+            capture_output=True, text=True, timeout=90)
+    assert LOCAL in r.stdout, r.stderr[-2000:]
 
 
 def test_a_sigkilled_mesh_no_longer_changes_the_laptops_traffic(
-        ktctl: Ktctl, settled: str, client_pod: ClientPod, connect: Connected, laptop: int,
+        ktctl: Ktctl, start_mesh: Callable, settled: str, client_pod: ClientPod, connect: Connected,
         unprivileged_user: pwd.struct_passwd) -> None:
-    mesh, _ = _start_mesh(ktctl, laptop, "--auto-header")
+    mesh, _ = start_mesh("--auto-header")
     assert connect.curl() == LOCAL
     mesh.kill()
     assert len(_marks(unprivileged_user, settled)) == 1  # a SIGKILLed mesh cannot withdraw its mark...
