@@ -27,10 +27,14 @@ def pac_script(rules: ClusterRules, proxy_host: str, proxy_port: int, *, auth: b
     # Browsers cannot authenticate to a SOCKS5 proxy: with credentials every request would first pay
     # for a failed SOCKS5 attempt, so HTTP proxying (which they can authenticate) comes first.
     proxy = f"PROXY {hostport}; SOCKS5 {hostport}" if auth else f"SOCKS5 {hostport}; PROXY {hostport}"
+    # Plain http:// goes to the HTTP proxy first: only there can `mesh --auto-header` add the developer's
+    # header (SOCKS passes bytes on unread); https and others keep SOCKS5, one tunnel per connection.
+    http_first = f"PROXY {hostport}; SOCKS5 {hostport}"
     v4 = [[str(n.network_address), str(n.netmask)] for n in rules.cidrs if n.version == 4]
     v6 = [_v6_net(n) for n in rules.cidrs if n.version == 6]
     return f"""// ktproxy: cluster names and addresses go through ktctl connect; everything else is DIRECT.
 var PROXY = {json.dumps(proxy)};
+var HTTP_FIRST = {json.dumps(http_first)};
 var ROUTE_ALL = {json.dumps(rules.route_all)};
 var DOMAIN = {json.dumps("." + rules.domain)};
 var NAMESPACES = {json.dumps(sorted(rules.namespaces))};
@@ -112,8 +116,9 @@ function FindProxyForURL(url, host) {{
   host = host.replace(/\\.+$/, "");
   var g6 = host.indexOf(":") >= 0 ? ktParse6(host) : null;
   if (ktIsLoopback(host, g6)) return "DIRECT";
-  if (ROUTE_ALL) return PROXY;
-  if (g6 !== null || ktIsIPv4(host)) return ktIsClusterIP(host, g6) ? PROXY : "DIRECT";
-  return ktIsClusterName(host) ? PROXY : "DIRECT";
+  var P = url.substring(0, 5).toLowerCase() === "http:" ? HTTP_FIRST : PROXY;
+  if (ROUTE_ALL) return P;
+  if (g6 !== null || ktIsIPv4(host)) return ktIsClusterIP(host, g6) ? P : "DIRECT";
+  return ktIsClusterName(host) ? P : "DIRECT";
 }}
 """

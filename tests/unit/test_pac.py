@@ -59,16 +59,17 @@ if (input.ex) {  // Chromium has isInNetEx; Firefox does not
 vm.createContext(ctx);
 vm.runInContext(input.pac, ctx);
 const out = input.hosts.map((h) => {
-  try { return ctx.FindProxyForURL("http://" + h + "/", h); }
+  try { return ctx.FindProxyForURL(input.scheme + "://" + h + "/", h); }
   catch (e) { return "ERROR " + e.message; }
 });
 process.stdout.write(JSON.stringify(out));
 """
 
 
-def run_pac(pac: str, hosts: list[str], ex: bool = True) -> list[str]:
+def run_pac(pac: str, hosts: list[str], ex: bool = True, scheme: str = "https") -> list[str]:
     assert NODE is not None
-    proc = subprocess.run([NODE, "-e", HARNESS], input=json.dumps({"pac": pac, "hosts": hosts, "ex": ex}),
+    proc = subprocess.run([NODE, "-e", HARNESS],
+                          input=json.dumps({"pac": pac, "hosts": hosts, "ex": ex, "scheme": scheme}),
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -165,6 +166,17 @@ def test_pac_proxy_line_and_type():
     assert run_pac(pac, ["tomcat"]) == ["SOCKS5 127.0.0.1:4321; PROXY 127.0.0.1:4321"]
     pac6 = pac_script(make_rules(), "::1", 4321)
     assert run_pac(pac6, ["tomcat"]) == ["SOCKS5 [::1]:4321; PROXY [::1]:4321"]
+
+
+def test_pac_sends_plain_http_to_the_http_proxy_first():
+    # Only the HTTP proxy sees a plain request's headers (mesh --auto-header adds one there); SOCKS
+    # passes bytes on unread. Everything that is not cluster stays DIRECT whatever the scheme.
+    pac = pac_script(make_rules(), "127.0.0.1", 4321)
+    assert run_pac(pac, ["tomcat", "example.com"], scheme="http") == [
+        "PROXY 127.0.0.1:4321; SOCKS5 127.0.0.1:4321", "DIRECT"]
+    assert run_pac(pac, ["tomcat"], scheme="HTTP") == ["PROXY 127.0.0.1:4321; SOCKS5 127.0.0.1:4321"]
+    assert run_pac(pac, ["tomcat"], scheme="https") == ["SOCKS5 127.0.0.1:4321; PROXY 127.0.0.1:4321"]
+    assert run_pac(pac, ["tomcat"], scheme="ws") == ["SOCKS5 127.0.0.1:4321; PROXY 127.0.0.1:4321"]
 
 
 def test_pac_with_proxy_auth_offers_http_proxying_first():
