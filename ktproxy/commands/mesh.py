@@ -194,6 +194,9 @@ class AutoMesh:
         from ktproxy.kube.takeover import original_selector
 
         life, kube, ns = self.life, self.kube, self.ns
+        if not original_selector(self.service):
+            raise KtError(f"service '{self.name}' has no selector (its endpoints are managed by hand); it cannot "
+                          "be meshed in auto mode")
         self.full = await life.until_stopped(resolve_port_map(kube, self.service, original_selector(self.service)))
         await self.shadow.preflight()
         await life.until_stopped(kube.require([

@@ -1,5 +1,6 @@
 """`ktctl recover SVC`: put a Service back whatever killed the exchange (or mesh) that changed it: the
-original selector, no kt-lock, the exchange's shadows deleted, a scaled deployment back to its replicas."""
+original selector, no kt-lock, the exchange's shadows deleted, a scaled deployment back to its replicas; for a
+mesh also its router, stuntman and every developer's `<svc>-kt-mesh-*` shadow and Service."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ log = logging.getLogger("ktproxy")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("recover", parents=[common], help="put a service back after a crashed exchange",
+    p = sub.add_parser("recover", parents=[common], help="put a service back after a crashed exchange or mesh",
                        description="Undo what exchange (or mesh) changed on a service, e.g. after ktctl was killed.")
     p.add_argument("service", metavar="SVC", help="the service to put back")
     p.set_defaults(func=run)

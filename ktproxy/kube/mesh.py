@@ -9,7 +9,6 @@ kt-lock (lock.py), so a developer joining never reuses a router another is delet
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -306,14 +305,20 @@ async def delete_participant(kube: Any, namespace: str, service: str, value: str
 async def recover_mesh(kube: Any, namespace: str, service: Any) -> list[str]:
     """`ktctl recover SVC` for a meshed Service: original selector back at once, then router, stuntman,
     and every `<svc>-kt-mesh-*` shadow and Service (auto and manual), as kt-connect does. The selector
-    goes first: a live participant re-creates a lost router only while the Service points at one."""
+    goes first: a live participant re-creates a lost router only while the Service points at one.
+    Returns one line per action, each already logged."""
     from ktproxy.kube.shadow import delete_shadow
 
     name = service.metadata.name
     done: list[str] = []
+
+    def did(line: str) -> None:
+        log.info("%s", line)
+        done.append(line)
+
     original = takeover.original_selector(service)
     if await restore_service(kube, namespace, name):
-        done.append(f"Restored the original selector of service {name}: {takeover.encode_selector(original)}")
+        did(f"Restored the original selector of service {name}: {takeover.encode_selector(original)}")
     if await delete_router(kube, namespace, name, grace=0):
         done.append(f"Deleted router pod {router_name(name)}")
     if await delete_service(kube, namespace, stuntman_name(name)):
@@ -325,12 +330,10 @@ async def recover_mesh(kube: Any, namespace: str, service: Any) -> list[str]:
     for pod in pods.items or []:
         if pod.metadata.name.startswith(prefix):
             await delete_shadow(kube, pod.metadata.name, namespace, quiet=True)
-            done.append(f"Deleted shadow pod {pod.metadata.name}")
+            did(f"Deleted shadow pod {pod.metadata.name}")
     services = await kube.call(kube.core.list_namespaced_service, namespace, label_selector=meta.SELECTOR,
                                access=Access("list", "services", namespace))
     for svc in services.items or []:
-        if svc.metadata.name.startswith(prefix):
-            with contextlib.suppress(KubeError):
-                await kube.call(kube.core.delete_namespaced_service, svc.metadata.name, namespace)
-                done.append(f"Deleted service {svc.metadata.name}")
+        if svc.metadata.name.startswith(prefix) and await delete_service(kube, namespace, svc.metadata.name):
+            done.append(f"Deleted service {svc.metadata.name}")
     return done

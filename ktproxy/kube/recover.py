@@ -48,7 +48,8 @@ async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
     service = await read_service(kube, namespace, name)
     # A mesh first (selector back, router, stuntman, every <svc>-kt-mesh-*): then nothing below sees
     # a router.
-    done: list[str] = await mesh.recover_mesh(kube, namespace, service)
+    meshed = await mesh.recover_mesh(kube, namespace, service)  # logged as they ran
+    done: list[str] = []
     original = takeover.original_selector(service)
     deployments = []
     if original:
@@ -79,7 +80,7 @@ async def recover(kube: KubeClient, namespace: str, name: str) -> list[str]:
             done.append(f"Scaled deployment {dep.metadata.name} back to {count}")
     for line in done:
         log.info("%s", line)
-    return done or [f"Service {name} is clean and tidy, nothing would be done"]
+    return meshed + done or [f"Service {name} is clean and tidy, nothing would be done"]
 
 
 async def _list(kube: KubeClient, namespace: str | None, namespaced: Any, everywhere: Any, plural: str,
