@@ -243,6 +243,7 @@ class AutoMesh:
         life, kube, ns, name = self.life, self.kube, self.ns, self.name
         service = await takeover.read(kube, ns, name)  # again under the lock: an exchange may have begun
         await life.until_stopped(mesh.refuse_if_exchanged(kube, ns, service))
+        await mesh.refuse_foreign_router(kube, ns, name)
         self.joined = True
         await mesh.ensure_stuntman(kube, ns, name, self.full, takeover.original_selector(service))
         await life.until_stopped(mesh.wait_endpoints(kube, ns, stuntman_name(name), name))

@@ -65,6 +65,17 @@ async def refuse_if_exchanged(kube: Any, namespace: str, service: Any) -> None:
     await takeover.refuse_if_taken(kube, namespace, service)
 
 
+async def refuse_foreign_router(kube: Any, namespace: str, service: str) -> None:
+    """kt-connect's nginx router keeps its routes in a file, not in kt-mesh-routes: joining it would add
+    a route nothing reads, and leaving would take it for an empty mesh and undo it under its users."""
+    from ktproxy.kube.mesh_spec import ROUTES_ANNOTATION
+
+    router = await read_router(kube, namespace, router_name(service))
+    if router is not None and ROUTES_ANNOTATION not in takeover.annotations_of(router):
+        raise KtError(f"service '{service}' is meshed by another tool (router pod {router_name(service)} has no "
+                      f"{ROUTES_ANNOTATION} annotation, as kt-connect's has not); ktctl cannot join it")
+
+
 async def _exists(kube: Any, fn: Any, name: str, namespace: str, plural: str) -> Any | None:
     try:
         return await kube.call(fn, name, namespace, access=Access("get", plural, namespace))

@@ -190,3 +190,15 @@ async def test_status_lists_participants() -> None:
     assert lines == [
         "service default/tomcat: meshed by alice via header 'VERSION: alice' (auto, shadow tomcat-kt-mesh-alice)",
         "service default/tomcat: meshed by bob via label version=man (manual, shadow tomcat-kt-mesh-man)"]
+
+
+async def test_a_kt_connect_router_is_not_joined() -> None:
+    """kt-connect's router has no kt-mesh-routes: a route there does nothing, and leaving would take
+    the empty list for 'last one out' and undo kt-connect's mesh under its users."""
+    kube = FakeKube()
+    kube.store.put("pod", pod("tomcat-kt-router", {"control-by": "kt", **ROUTER_LABELS},
+                              annotations={"kt-ref-count": "1", "kt-config": "service=tomcat"}))
+    with pytest.raises(KtError, match="another tool"):
+        await mesh.refuse_foreign_router(kube, "default", "tomcat")
+    _mesh(kube, {"alice": FRESH})
+    await mesh.refuse_foreign_router(kube, "default", "tomcat")  # ours: joined
