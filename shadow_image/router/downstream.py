@@ -37,7 +37,11 @@ SPLICE_IDLE = 3600.0  # WebSocket and raw connections with no byte either way
 # Why reading from the client is paused (a bit each; reading resumes when none is left).
 _P_PIPELINE, _P_UPSTREAM, _P_CONNECT, _P_HOLD = 1, 2, 4, 8
 
-SNIFF, H1, H2, RAW_WAIT, SPLICE, CLOSED = range(6)
+SNIFF, H1, H2, RAW_WAIT, SPLICE, CLOSED, LINGER = range(7)
+# Closing a socket with unread bytes makes the kernel send RST, which can destroy the answer (a 400, an
+# early final response) before the client reads it; so the router half-closes and reads on for a while.
+LINGER_TIME = 2.0
+LINGER_BYTES = 1 << 20
 
 
 class Context:
@@ -109,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._peer: UpstreamConnection | None = None  # the other side in splice mode
         self._h2: Any = None
+        self._lingered = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,12 +142,18 @@ class ClientConnection(asyncio.Protocol):
             self._sniff(data)
         elif mode == RAW_WAIT:
             self._hold.append(data)
+        elif mode == LINGER:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
 
     def eof_received(self) -> bool | None:
         mode = self.mode
         if mode == H2:
             handler = getattr(self._h2, "eof_received", None)
             return handler() if handler is not None else None
+        if mode == LINGER:
+            return None
         self._eof = True
         if mode == SPLICE:
             peer = self._peer
@@ -528,8 +539,28 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write(out[0])
                 else:
                     self.transport.writelines(out)
-        if self._close_after_flush and not self._closed:
-            self.transport.close()
+        if self._close_after_flush and not self._closed and self.mode != LINGER:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-close after the last answer and discard what the client still sends, until it closes too."""
+        transport = self.transport
+        if self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        self.mode = LINGER
+        self._parser = None
+        for ex in self._queue:
+            ex.dead = True
+            if ex.conn is not None:
+                ex.conn.owner = None
+                ex.conn.abort()
+        self._queue.clear()
+        transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()
+        self._cancel_timer()
+        self._timer = self.ctx.loop.call_later(LINGER_TIME, transport.close)
 
     # Reports from the UpstreamConnection serving the active exchange (queue[0]).
     def up_interim(self, conn: UpstreamConnection, status: int, reason: bytes,

@@ -102,17 +102,20 @@ class Upstream:
                     raw: _Tap) -> None:
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(first)
+        eof = False
         req: h11.Request | None = None
         body = bytearray()
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self.bad.append(str(exc))
+                if not eof:  # a request cut short by a closing peer is incomplete, not malformed
+                    self.bad.append(str(exc))
                 return
             if event is h11.NEED_DATA:
                 data = await reader.read(65536)
                 raw += data
+                eof = not data
                 conn.receive_data(data)
                 if not data and conn.their_state is h11.IDLE:
                     return
