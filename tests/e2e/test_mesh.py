@@ -15,6 +15,7 @@ running tests/e2e/mesh_clients.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -72,6 +73,16 @@ def settled(mesh_workloads: str, mesh_client: MeshClient) -> str:
     return ns
 
 
+@pytest.fixture(autouse=True)
+def _stop_leftover_runs(ktctl: Ktctl):
+    """A failed test's meshes are stopped (Ctrl-C) at its end, not at the module's: the next test starts
+    from a clean namespace and fails only for its own reasons."""
+    yield
+    for bg in ktctl.running:
+        if bg.proc.poll() is None:
+            bg.stop()
+
+
 @pytest.fixture
 def echo_svc(settled: str, mesh_client: MeshClient) -> str:
     """Service echo, port 80 -> target port 8080, selecting the "cluster" upstream."""
@@ -81,16 +92,23 @@ def echo_svc(settled: str, mesh_client: MeshClient) -> str:
     return settled
 
 
+def _image() -> list[str]:
+    """KTPROXY_E2E_MESH_IMAGE=IMG runs shadows and router from IMG (how a deliberately broken router was
+    shown to turn these tests red without touching the shared image)."""
+    image = os.environ.get("KTPROXY_E2E_MESH_IMAGE")
+    return ["-i", image] if image else []
+
+
 def _mesh(ktctl: Ktctl, svc: str, expose_arg: str, *extra: str, user: str | None = None):
     env = {"KTCTL_USER": user} if user else {}
-    return ktctl.start("mesh", svc, "--expose", expose_arg, *extra, **env)
+    return ktctl.start("mesh", svc, "--expose", expose_arg, *extra, *_image(), **env)
 
 
 # ------------------------------------------------------------------------------------------ the seed
 def test_seed_mesh_and_ctrl_c(ktctl: Ktctl, settled: str, mesh_client: MeshClient, local_server: int) -> None:
     ns = settled
     before = service_state(ns, "tomcat")
-    m = ktctl.start("mesh", "tomcat", "--expose", "8080")
+    m = ktctl.start("mesh", "tomcat", "--expose", "8080", *_image())
     key, value = mesh_header(m)
     assert key == "VERSION" and VALUE.match(value), m.output()
     lines = m.output().splitlines()
