@@ -186,6 +186,12 @@ def test_non_http_bytes_go_to_the_original_pods_untouched_with_half_close(router
     assert [bytes(v) for v in ups.default.raw.values()] == [b"\x16\x03\x01\x00\x05hello"]
 
 
+def test_a_word_and_a_space_that_is_no_http_method_is_not_http(router, ups):
+    with router.connect() as s:
+        s.sendall(b"SET key value\r\n")  # a Redis inline command
+        assert s.recv(100) == b"default raw:SET key value\r\n"
+
+
 def test_a_silent_client_reaches_a_server_that_speaks_first(router, ups):
     with router.connect() as s:
         assert s.recv(100) == b"default greeting\r\n"

@@ -29,6 +29,7 @@ import h11
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+HTTP_METHODS = {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT"}
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Upstream:
                 writer.write(f"{self.name} greeting\r\n".encode())
                 first = await reader.read(65536)
             raw += first
-            if first and not (first[:1].isupper() and b" " in first[:20]):
+            if first and first.split(b" ", 1)[0] not in HTTP_METHODS:
                 await self._echo_raw(first, reader, writer, raw)
                 return
             await self._http(cid, first, reader, writer, raw)
