@@ -47,10 +47,16 @@ LINGER_BYTES = 1 << 20
 class Context:
     """What all connections of one router share."""
 
-    def __init__(self, table: RouteTable, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, table: RouteTable, pool: Pool, loop: asyncio.AbstractEventLoop, *,
+                 client_idle: float = CLIENT_IDLE, upstream_idle: float = UPSTREAM_IDLE,
+                 splice_idle: float = SPLICE_IDLE) -> None:
         self.table = table
         self.pool = pool
         self.loop = loop
+        self.client_idle = client_idle
+        self.upstream_idle = upstream_idle
+        self.splice_idle = splice_idle
+        self.connections: set[ClientConnection] = set()  # for a graceful stop
         self.host = table.service.encode()  # Host for an HTTP/1.0 request that had none
 
 
@@ -120,6 +126,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.client = http1.client_address(self.peer)
+        self.ctx.connections.add(self)
         loop = self.ctx.loop
         self._last_rx = loop.time()
         self._timer = loop.call_later(sniff.WAIT, self._sniff_timeout)
@@ -179,6 +186,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.ctx.connections.discard(self)
         mode, self.mode = self.mode, CLOSED
         self._cancel_timer()
         if mode == H2:
@@ -212,6 +220,19 @@ class ClientConnection(asyncio.Protocol):
             self._peer.resume()
         elif self._queue and self._queue[0].conn is not None:
             self._queue[0].conn.resume()
+
+    def close_if_idle(self) -> bool:
+        """At a stop: close now unless a request is under way (HTTP/1 between requests, or still sniffing);
+        True when closed."""
+        if self._closed:
+            return True
+        if self.mode == H2:  # the HTTP/2 layer decides (a GOAWAY first) if it knows how
+            handler = getattr(self._h2, "close_if_idle", None)
+            return bool(handler()) if handler is not None else False
+        if (self.mode == H1 and not self._queue and not self._in_head and self._cur is None) or self.mode == SNIFF:
+            self.transport.close()
+            return True
+        return False
 
     # --- reading control -----------------------------------------------------------------------------
     def _pause(self, reason: int) -> None:
@@ -247,19 +268,21 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self._closed:
             return
-        now = self.ctx.loop.time()
+        ctx = self.ctx
+        now = ctx.loop.time()
         ex = self._queue[0] if self._queue else None
+        waiting_upstream = False
         if self.mode == SPLICE:
-            limit, last = SPLICE_IDLE, max(self._last_rx, self._peer.last_rx)
+            limit, last = ctx.splice_idle, max(self._last_rx, self._peer.last_rx)
         elif ex is not None and ex.request_done and ex.conn is not None:
-            limit, last = UPSTREAM_IDLE, ex.conn.last_rx
+            limit, last, waiting_upstream = ctx.upstream_idle, ex.conn.last_rx, True
         else:
-            limit, last = CLIENT_IDLE, self._last_rx
+            limit, last = ctx.client_idle, self._last_rx
         wait = last + limit - now
         if wait > 0:
-            self._arm(min(wait, CLIENT_IDLE))
+            self._arm(min(wait, ctx.client_idle))
             return
-        if limit == UPSTREAM_IDLE and ex is not None and not ex.resp_started:
+        if waiting_upstream and not ex.resp_started:
             conn, ex.conn = ex.conn, None
             conn.owner = None
             conn.abort()
@@ -280,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
         if kind == sniff.H1:
             self.mode = H1
             self._parser = httptools.HttpRequestParser(self)
-            self._arm(CLIENT_IDLE)
+            self._arm(self.ctx.client_idle)
             self._h1(buf)
             self.flush()
         elif kind == sniff.H2:
@@ -343,7 +366,7 @@ class ClientConnection(asyncio.Protocol):
             conn.transport.write_eof()
         self._holding = False
         self._resume(_P_HOLD)
-        self._arm(min(SPLICE_IDLE, CLIENT_IDLE))
+        self._arm(min(self.ctx.splice_idle, self.ctx.client_idle))
 
     def splice_upstream_eof(self) -> bool | None:
         """The upstream half-closed a spliced connection: pass it on; close when both sides are done."""
@@ -565,6 +588,8 @@ class ClientConnection(asyncio.Protocol):
     # Reports from the UpstreamConnection serving the active exchange (queue[0]).
     def up_interim(self, conn: UpstreamConnection, status: int, reason: bytes,
                    headers: list[tuple[bytes, bytes]]) -> None:
+        if not self._queue[0].http11:
+            return  # an HTTP/1.0 client knows no interim answers (RFC 9110 15.2)
         self._out.append(http1.prepare_response(status, reason, headers, client_http11=True, head_request=False,
                                                 client_keep_alive=True)[0])
 

@@ -17,7 +17,19 @@ class Options:
     annotations: str
     default_host: str | None
     route_host: str | None
+    client_idle: float
+    upstream_idle: float
     debug: bool
+
+
+def seconds(value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        out = -1.0
+    if not 0 < out < 1e6:
+        raise argparse.ArgumentTypeError(f"bad duration {value!r} (seconds, more than 0)")
+    return out
 
 
 def port_map(value: str) -> dict[int, int]:
@@ -44,6 +56,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="serve GET /ready and /routes here")
     parser.add_argument("--annotations", required=True, metavar="FILE",
                         help="the pod's annotations as a downward API file (watched for route changes)")
+    parser.add_argument("--client-idle", type=seconds, default=75.0, metavar="S",
+                        help="close a client connection idle this long between or inside requests (default 75)")
+    parser.add_argument("--upstream-idle", type=seconds, default=300.0, metavar="S",
+                        help="answer 504 (or cut a started answer) when an upstream is silent this long "
+                             "(default 300)")
     parser.add_argument("--default-host", help=argparse.SUPPRESS)  # tests: the original pods' stand-in
     parser.add_argument("--route-host", help=argparse.SUPPRESS)  # tests: a format string with {value}
     parser.add_argument("-d", "--debug", action="store_true")
@@ -58,4 +75,4 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.route_host is not None and "{value}" not in args.route_host and "{" in args.route_host:
         parser.error("--route-host may only use {value}")
     return Options(args.service, ports, args.health_port, args.annotations, args.default_host, args.route_host,
-                   args.debug)
+                   args.client_idle, args.upstream_idle, args.debug)

@@ -20,6 +20,8 @@ from shadow_image.router.watch import AnnotationsWatch
 
 log = logging.getLogger("router")
 
+DRAIN = 10.0  # a stopping router lets requests under way finish for this long (the pod's grace is 30 s)
+
 
 class Router:
     def __init__(self, opts: Options) -> None:
@@ -30,6 +32,7 @@ class Router:
         self.listening: dict[int, listeners.Listening] = {}
         self.health: listeners.Listening | None = None
         self._stack = contextlib.AsyncExitStack()
+        self.ctx: Context | None = None
 
     def ready(self) -> tuple[bool, str]:
         down = [tp for tp in self.opts.ports if tp not in self.listening or not self.listening[tp].is_serving()]
@@ -44,7 +47,8 @@ class Router:
         stack = self._stack
         pool = Pool(loop)
         stack.callback(pool.close)
-        ctx = Context(self.table, pool, loop)
+        ctx = self.ctx = Context(self.table, pool, loop, client_idle=self.opts.client_idle,
+                                 upstream_idle=self.opts.upstream_idle)
         self.watch.check()
         watcher = loop.create_task(self.watch.run())
         stack.callback(watcher.cancel)
@@ -65,7 +69,23 @@ class Router:
             log.warning("no HTTP/2 layer (shadow_image.router.h2_route): HTTP/2 connections will be closed")
         log.info("probes on %s (/ready, /routes, /live)", listeners.describe(self.health))
 
-    async def close(self) -> None:
+    async def close(self, drain: float = DRAIN) -> None:
+        """Stop accepting, give requests under way up to `drain` seconds to finish, then close everything."""
+        for lst in self.listening.values():
+            lst.close()
+        ctx = self.ctx
+        if ctx is not None and ctx.connections:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain
+            log.info("stopping: %d connection(s) open", len(ctx.connections))
+            while loop.time() < deadline:
+                for conn in list(ctx.connections):
+                    conn.close_if_idle()
+                if not ctx.connections:
+                    break
+                await asyncio.sleep(0.05)
+            for conn in list(ctx.connections):
+                conn.transport.abort()
         await self._stack.aclose()
 
 

@@ -352,3 +352,43 @@ def test_a_slow_client_holds_the_upstream_back_instead_of_the_routers_memory(rou
             assert data
             got += len(data)
     assert grown < 40 * 1024, f"router grew {grown} KiB while its client did not read"
+
+
+def test_idle_timeouts_and_504_naming_the_route(ups, tmp_path):
+    r = RouterProcess(ups, tmp_path)
+    r.args += ["--client-idle", "0.5", "--upstream-idle", "0.5"]
+    r.start()
+    try:
+        res = curl("-i", "-H", "VERSION: abcde", _url(r, "/sleep?3"))
+        assert res.stdout.startswith("HTTP/1.1 504 Gateway Timeout")
+        assert f"ktproxy mesh: route 'VERSION: abcde' (127.0.0.2:{ups.port}) did not answer within 0.5 s" in res.stdout
+        with r.connect() as s:
+            s.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            buf = bytearray()
+            assert _response(s, buf)[2] == b"default GET /a\n"
+            assert recv_all(s) == b""  # closed by the router once idle (the socket's own timeout is 10 s)
+        with r.connect() as s:
+            s.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n")  # a head that never ends
+            assert recv_all(s) == b""
+    finally:
+        r.stop()
+
+
+def test_a_stopping_router_lets_a_request_under_way_finish_and_closes_idle_connections(ups, tmp_path):
+    r = RouterProcess(ups, tmp_path).start()
+    try:
+        with r.connect() as idle, r.connect() as busy:
+            idle.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            buf = bytearray()
+            _response(idle, buf)
+            busy.sendall(b"GET /sleep?1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            while not any(q.target == "/sleep?1" for q in ups.default.requests):
+                time.sleep(0.02)
+            r.proc.terminate()
+            assert recv_all(idle) == b""
+            status, _, body = _response(busy, bytearray())
+            assert status.startswith(b"HTTP/1.1 200") and body == b"default GET /sleep?1\n"
+        assert r.proc.wait(15) == 0
+        assert "stopping: 2 connection(s) open" in r.log.read_text()
+    finally:
+        r.stop()

@@ -344,10 +344,18 @@ class Upstreams:
         self.default.reset()
         self.route.reset()
 
+    async def _shutdown(self) -> None:
+        await self._stop_servers()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:  # connection handlers still waiting on their clients
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def stop(self) -> None:
-        self._run(self._stop_servers())
+        self._run(self._shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
 
 def free_port() -> int:
