@@ -392,3 +392,28 @@ def test_a_stopping_router_lets_a_request_under_way_finish_and_closes_idle_conne
         assert "stopping: 2 connection(s) open" in r.log.read_text()
     finally:
         r.stop()
+
+
+def test_a_slow_upstream_holds_the_client_back_instead_of_the_routers_memory(router, ups):
+    size = 200 * 1024 * 1024
+    pid = router.proc.pid
+    before = _rss_kib(pid)
+    grown: list[int] = []
+    with router.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        s.sendall(f"POST /slow-reader HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n".encode())
+
+        def measure() -> None:
+            time.sleep(1.0)  # the client pushes as fast as it is allowed meanwhile; the upstream reads nothing
+            grown.append(_rss_kib(pid) - before)
+
+        probe = threading.Thread(target=measure)
+        probe.start()
+        block = b"u" * (1 << 20)
+        for _ in range(size // len(block)):
+            s.sendall(block)
+        probe.join()
+        _, _, body = _response(s, bytearray())
+    assert body == b"default POST /slow-reader\n"
+    assert ups.default.requests[-1].body == b"%d bytes" % size
+    assert grown[0] < 40 * 1024, f"router grew {grown[0]} KiB while its upstream did not read"

@@ -103,9 +103,10 @@ class Upstream:
                     raw: _Tap) -> None:
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(first)
-        eof = False
+        eof = stalled = False
         req: h11.Request | None = None
         body = bytearray()
+        body_len = 0
         while True:
             try:
                 event = conn.next_event()
@@ -114,6 +115,9 @@ class Upstream:
                     self.bad.append(str(exc))
                 return
             if event is h11.NEED_DATA:
+                if req is not None and req.target == b"/slow-reader" and not stalled:
+                    stalled = True
+                    await asyncio.sleep(1.5)  # lets the sender's buffers fill before reading the body
                 data = await reader.read(65536)
                 raw += data
                 eof = not data
@@ -132,7 +136,7 @@ class Upstream:
             if isinstance(event, h11.ConnectionClosed):
                 return
             if isinstance(event, h11.Request):
-                req, body = event, bytearray()
+                req, body, body_len = event, bytearray(), 0
                 hdrs = [(n.decode(), v.decode()) for n, v in event.headers]
                 path = event.target.decode()
                 if path.startswith("/expect") and conn.client_is_waiting_for_100_continue:
@@ -154,7 +158,10 @@ class Upstream:
                     await writer.drain()
                 continue
             if isinstance(event, h11.Data):
-                body += event.data
+                if req is not None and req.target == b"/slow-reader":
+                    body_len += len(event.data)  # counted, not kept: it is large
+                else:
+                    body += event.data
                 continue
             if isinstance(event, h11.EndOfMessage):
                 assert req is not None
@@ -163,7 +170,7 @@ class Upstream:
                 rec = Recorded(req.method.decode(), req.target.decode(),
                                [(n.decode(), v.decode()) for n, v in req.headers]
                                + [("trailer:" + n.decode(), v.decode()) for n, v in event.headers],
-                               bytes(body), cid)
+                               bytes(body) or b"%d bytes" % body_len if body_len else bytes(body), cid)
                 self.requests.append(rec)
                 if not await self._respond(conn, rec, writer):
                     return
