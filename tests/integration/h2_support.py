@@ -31,6 +31,7 @@ from shadow_image.router.h2_upstream import H2Pool
 from shadow_image.router.table import RouteTable, Upstream
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HANG = 60.0  # seconds after which a wait counts as a hang (never reached by a working router)
 
 
 async def until(pred: Callable[[], object], what: str, tries: int = 2000) -> None:
@@ -40,6 +41,12 @@ async def until(pred: Callable[[], object], what: str, tries: int = 2000) -> Non
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def wait_reply(fut: asyncio.Future[Reply]) -> Reply:
+    """The reply, or a failure instead of a hung test when a broken router never gives one."""
+    async with asyncio.timeout(HANG):
+        return await fut
 
 
 def pattern(n: int, seed: int = 7) -> bytes:
@@ -353,7 +360,7 @@ class H2Client(_Peer):
         sid, fut = self.start(path, method=method, headers=headers, authority=authority)
         if method != "GET":
             await self.send_body(sid, body, trailers=trailers)
-        return await fut
+        return await wait_reply(fut)
 
     def close(self) -> None:
         if self.transport is not None:

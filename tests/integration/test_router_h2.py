@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 from h2.errors import ErrorCodes
-from h2_support import H2Client, H2Upstream, LoopbackTable, common_port, pattern, router, until
+from h2_support import H2Client, H2Upstream, LoopbackTable, common_port, pattern, router, until, wait_reply
 
 from shadow_image.router import h2_conn
 from shadow_image.router.h2_upstream import pool_for
@@ -132,7 +132,7 @@ async def test_a_client_that_does_not_read_holds_back_the_upstream(mesh: Mesh) -
             break
     assert 0 < mesh.abcde.progress[0] <= h2_conn.STREAM_WINDOW + 65535 + h2_conn.MAX_FRAME
     client.resume_reading()
-    reply = await fut
+    reply = await wait_reply(fut)
     assert reply.body == pattern(total)
     client.close()
 
@@ -179,7 +179,7 @@ async def test_early_answer_then_reset_no_error(mesh: Mesh) -> None:
     sid, fut = client.start("/early", method="POST", headers=[("version", "abcde")])
     client.conn.send_data(sid, b"x" * 1000)
     client.flush()
-    reply = await fut
+    reply = await wait_reply(fut)
     assert reply.status == 200 and reply.json()["route"] == "abcde"
     assert (await client.request("/ok")).status == 200
     client.close()
@@ -234,7 +234,7 @@ async def test_client_goaway_without_error_lets_its_streams_finish(mesh: Mesh) -
     client = await mesh.client()
     _, fut = client.start("/big?n=3000000", headers=[("version", "abcde")])
     client.send_goaway(0)
-    reply = await fut
+    reply = await wait_reply(fut)
     assert reply.body == pattern(3000000)
     client.close()
 
@@ -245,7 +245,7 @@ async def test_upstream_dies_mid_stream(mesh: Mesh) -> None:
     _, fut = client.start("/big?n=8000000", headers=[("version", "fghij")])
     await until(lambda: mesh.fghij.progress[0] > 0, "the upstream to start sending")
     await mesh.fghij.stop()
-    reply = await fut
+    reply = await wait_reply(fut)
     assert reply.reset == ErrorCodes.INTERNAL_ERROR
     assert pool_for(asyncio.get_running_loop()).connections(mesh.table.for_route("version", "fghij", mesh.port)) == []
     client.close()
