@@ -28,6 +28,7 @@ from benchmarks.cases.mesh import (
     NGINX_1,
     NGINX_AUTO,
     NGINX_SHIPPED,
+    NGINX_VARIANTS,
     ROUTE,
     ROUTER,
     ROUTES,
@@ -157,9 +158,9 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 print(rss, pss)
 """
 
-# (yardstick, pod, nginx.conf in the ConfigMap, worker_processes, upstream keepalive, access log)
-NGINX_PODS = ((NGINX_1, "mesh-nginx-1", 1, 32, False), (NGINX_AUTO, "mesh-nginx-auto", "auto", 32, False),
-              (NGINX_SHIPPED, "mesh-nginx-shipped", "auto", 0, True))
+# (yardstick, pod (its nginx.conf in the ConfigMap is POD.conf), worker_processes, upstream keepalive, access log)
+POD_NAMES = {NGINX_1: "mesh-nginx-1", NGINX_AUTO: "mesh-nginx-auto", NGINX_SHIPPED: "mesh-nginx-shipped"}
+NGINX_PODS = tuple((name, POD_NAMES[name], *rest) for name, *rest in NGINX_VARIANTS)
 
 
 def nginx_confs() -> dict[str, str]:
