@@ -417,3 +417,34 @@ async def test_refusals_at_the_kube_layer(kube, app, kubectl, pristine):
         await mesh.refuse_if_exchanged(kube, app, svc)  # a plain Service may be meshed
     finally:
         kubectl("delete", "svc", "tomcat-kt-mesh-taken", "-n", app, check=False)
+
+
+def test_joining_and_leaving_drop_no_request_of_others(app, kubectl, pristine):
+    """A pod requests the service without the header, back to back, while a developer meshes and leaves
+    three times (each time the first one in switches the selector and the last one out puts it back):
+    every answer is the original pods'."""
+    loop = ("import time, urllib.request, collections\n"
+            "c = collections.Counter()\n"
+            "end = time.time() + float(__import__('sys').argv[1])\n"
+            "while time.time() < end:\n"
+            "    try:\n"
+            "        c[urllib.request.urlopen('http://tomcat:8080/', timeout=5).read().decode().strip()] += 1\n"
+            "    except Exception as e:\n"
+            "        c['ERROR ' + type(e).__name__ + ' ' + str(e)[:80]] += 1\n"
+            "    time.sleep(0.02)\n"
+            "print(__import__('json').dumps(c))\n")
+    local = REPO / ".cluster" / "bin" / "kubectl"
+    client = subprocess.Popen([str(local), "--kubeconfig", str(REPO / ".cluster" / "kubeconfig"), "exec", "-n", app,
+                               CLIENT, "--", "python3", "-c", loop, "75"], stdout=subprocess.PIPE, text=True)
+    with _laptop("alice v2") as port:
+        for _ in range(3):
+            m = _Mesh(app, "alice", port, "alice")
+            try:
+                m.wait_banner()
+                assert _get(kubectl, app, "alice") == "alice v2"
+            finally:
+                assert m.stop() in (0, 130), m.output()
+    out, _ = client.communicate(timeout=150)
+    answers = json.loads(out)
+    assert set(answers) == {DEMO} and answers[DEMO] > 100, answers
+    _assert_as_before(kubectl, app, pristine)
