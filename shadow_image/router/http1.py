@@ -15,8 +15,9 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 # Request body framing.
 NO_BODY, LENGTH, CHUNKED = 0, 1, 2
-# Response body modes towards the client.
-RESP_NONE, RESP_RAW, RESP_CHUNKED = 0, 1, 2
+# Response body modes towards the client: none, as it comes, re-chunked, as it comes until the upstream
+# closes (a response without length).
+RESP_NONE, RESP_RAW, RESP_CHUNKED, RESP_EOF = 0, 1, 2, 3
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 200
@@ -25,9 +26,12 @@ MAX_HEADERS = 200
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
                         b"upgrade", b"http2-settings"})
 _CONNECTION_STANDARD = frozenset({b"close", b"keep-alive", b"upgrade"})
+_COMMON_CONNECTION = frozenset({b"close", b"keep-alive", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"})
 # Methods whose repetition has no further effect: a request of these may go again on a fresh connection
 # when a pooled one turns out dead before answering.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Request fields prepare_request looks at (the rest are copied as they are).
+_NOTED = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for"}
 _FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
 
 
@@ -67,13 +71,36 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         http11 = False
     else:
         raise BadRequest(f"HTTP/{version} is not supported")
-    lowered = [n.lower() for n, _ in headers]
-    hosts = lowered.count(b"host")
+    # One pass over the fields (this runs for every request): ordinary ones are copied as they come, the
+    # few that matter are noted.
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    hosts = 0
+    te: list[bytes] = []
+    cls: list[bytes] = []
+    connection: list[bytes] = []
+    xff: list[bytes] = []
+    protocols: list[bytes] = []
+    for name, value in headers:
+        ln = name.lower()
+        if ln not in _NOTED:
+            out += (name, b": ", value, b"\r\n")
+        elif ln == b"host":
+            hosts += 1
+            out += (name, b": ", value, b"\r\n")
+        elif ln == b"content-length":
+            cls.append(value)
+            out += (name, b": ", value, b"\r\n")
+        elif ln == b"transfer-encoding":
+            te.append(value)
+        elif ln == b"x-forwarded-for":
+            xff.append(value.strip())
+        elif ln == b"connection":
+            connection.append(value)
+        elif ln == b"upgrade":
+            protocols.append(value)
+        # any other hop-by-hop field stays behind
     if hosts > 1 or (http11 and hosts == 0):
         raise BadRequest("a request needs exactly one Host header")
-    connection = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"connection"]
-    te = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"transfer-encoding"]
-    cls = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"content-length"]
     if len(cls) > 1:
         raise BadRequest("more than one Content-Length")
     if te and cls:
@@ -92,32 +119,20 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         framing = LENGTH if int(value) else NO_BODY
     else:
         framing = NO_BODY
-    drop = HOP_BY_HOP
-    if connection:
+    if connection and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
-        if named:
-            drop = drop | named
-    if upgrade:
-        protocols = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"upgrade"]
-        upgrade = bool(protocols) and not _tokens(protocols) <= {b"h2c"}
-    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+        if named:  # fields the client declared hop-by-hop: copied above, so the rare second pass
+            out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named)
+                             or n.lower() in (b"host", b"content-length") for line in (n, b": ", v, b"\r\n")]
     if not hosts and host:
         out += (b"Host: ", host, b"\r\n")
-    xff: list[bytes] = []
-    for ln, (name, value) in zip(lowered, headers, strict=True):
-        if ln in drop:
-            if upgrade and ln == b"upgrade":
-                out += (name, b": ", value, b"\r\n")
-            continue
-        if ln == b"x-forwarded-for":
-            xff.append(value.strip())
-            continue
-        out += (name, b": ", value, b"\r\n")
+    upgrade = upgrade and bool(protocols) and not _tokens(protocols) <= {b"h2c"}
     xff.append(client)
     out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
     if framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
+        out += [b"Upgrade: " + v + b"\r\n" for v in protocols]
         out.append(b"Connection: upgrade\r\n")
     out.append(b"\r\n")
     return b"".join(out), framing, upgrade
@@ -140,39 +155,44 @@ def prepare_response(status: int, reason: bytes, headers: Headers, *, client_htt
     A HEAD answer, 1xx, 204 and 304 have no body whatever their headers say. A chunked body is re-chunked
     for an HTTP/1.1 client and sent plain, delimited by close, to an HTTP/1.0 one; a body without length
     is delimited by close."""
-    if status == 101 or 100 <= status < 200:
+    if 100 <= status < 200:
         return _verbatim(status, reason, headers), RESP_NONE, False
-    lowered = [n.lower() for n, _ in headers]
-    connection = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"connection"]
-    te = [v for ln, (_, v) in zip(lowered, headers, strict=True) if ln == b"transfer-encoding"]
-    no_body = head_request or status in (204, 304)
-    drop = HOP_BY_HOP
-    if connection:
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    te: list[bytes] = []
+    connection: list[bytes] = []
+    has_length = False
+    for name, value in headers:
+        ln = name.lower()
+        if ln in HOP_BY_HOP:
+            if ln == b"transfer-encoding":
+                te.append(value)
+            elif ln == b"connection":
+                connection.append(value)
+            continue
+        if ln == b"content-length":
+            has_length = True
+        out += (name, b": ", value, b"\r\n")
+    if connection and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
-        if named:
-            drop = drop | named
+        if named:  # fields the upstream declared hop-by-hop: the rare second pass
+            out = out[:1] + [line for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named
+                             for line in (n, b": ", v, b"\r\n")]
     close = not client_keep_alive
-    extra: list[bytes] = []
-    if no_body:
+    if head_request or status in (204, 304):
         mode = RESP_NONE
-        if te:  # a HEAD answer may describe the framing a GET would have had
-            extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
+        # A HEAD answer may describe the framing a GET would have had.
+        out += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
     elif te and te[-1].strip().lower().endswith(b"chunked"):
         if client_http11:
             mode = RESP_CHUNKED  # re-chunked; any coding under chunked (gzip, ...) still applies
-            extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
+            out += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
         else:
-            mode, close = RESP_RAW, True
-    elif b"content-length" in lowered and not te:
+            mode, close = RESP_RAW, True  # the chunks' contents, ended by our close
+    elif has_length and not te:
         mode = RESP_RAW
     else:
-        mode, close = RESP_RAW, True
-        extra += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    for ln, (name, value) in zip(lowered, headers, strict=True):
-        if ln not in drop:
-            out += (name, b": ", value, b"\r\n")
-    out += extra
+        mode, close = RESP_EOF, True  # delimited by the upstream's close, so by ours
+        out += [b"Transfer-Encoding: " + v + b"\r\n" for v in te]
     if close:
         out.append(b"Connection: close\r\n")
     elif not client_http11:
@@ -206,17 +226,3 @@ def keep_alive(version: str, headers: Headers) -> bool:
         return b"close" not in tokens
     return b"keep-alive" in tokens
 
-
-def close_delimited(headers: Headers) -> bool:
-    """A response body that ends only when the upstream closes: no Content-Length, no final chunked."""
-    length = False
-    te: list[bytes] = []
-    for name, value in headers:
-        ln = name.lower()
-        if ln == b"content-length":
-            length = True
-        elif ln == b"transfer-encoding":
-            te.append(value)
-    if te:
-        return not te[-1].strip().lower().endswith(b"chunked")
-    return not length

@@ -92,6 +92,8 @@ class RouteTable:
         self._route_host = route_host or f"{service}-kt-mesh-{{value}}"
         self._routes: dict[bytes, dict[bytes, str]] = {}
         self.routes: list[Route] = []
+        # Upstreams depend only on the hosts and the port, so each is built once: pick() runs per request.
+        self._made: dict[tuple[str, str, int], Upstream] = {}
 
     def set_routes(self, routes: Iterable[Route]) -> None:
         by_key: dict[bytes, dict[bytes, str]] = {}
@@ -110,12 +112,19 @@ class RouteTable:
 
     def default(self, listen_port: int) -> Upstream:
         port = self.ports[listen_port]
-        return Upstream(self._default_host, port, f"{self._default_host}:{port}")
+        up = self._made.get(("", "", port))
+        if up is None:
+            up = self._made[("", "", port)] = Upstream(self._default_host, port, f"{self._default_host}:{port}")
+        return up
 
     def for_route(self, key: str, value: str, listen_port: int) -> Upstream:
         port = self.ports[listen_port]
-        host = self._route_host.format(value=value)
-        return Upstream(host, port, f"route '{key.upper()}: {value}' ({host}:{port})", (key, value))
+        up = self._made.get((key, value, port))
+        if up is None:
+            host = self._route_host.format(value=value)
+            up = self._made[(key, value, port)] = Upstream(
+                host, port, f"route '{key.upper()}: {value}' ({host}:{port})", (key, value))
+        return up
 
     def pick(self, listen_port: int, headers: Iterable[tuple[bytes, bytes]]) -> Upstream:
         """The first header whose name is a route key and whose value is one of that key's values picks

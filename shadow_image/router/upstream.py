@@ -220,8 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._parser_version = self._parser.get_http_version()
         mode = owner.up_head(self, status, self._reason, self._headers)
-        if mode == http1.RESP_RAW and not self._head_request and status not in (101, 204, 304):
-            self._close_delimited = http1.close_delimited(self._headers)
+        self._close_delimited = mode == http1.RESP_EOF
         if self._head_request and status != 101:
             raise _SkipBody
 

@@ -85,6 +85,8 @@ class Upstream:
             await self._http(cid, first, reader, writer, raw)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as exc:  # a fault of this stand-in must fail the test, not pass as a closed connection
+            self.bad.append(f"upstream stand-in crashed: {exc!r}")
         finally:
             writer.close()
 
@@ -137,22 +139,22 @@ class Upstream:
                 return
             if isinstance(event, h11.Request):
                 req, body, body_len = event, bytearray(), 0
-                hdrs = [(n.decode(), v.decode()) for n, v in event.headers]
-                path = event.target.decode()
+                hdrs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+                path = event.target.decode("latin-1")
                 if path.startswith("/expect") and conn.client_is_waiting_for_100_continue:
                     if path == "/expect-refuse":
                         writer.write(conn.send(h11.Response(status_code=417, headers=[
                             ("content-length", "0"), ("connection", "close")])))
                         writer.write(conn.send(h11.EndOfMessage()))
                         await writer.drain()
-                        self.requests.append(Recorded(event.method.decode(), path, hdrs, b"", cid))
+                        self.requests.append(Recorded(event.method.decode("latin-1"), path, hdrs, b"", cid))
                         return
                     await asyncio.sleep(0.2)  # the router must not have sent its own 100 meanwhile
                     writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 if dict(hdrs).get("upgrade", "").lower() == "websocket":
                     key = dict(hdrs)["sec-websocket-key"].encode()
                     accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-                    self.requests.append(Recorded(event.method.decode(), path, hdrs, b"", cid))
+                    self.requests.append(Recorded(event.method.decode("latin-1"), path, hdrs, b"", cid))
                     writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=[
                         ("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept)])))
                     await writer.drain()
@@ -167,9 +169,9 @@ class Upstream:
                 assert req is not None
                 if conn.our_state is h11.SWITCHED_PROTOCOL:
                     continue  # recorded with its 101
-                rec = Recorded(req.method.decode(), req.target.decode(),
-                               [(n.decode(), v.decode()) for n, v in req.headers]
-                               + [("trailer:" + n.decode(), v.decode()) for n, v in event.headers],
+                rec = Recorded(req.method.decode("latin-1"), req.target.decode("latin-1"),
+                               [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+                               + [("trailer:" + n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers],
                                bytes(body) or b"%d bytes" % body_len if body_len else bytes(body), cid)
                 self.requests.append(rec)
                 if not await self._respond(conn, rec, writer):

@@ -35,10 +35,11 @@ def test_several_x_forwarded_for_fields_become_one_list():
 
 
 def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
-    head, _, _ = _req([(b"Host", b"a"), (b"Connection", b"keep-alive, X-Secret"), (b"Keep-Alive", b"timeout=5"),
-                       (b"X-Secret", b"1"), (b"TE", b"trailers"), (b"Proxy-Connection", b"keep-alive"),
-                       (b"Upgrade", b"foo"), (b"X-Kept", b"2")])
-    assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 2", b"X-Forwarded-For: 10.0.0.7"]
+    head, _, _ = _req([(b"X-Secret", b"1"), (b"Host", b"a"), (b"Connection", b"keep-alive, X-Secret"),
+                       (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"Proxy-Connection", b"keep-alive"),
+                       (b"Upgrade", b"foo"), (b"X-Kept", b"2"), (b"Content-Length", b"0")])
+    assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 2", b"Content-Length: 0",
+                            b"X-Forwarded-For: 10.0.0.7"]
 
 
 def test_http10_request_goes_upstream_as_http11_so_the_connection_can_be_pooled():
@@ -63,8 +64,8 @@ def test_websocket_upgrade_keeps_upgrade_and_says_connection_upgrade():
     head, _, upgrade = _req([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
                              (b"Sec-WebSocket-Key", b"k")], upgrade=True)
     assert upgrade
-    assert _lines(head)[1:] == [b"Host: a", b"Upgrade: websocket", b"Sec-WebSocket-Key: k",
-                                b"X-Forwarded-For: 10.0.0.7", b"Connection: upgrade"]
+    assert _lines(head)[1:] == [b"Host: a", b"Sec-WebSocket-Key: k", b"X-Forwarded-For: 10.0.0.7",
+                                b"Upgrade: websocket", b"Connection: upgrade"]
 
 
 def test_h2c_upgrade_on_cleartext_is_served_as_plain_http11():
@@ -128,11 +129,19 @@ def test_chunked_response_is_re_chunked_for_http11_and_delimited_by_close_for_ht
 
 def test_response_without_length_is_delimited_by_close():
     lines, mode, close = _resp(200, [(b"Content-Type", b"text/plain")])
-    assert (lines[-1], mode, close) == (b"Connection: close", http1.RESP_RAW, True)
-    assert http1.close_delimited([(b"Content-Type", b"x")])
-    assert http1.close_delimited([(b"Transfer-Encoding", b"gzip")])
-    assert not http1.close_delimited([(b"Transfer-Encoding", b"gzip, chunked")])
-    assert not http1.close_delimited([(b"content-length", b"0")])
+    assert (lines, mode, close) == ([b"HTTP/1.1 200 OK", b"Content-Type: text/plain", b"Connection: close"],
+                                    http1.RESP_EOF, True)
+    lines, mode, close = _resp(200, [(b"Transfer-Encoding", b"gzip")])
+    assert (lines[1], mode, close) == (b"Transfer-Encoding: gzip", http1.RESP_EOF, True)
+    lines, mode, close = _resp(200, [(b"Transfer-Encoding", b"gzip, chunked")])
+    assert (lines[1], mode, close) == (b"Transfer-Encoding: gzip, chunked", http1.RESP_CHUNKED, False)
+    assert _resp(200, [(b"content-length", b"0")])[1:] == (http1.RESP_RAW, False)
+
+
+def test_fields_an_upstream_names_in_connection_stay_behind():
+    lines, _, _ = _resp(200, [(b"X-Hop", b"1"), (b"Content-Length", b"1"), (b"Connection", b"x-hop, close"),
+                              (b"X-Kept", b"2")])
+    assert lines == [b"HTTP/1.1 200 OK", b"Content-Length: 1", b"X-Kept: 2"]
 
 
 @pytest.mark.parametrize(("status", "head"), [(204, False), (304, False), (200, True)])
