@@ -88,8 +88,7 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
             hosts += 1
             out += (name, b": ", value, b"\r\n")
         elif ln == b"content-length":
-            cls.append(value)
-            out += (name, b": ", value, b"\r\n")
+            cls.append(value)  # written below, as a plain number whatever the client's spelling (05, ...)
         elif ln == b"transfer-encoding":
             te.append(value)
         elif ln == b"x-forwarded-for":
@@ -116,14 +115,18 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         value = cls[0].strip()
         if not value.isdigit() or len(value) > 18:
             raise BadRequest("invalid Content-Length")
-        framing = LENGTH if int(value) else NO_BODY
+        length = int(value)
+        framing = LENGTH if length else NO_BODY
+        out.append(b"Content-Length: %d\r\n" % length)
     else:
         framing = NO_BODY
     if connection and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
         if named:  # fields the client declared hop-by-hop: copied above, so the rare second pass
             out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named)
-                             or n.lower() in (b"host", b"content-length") for line in (n, b": ", v, b"\r\n")]
+                             or n.lower() == b"host" for line in (n, b": ", v, b"\r\n")]
+            if cls:
+                out.append(b"Content-Length: %d\r\n" % length)
     if not hosts and host:
         out += (b"Host: ", host, b"\r\n")
     upgrade = upgrade and bool(protocols) and not _tokens(protocols) <= {b"h2c"}

@@ -40,6 +40,8 @@ def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
                        (b"Upgrade", b"foo"), (b"X-Kept", b"2"), (b"Content-Length", b"0")])
     assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 2", b"Content-Length: 0",
                             b"X-Forwarded-For: 10.0.0.7"]
+    head, _, _ = _req([(b"Host", b"a"), (b"Content-Length", b"0"), (b"Connection", b"keep-alive")])
+    assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"Content-Length: 0", b"X-Forwarded-For: 10.0.0.7"]
 
 
 def test_http10_request_goes_upstream_as_http11_so_the_connection_can_be_pooled():
@@ -54,9 +56,10 @@ def test_chunked_request_is_re_framed_by_the_router():
     assert head.lower().count(b"transfer-encoding") == 1
 
 
-def test_content_length_is_kept_and_zero_means_no_body():
-    head, framing, _ = _req([(b"Host", b"a"), (b"Content-Length", b"5")], method=b"POST")
+def test_content_length_is_kept_as_a_plain_number_and_zero_means_no_body():
+    head, framing, _ = _req([(b"Host", b"a"), (b"content-length", b" 005")], method=b"POST")
     assert framing == http1.LENGTH and b"Content-Length: 5" in _lines(head)
+    assert head.lower().count(b"content-length") == 1
     assert _req([(b"Host", b"a"), (b"Content-Length", b"0")], method=b"POST")[1] == http1.NO_BODY
 
 

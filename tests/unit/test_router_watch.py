@@ -89,3 +89,13 @@ def test_bad_flags_exit_with_one_line(argv, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m shadow_image.router: error:")
+
+
+def test_each_upstream_is_built_once_and_keeps_its_label():
+    table = RouteTable("tomcat", {8080: 80, 9090: 90})
+    table.set_routes([("version", "abcde")])
+    up = table.pick(8080, [(b"Version", b"abcde")])
+    assert up is table.pick(8080, [(b"VERSION", b"abcde")])  # pick runs per request: no new object each time
+    assert up.label == "route 'VERSION: abcde' (tomcat-kt-mesh-abcde:80)" and up.route == ("version", "abcde")
+    assert table.pick(9090, [(b"version", b"abcde")]).port == 90
+    assert table.default(8080) is table.pick(8080, []) and table.default(8080).label == "tomcat-kt-stuntman:80"
