@@ -417,3 +417,9 @@ def test_a_slow_upstream_holds_the_client_back_instead_of_the_routers_memory(rou
     assert body == b"default POST /slow-reader\n"
     assert ups.default.requests[-1].body == b"%d bytes" % size
     assert grown[0] < 40 * 1024, f"router grew {grown[0]} KiB while its upstream did not read"
+
+
+def test_ipv6_clients_are_served_and_named_as_such(router, ups):
+    res = curl("-g", "-H", "VERSION: abcde", f"http://[::1]:{router.port}/six")
+    assert res.stdout == "route GET /six\n"
+    assert ups.route.requests[-1].header("x-forwarded-for") == "::1"
