@@ -448,3 +448,24 @@ def test_joining_and_leaving_drop_no_request_of_others(app, kubectl, pristine):
     answers = json.loads(out)
     assert set(answers) == {DEMO} and answers[DEMO] > 100, answers
     _assert_as_before(kubectl, app, pristine)
+
+
+def test_a_deleted_router_or_shadow_comes_back(app, kubectl, pristine):
+    """kt-connect's watcher did nothing when the router vanished (its fault c): here the participant
+    creates it again with its route; a deleted shadow (fixed name <svc>-kt-mesh-<value>) comes back too."""
+    with _laptop("alice v2") as port:
+        m = _Mesh(app, "alice", port, "alice")
+        try:
+            m.wait_banner()
+            kubectl("delete", "pod", "tomcat-kt-router", "-n", app, "--wait=true", timeout=90)
+            _wait("the router to be back with the route", lambda: _get(kubectl, app, "alice") == "alice v2",
+                  timeout=120)
+            assert _router_annotations(kubectl, app)["kt-mesh-routes"] == "version:alice"
+            assert _get(kubectl, app) == DEMO
+            assert "creating it again" in m.output()
+            kubectl("delete", "pod", "tomcat-kt-mesh-alice", "-n", app, "--wait=true", timeout=90)
+            _wait("the shadow to be back", lambda: _get(kubectl, app, "alice") == "alice v2", timeout=120)
+            assert m.proc.poll() is None, m.output()
+        finally:
+            assert m.stop() in (0, 130), m.output()
+    _assert_as_before(kubectl, app, pristine)
