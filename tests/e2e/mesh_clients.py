@@ -6,6 +6,8 @@ Each command prints one JSON document (or one per request for `session`) on stdo
   session HOST PORT          ONE TCP connection kept alive; each stdin line is a JSON list of [name, value]
                              headers for a GET /; answers one JSON line each, with the connection's local
                              port ("conn") so the caller sees it never changed; a closed connection ends it
+  pipeline HOST PORT REQS    every request of REQS (JSON list of {"method", "headers", "body", "chunked"})
+                             written at once on one connection, the answers read in order: a list
   ws HOST PORT [-H ..] MSG.. a WebSocket handshake, then each message echoed: {"status", "upstream", "echoes"}
   h2 HOST PORT STREAMS       HTTP/2 prior knowledge, one connection, all streams opened at once; STREAMS is a
                              JSON list of header lists: [{"status", "body", "upstream"}, ...] in that order
@@ -141,6 +143,34 @@ def cmd_session(a: argparse.Namespace) -> None:
         print(json.dumps(r), flush=True)
 
 
+def cmd_pipeline(a: argparse.Namespace) -> list[dict]:
+    """All requests written at once on one connection, then the answers read in order."""
+    c = Conn(a.host, a.port)
+    reqs = json.loads(a.requests)
+    out = b""
+    for r in reqs:
+        headers = [tuple(h) for h in r.get("headers", [])]
+        body = r.get("body")
+        if body is not None and r.get("chunked"):
+            half = len(body) // 2
+            chunks = [body[:half], body[half:]]
+            payload = "".join(f"{len(x.encode()):x}\r\n{x}\r\n" for x in chunks if x) + "0\r\n\r\n"
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif body is not None:
+            payload = body
+            headers.append(("Content-Length", str(len(body.encode()))))
+        else:
+            payload = ""
+        out += request(a.host, a.port, headers, r.get("method", "GET")) + payload.encode()
+    c.sock.sendall(out)
+    answers = []
+    for r in reqs:
+        resp = c.response(r.get("method", "GET"))
+        resp.pop("headers")
+        answers.append(resp)
+    return answers
+
+
 def cmd_ws(a: argparse.Namespace) -> dict:
     from mesh_upstreams import frame  # the same framing the upstream uses
 
@@ -251,6 +281,10 @@ def main() -> None:
     s = sub.add_parser("session")
     s.add_argument("host")
     s.add_argument("port", type=int)
+    pl = sub.add_parser("pipeline")
+    pl.add_argument("host")
+    pl.add_argument("port", type=int)
+    pl.add_argument("requests")
     w = sub.add_parser("ws")
     w.add_argument("host")
     w.add_argument("port", type=int)
@@ -270,7 +304,7 @@ def main() -> None:
         cmd_session(a)
         return
     try:
-        out = {"get": cmd_get, "ws": cmd_ws, "h2": cmd_h2, "raw": cmd_raw}[a.cmd](a)
+        out = {"get": cmd_get, "pipeline": cmd_pipeline, "ws": cmd_ws, "h2": cmd_h2, "raw": cmd_raw}[a.cmd](a)
     except Exception as exc:  # one line the test can show, not a traceback
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         sys.exit(1)

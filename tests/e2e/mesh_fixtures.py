@@ -210,6 +210,10 @@ class MeshClient:
                                                    "volumeMounts": [mount]}]}})
         kubectl("-n", namespace, "wait", "--for=condition=Ready", f"pod/{CLIENT}", "--timeout=120s", timeout=150)
 
+    @property
+    def ip(self) -> str:
+        return kubectl("-n", self.namespace, "get", "pod", CLIENT, "-o", "jsonpath={.status.podIP}").stdout.strip()
+
     def run(self, *args: str, timeout: float = 90) -> object:
         r = kubectl("-n", self.namespace, "exec", CLIENT, "--", PYTHON, f"{MOUNT}/mesh_clients.py", *args,
                     check=False, timeout=timeout)
@@ -237,6 +241,11 @@ class MeshClient:
 
     def session(self, host: str, port: int) -> Session:
         return Session(self.namespace, host, port)
+
+    def pipeline(self, host: str, port: int, requests: list[dict]) -> list[dict]:
+        out = self.run("pipeline", host, str(port), json.dumps(requests))
+        assert isinstance(out, list), out
+        return out
 
     def ws(self, host: str, port: int, messages: list[str], *headers: str) -> dict:
         out = self.run("ws", host, str(port), *[x for h in headers for x in ("-H", h)], *messages)

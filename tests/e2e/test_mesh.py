@@ -142,13 +142,15 @@ def test_seed_mesh_and_ctrl_c(ktctl: Ktctl, settled: str, mesh_client: MeshClien
 
 
 # ------------------------------------------------------------------------------------ two developers
-def _expect(session, cases: list[tuple[list[tuple[str, str]], str]], conn: int | None = None) -> int:
+def _expect(session, cases: list[tuple[list[tuple[str, str]], str]], conn: int | None = None,
+            client_ip: str = "") -> int:
     """Ask each case on the kept-alive connection; every answer from the expected upstream, one connection."""
     for headers, upstream in cases:
         r = session.ask(headers)
         assert "error" not in r, (headers, r)
         assert (r["status"], r["upstream"]) == (200, upstream), (headers, r)
         assert r["seen_host"] == "echo:80", r  # the router keeps the Host header
+        assert client_ip and client_ip in r["seen_xff"], r  # ... and says who asked
         if conn is None:
             conn = r["conn"]
         assert r["conn"] == conn, "the client's connection changed"
@@ -169,18 +171,19 @@ def test_two_developers_one_kept_alive_connection(ktctl: Ktctl, echo_svc: str, m
         assert ref_count(ns, "echo") == "2"
         session = mesh_client.session("echo", 80)
         try:
+            ip = mesh_client.ip
             conn = _expect(session, [
                 ([], "cluster"), ([("VERSION", "alice")], "alice"), ([("VERSION", "bob")], "bob"),
                 ([("VERSION", "zzzzz")], "cluster"), ([("VERSION", "alice")], "alice"), ([], "cluster"),
                 ([("Version", "bob")], "bob"), ([("version", "alice")], "alice"), ([("VERSION", "Alice")], "cluster"),
                 ([("X-Other", "alice")], "cluster"),
-            ])
+            ], client_ip=ip)
             # One leaves; the same connection keeps going, alice's value now reaches the cluster.
             assert alice.stop() in (0, 130), alice.output()
             assert router_routes(ns, "echo") == ["version:bob"] and ref_count(ns, "echo") == "1"
             assert mesh_objects(ns, "echo", "alice") == []
             _expect(session, [([("VERSION", "bob")], "bob"), ([("VERSION", "alice")], "cluster"), ([], "cluster"),
-                              ([("VERSION", "bob")], "bob")], conn)
+                              ([("VERSION", "bob")], "bob")], conn, ip)
             assert service(ns, "echo")["spec"]["selector"].get("kt-role") == "router"
         finally:
             session.close()
@@ -266,6 +269,26 @@ def test_websocket_with_and_without_the_header(proto_mesh, mesh_client: MeshClie
                      "closed": True}, other
     unknown = mesh_client.ws("proto", 8080, ["x"], f"VERSION: {value}x")
     assert unknown.get("echoes") == ["cluster:x"], unknown
+
+
+def test_pipelined_chunked_and_head_requests(proto_mesh, mesh_client: MeshClient) -> None:
+    """Requests written back to back before any answer, alternating routes, with chunked and
+    Content-Length bodies and a HEAD among them: answered in order, each by its own upstream."""
+    _ns, header, value = proto_mesh
+    key = header.split(":")[0]
+    mine = [[key, value]]
+    answers = mesh_client.pipeline("proto", 8080, [
+        {"method": "POST", "headers": mine, "body": "x" * 5000, "chunked": True},
+        {"method": "GET"},
+        {"method": "HEAD", "headers": mine},
+        {"method": "POST", "body": "y" * 3000},
+        {"method": "GET", "headers": mine},
+        {"method": "POST", "body": "z" * 100, "chunked": True},
+    ])
+    assert [(a.get("status"), a.get("upstream"), a.get("body")) for a in answers] == [
+        (200, "laptop", "laptop http/1.1"), (200, "cluster", "cluster http/1.1"), (200, "laptop", ""),
+        (200, "cluster", "cluster http/1.1"), (200, "laptop", "laptop http/1.1"),
+        (200, "cluster", "cluster http/1.1")], answers
 
 
 def test_http2_prior_knowledge_per_stream(proto_mesh, mesh_client: MeshClient) -> None:
