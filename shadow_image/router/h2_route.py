@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import h2.events as ev
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError, TooManyStreamsError
+from hyperframe.frame import GoAwayFrame
 
 from shadow_image.router.h2_conn import Side, new_connection
 from shadow_image.router.h2_upstream import H2Pool, UpstreamConn, pool_for
@@ -52,6 +53,14 @@ def forwarded_headers(headers: Iterable[tuple[bytes, bytes]], peer: str) -> Head
     addr = peer.encode()
     out.append((b"x-forwarded-for", addr if prior is None else prior + b", " + addr))
     return out
+
+
+def goaway_frame(last_stream_id: int) -> bytes:
+    """GOAWAY (NO_ERROR) written past h2, whose connection would refuse every frame after sending one,
+    including those of the streams the GOAWAY lets finish."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    return frame.serialize()
 
 
 def bad_gateway(upstream: Upstream, reason: str) -> tuple[Headers, bytes]:
@@ -345,7 +354,9 @@ class Stream:
                 self._finish()
 
     def _finish(self) -> None:
-        self.down.streams.pop(self.down_sid, None)
+        down = self.down
+        if down.streams.pop(self.down_sid, None) is self and not down.streams and down.ending:
+            down.close()
         self._release_up()
 
     def _release_up(self) -> None:
@@ -366,6 +377,8 @@ class H2Downstream(Side):
         self.listen_port = listen_port
         self.peer = peer
         self.pool = pool or pool_for(asyncio.get_running_loop())
+        self.ending = False  # close once the last stream is done (the client half-closed, or we stop)
+        self._last_stream: int | None = None  # after our GOAWAY: streams above this are refused
         self.mark()
 
     def data_received(self, data: bytes) -> None:
@@ -410,6 +423,10 @@ class H2Downstream(Side):
         self.mark()
 
     def _request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
+        if self._last_stream is not None and sid > self._last_stream:
+            # Sent before the client saw our GOAWAY: never processed, so safe for it to retry elsewhere.
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
         try:
             upstream = self.table.pick(self.listen_port, selecting_headers(headers))
         except KeyError:
@@ -444,6 +461,26 @@ class H2Downstream(Side):
         self.paused = False
         self._pump_all()
         self.mark()
+
+    def eof_received(self) -> bool:
+        """The client sends no more: answer the streams under way, then close (True keeps the transport
+        open for writing)."""
+        self.ending = True
+        return bool(self.streams)
+
+    def close_if_idle(self) -> bool:
+        """At a router stop (called repeatedly until it returns True): a GOAWAY first, so the client
+        opens no new stream here, and close once the streams under way are done."""
+        if self.closed:
+            return True
+        if not self.ending:
+            self.ending = True
+            self._last_stream = last = self.h2.highest_inbound_stream_id
+            self.transport.write(self.h2.data_to_send() + goaway_frame(last))  # type: ignore[attr-defined]
+        if not self.streams:
+            self.close()
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

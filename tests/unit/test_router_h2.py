@@ -378,3 +378,34 @@ async def test_client_goaway(code: int) -> None:
     cancelled = [e.error_code for e in relay.server_events(ev.StreamReset)]
     assert cancelled == ([] if code == ErrorCodes.NO_ERROR else [ErrorCodes.CANCEL])
     assert relay.down_wire.closed == (code != ErrorCodes.NO_ERROR)
+
+
+async def test_stop_sends_goaway_refuses_later_streams_and_closes_after_the_last() -> None:
+    relay = Relay()
+    relay.client.state_machine._transitions = h2_conn._TRANSITIONS  # type: ignore[misc]  # keep sending after GOAWAY
+    sid = await request(relay, end=True)
+    assert relay.down.close_if_idle() is False
+    await relay.settle()
+    gone = [e for e in relay.at_client if isinstance(e, ev.ConnectionTerminated)]
+    assert [(e.error_code, e.last_stream_id) for e in gone] == [(ErrorCodes.NO_ERROR, sid)]
+    late = await request(relay, end=True)
+    assert relay.client_events(ev.StreamReset, late)[0].error_code == ErrorCodes.REFUSED_STREAM
+    assert len(relay.server_events(ev.RequestReceived)) == 1
+    usid = relay.server_events(ev.RequestReceived)[0].stream_id
+    relay.server.send_headers(usid, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, sid)
+    assert relay.down_wire.closed and relay.down.close_if_idle() is True
+
+
+async def test_client_half_close_answers_then_closes() -> None:
+    relay = Relay()
+    sid = await request(relay, end=True)
+    assert relay.down.eof_received() is True  # keep writing: a stream is under way
+    assert not relay.down_wire.closed
+    usid = relay.server_events(ev.RequestReceived)[0].stream_id
+    relay.server.send_headers(usid, [(b":status", b"200")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, sid)
+    assert relay.down_wire.closed
+    assert Relay().down.eof_received() is False
