@@ -65,12 +65,13 @@ class Side:
         self.paused = False  # the transport's buffer is full: move no DATA into it
         self.closed = False
         self._flush_due = False
+        self._loop = asyncio.get_running_loop()
 
     def mark(self) -> None:
         """h2 queued frames: write them at the end of this loop iteration."""
         if not self._flush_due and not self.closed:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_due = False

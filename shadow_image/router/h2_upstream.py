@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import weakref
 from typing import TYPE_CHECKING
 
@@ -94,8 +95,10 @@ class UpstreamConn(asyncio.Protocol, Side):
         except (OSError, TimeoutError) as e:
             if isinstance(e, TimeoutError):
                 reason = "connection timed out"
-            else:
-                reason = os.strerror(e.errno) if e.errno else str(e)
+            elif isinstance(e, socket.gaierror):  # the route's Service is gone
+                reason = f"cannot resolve {self.upstream.host}: {e.strerror}"
+            else:  # asyncio words a refusal as "Connect call failed (addr)": the errno says it better
+                reason = os.strerror(e.errno) if e.errno and e.errno > 0 else str(e)
             log.warning("cannot reach %s: %s", self.upstream.label, reason)
             self.closed = True
             self.pool.forget(self)

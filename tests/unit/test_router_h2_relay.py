@@ -409,3 +409,33 @@ async def test_client_half_close_answers_then_closes() -> None:
     assert relay.client_events(ev.ResponseReceived, sid)
     assert relay.down_wire.closed
     assert Relay().down.eof_received() is False
+
+
+async def test_unresolvable_route_upstream_gets_a_502_naming_route_and_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route whose Service is gone (its name does not resolve): 502 on that stream, naming both. The
+    resolver's answer is stood in for, so that no DNS query leaves the machine."""
+    import socket
+
+    from shadow_image.router.h2_upstream import H2Pool
+
+    async def no_such_name(*args: object, **kw: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", no_such_name)
+    table = RouteTable("svc", {80: 8080})
+    table.set_routes([("version", "abcde")])
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    wire = Wire()
+    down = H2Downstream(wire, table, 80, "10.1.2.3", pool=H2Pool())  # type: ignore[arg-type]
+    client.send_headers(1, [*REQ, (b"version", b"abcde")], end_stream=True)
+    down.data_received(client.data_to_send())
+    events: list[ev.Event] = []
+    for _ in range(100):
+        await asyncio.sleep(0)
+        events += client.receive_data(wire.take())
+    assert dict(next(e for e in events if isinstance(e, ev.ResponseReceived)).headers)[b":status"] == b"502"
+    body = b"".join(e.data for e in events if isinstance(e, ev.DataReceived))
+    assert body == (b"502 Bad Gateway: cannot reach route 'VERSION: abcde' (svc-kt-mesh-abcde:8080): "
+                    b"cannot resolve svc-kt-mesh-abcde: Name or service not known\n")
+    assert any(isinstance(e, ev.StreamEnded) for e in events)
