@@ -423,3 +423,17 @@ def test_ipv6_clients_are_served_and_named_as_such(router, ups):
     res = curl("-g", "-H", "VERSION: abcde", f"http://[::1]:{router.port}/six")
     assert res.stdout == "route GET /six\n"
     assert ups.route.requests[-1].header("x-forwarded-for") == "::1"
+
+
+def test_http10_keep_alive_client_keeps_its_connection(router, ups):
+    with router.connect() as s:
+        buf = bytearray()
+        for path in ("/k1", "/k2"):
+            s.sendall(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\nVERSION: abcde\r\n\r\n".encode())
+            _, headers, body = _response(s, buf)
+            assert body == f"route GET {path}\n".encode() and headers["connection"] == "keep-alive"
+        s.sendall(b"GET /k3 HTTP/1.0\r\n\r\n")
+        _, headers, body = _response(s, buf)
+        assert body == b"default GET /k3\n" and headers["connection"] == "close"
+        assert recv_all(s) == b""
+    assert [r.header("host") for r in ups.route.requests] == ["tomcat", "tomcat"]  # HTTP/1.1 upstream needs one
