@@ -32,6 +32,7 @@ log = logging.getLogger("router.h2")
 
 Headers = list[tuple[bytes, bytes]]
 
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 _DOWN_STREAM_EVENTS = (ev.DataReceived, ev.StreamEnded, ev.TrailersReceived, ev.StreamReset)
 
 
@@ -129,8 +130,8 @@ def pump(half: Half, src: Side | None, src_sid: int, dst: Side, dst_sid: int) ->
 class Stream:
     """A client stream and the upstream stream it was routed to."""
 
-    __slots__ = ("answered", "down", "down_sid", "headers", "req", "resp", "stop_request", "up", "up_sid",
-                 "upstream", "waiting")
+    __slots__ = ("answered", "down", "down_sid", "headers", "req", "resp", "retried", "stop_request", "up",
+                 "up_sid", "upstream", "waiting")
 
     def __init__(self, down: H2Downstream, down_sid: int, upstream: Upstream, headers: Headers) -> None:
         self.down = down
@@ -144,6 +145,7 @@ class Stream:
         self.answered = False  # response HEADERS went to the client
         self.stop_request = False  # the response ended first: reset the client's request once it is out
         self.waiting = True  # not yet opened upstream
+        self.retried = False
 
     @property
     def gone(self) -> bool:
@@ -167,7 +169,8 @@ class Stream:
             # The peer lowered its stream limit below what we had on the wire: retrying is the client's.
             self._reset_down(ErrorCodes.REFUSED_STREAM)
             return
-        self.headers = []
+        if not end or self.retried:
+            self.headers = []  # kept only while sending it again is possible (a request that is all headers)
         self.up, self.up_sid = up, sid
         up.streams[sid] = self
         req.done = end
@@ -280,12 +283,15 @@ class Stream:
         self._release_up()
         if self.answered:
             self._reset_down(ErrorCodes.INTERNAL_ERROR)
-        else:
+        elif not self._retry():
             self._reset_down(ErrorCodes.REFUSED_STREAM)
 
     def upstream_lost(self) -> None:
         """The upstream connection closed under this stream."""
         self.up = None
+        if not self.answered and self._method() in _IDEMPOTENT and self._retry():
+            # Most likely a kept-alive connection the upstream closed as we sent on it.
+            return
         if self.resp.end:
             self._drop_request()
             self.pump_response()
@@ -295,6 +301,23 @@ class Stream:
             self.unreachable("the connection closed before a response")
 
     # -- internals
+    def _method(self) -> bytes:
+        for name, value in self.headers:
+            if name == b":method":
+                return value
+        return b""
+
+    def _retry(self) -> bool:
+        """Send the request again on another connection, once, when it was all headers (nothing of it
+        was acknowledged to the client and lost)."""
+        if self.retried or not self.headers or self.gone:
+            return False
+        self.retried = True
+        self.waiting = True
+        self.req.done = False
+        self.down.pool.attach(self)
+        return True
+
     def _response_headers(self, headers: Headers, ended: bool) -> None:
         if self.answered:
             return

@@ -175,6 +175,12 @@ class _UpstreamProto(_Peer):
             if isinstance(e, ev.RequestReceived):
                 seen = self.streams[e.stream_id] = Seen(dict(e.headers))
                 self.server.seen.append(seen)
+                if seen.headers[b":path"].startswith(b"/drop-once") and not self.server.dropped:
+                    # As a kept-alive connection closed by its server just as a request was sent on it.
+                    self.server.dropped = True
+                    assert self.transport is not None
+                    self.transport.abort()
+                    return
                 if seen.headers[b":path"].startswith(b"/rst"):
                     self.conn.reset_stream(e.stream_id, ErrorCodes.ENHANCE_YOUR_CALM)
                     self.answered.add(e.stream_id)
@@ -245,7 +251,8 @@ class _UpstreamProto(_Peer):
 class H2Upstream:
     """An h2c server that answers with JSON naming itself and what it saw, or as the path asks:
     /big?n=N (N bytes of pattern()), /rst (RST_STREAM ENHANCE_YOUR_CALM), /trailers (grpc-style
-    trailers), /early (answers before the request ends, then RST NO_ERROR), /goaway (GOAWAY then answer)."""
+    trailers), /early (answers before the request ends, then RST NO_ERROR), /goaway (GOAWAY then answer),
+    /drop-once (the first such request finds its connection closed under it)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -253,7 +260,8 @@ class H2Upstream:
         self.protos: list[_UpstreamProto] = []
         self.seen: list[Seen] = []
         self.resets: list[int] = []
-        self.progress = [0]  # bytes of the last /big body handed to the connection
+        self.progress = [0]
+        self.dropped = False  # bytes of the last /big body handed to the connection
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> H2Upstream:

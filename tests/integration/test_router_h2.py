@@ -249,3 +249,17 @@ async def test_upstream_dies_mid_stream(mesh: Mesh) -> None:
     assert reply.reset == ErrorCodes.INTERNAL_ERROR
     assert pool_for(asyncio.get_running_loop()).connections(mesh.table.for_route("version", "fghij", mesh.port)) == []
     client.close()
+
+
+async def test_kept_alive_upstream_closed_under_a_request(mesh: Mesh) -> None:
+    """A GET whose upstream connection closes before any answer is sent again on a new connection; a
+    POST (perhaps processed already) is not: 502."""
+    client = await mesh.client()
+    assert (await client.request("/warm", headers=[("version", "abcde")])).status == 200
+    reply = await client.request("/drop-once", headers=[("version", "abcde")])
+    assert reply.status == 200 and reply.json()["path"] == "/drop-once"
+    assert mesh.abcde.accepted == 2
+    mesh.fghij.dropped = False
+    post = await client.request("/drop-once", method="POST", headers=[("version", "fghij")], body=b"once")
+    assert post.status == 502 and b"the connection closed before a response" in post.body
+    client.close()

@@ -76,7 +76,8 @@ class OnePool:
     def attach(self, stream: Stream) -> None:
         self.picked.append(stream.upstream)
         assert self.up is not None
-        self.up.take(stream)
+        if self.up.can_take():
+            self.up.take(stream)
 
     def forget(self, conn: UpstreamConn) -> None:
         pass
@@ -318,14 +319,19 @@ async def test_502_stops_a_request_body_still_coming() -> None:
 
 
 async def test_upstream_goaway_refuses_only_the_streams_it_never_saw() -> None:
+    """Streams above its last-stream-id: sent again elsewhere when all headers, else refused."""
     relay = Relay()
     first = await request(relay, end=True)
-    second = await request(relay, end=True)
+    second = await request(relay)
+    relay.client.send_data(second, b"body")
+    third = await request(relay, end=True)
     seen = [e.stream_id for e in relay.server_events(ev.RequestReceived)]
     relay.up.data_received(goaway(seen[0]))
     await relay.settle()
     assert relay.client_events(ev.StreamReset, second)[0].error_code == ErrorCodes.REFUSED_STREAM
     assert not relay.client_events(ev.StreamReset, first)
+    assert not relay.client_events(ev.StreamReset, third)
+    assert len(relay.pool.picked) == 4  # the third asked the pool for a connection again
     assert relay.up.draining and not relay.up.can_take()
 
 
