@@ -1,13 +1,14 @@
 """The pod's probe endpoint: GET /live is 200 while the process serves; GET /ready is 200 only when the
 shadow can do its job (for exposed ports: every listener up and a laptop attached to each), else 503
-with a one-line reason. A Service then sends traffic to the shadow only while a laptop takes it."""
+with a one-line reason. A Service then sends traffic to the shadow only while a laptop takes it.
+The mesh router serves the same endpoint with a page of its own (/routes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from shadow_image import listeners
 from shadow_image.ports import PortState
@@ -37,32 +38,41 @@ def _join(ports: Iterable[int]) -> str:
     return ",".join(str(p) for p in ports)
 
 
-def answer(method: str, path: str, check: Callable[[], tuple[bool, str]]) -> tuple[int, str]:
-    """(status, body line) for one request."""
+# path -> () -> (content type, body): further read-only pages beside /live and /ready
+Pages = Mapping[str, Callable[[], tuple[str, str]]]
+_TEXT = "text/plain"
+
+
+def answer(method: str, path: str, check: Callable[[], tuple[bool, str]],
+           pages: Pages | None = None) -> tuple[int, str, str]:
+    """(status, content type, body) for one request."""
     if method not in ("GET", "HEAD"):
-        return 405, "method not allowed"
+        return 405, _TEXT, "method not allowed\n"
     path = path.split("?", 1)[0]
     if path == "/live":
-        return 200, "live"
+        return 200, _TEXT, "live\n"
     if path == "/ready":
         ok, reason = check()
-        return (200 if ok else 503), reason
-    return 404, "not found (try /ready or /live)"
+        return (200 if ok else 503), _TEXT, reason + "\n"
+    if pages and path in pages:
+        ctype, body = pages[path]()
+        return 200, ctype, body
+    return 404, _TEXT, f"not found (try {', '.join(['/ready', '/live', *(pages or {})])})\n"
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  check: Callable[[], tuple[bool, str]]) -> None:
+                  check: Callable[[], tuple[bool, str]], pages: Pages | None) -> None:
     try:
         async with asyncio.timeout(_REQUEST_TIMEOUT):
             head = await reader.readuntil(b"\r\n\r\n")  # all of it: closing on unread bytes would send RST
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
         method, path = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
-        status, body = answer(method, path, check) if method else (400, "bad request")
-        payload = (body + "\n").encode()
-        writer.write(f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        status, ctype, body = answer(method, path, check, pages) if method else (400, _TEXT, "bad request\n")
+        payload = body.encode()
+        writer.write(f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}; charset=utf-8\r\n"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                      + (b"" if method == "HEAD" else payload))
         await writer.drain()
@@ -74,10 +84,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             await writer.wait_closed()
 
 
-async def serve_health(port: int, check: Callable[[], tuple[bool, str]]) -> listeners.Listening:
+async def serve_health(port: int, check: Callable[[], tuple[bool, str]],
+                       pages: Pages | None = None) -> listeners.Listening:
     """The probe endpoint on all addresses (dual stack: the kubelet probes the pod's own IP)."""
 
     async def start(sock: socket.socket) -> asyncio.Server:
-        return await asyncio.start_server(lambda r, w: _handle(r, w, check), sock=sock, limit=_MAX_HEAD)
+        return await asyncio.start_server(lambda r, w: _handle(r, w, check, pages), sock=sock, limit=_MAX_HEAD)
 
     return await listeners.listen("", port, start)
