@@ -276,6 +276,9 @@ class Stream:
             self.stop_request = True
             self.pump_response()
             return
+        if code == ErrorCodes.REFUSED_STREAM and not self.answered:
+            self.upstream_refused()  # never processed (RFC 9113 8.7): perhaps sent again
+            return
         self._reset_down(code)
 
     def upstream_refused(self) -> None:

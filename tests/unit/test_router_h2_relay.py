@@ -445,3 +445,17 @@ async def test_unresolvable_route_upstream_gets_a_502_naming_route_and_host(monk
     assert body == (b"502 Bad Gateway: cannot reach route 'VERSION: abcde' (svc-kt-mesh-abcde:8080): "
                     b"cannot resolve svc-kt-mesh-abcde: Name or service not known\n")
     assert any(isinstance(e, ev.StreamEnded) for e in events)
+
+
+async def test_upstream_refused_stream_is_sent_again_once() -> None:
+    relay = Relay()
+    sid = await request(relay, end=True)
+    first = relay.server_events(ev.RequestReceived)[0].stream_id
+    relay.server.reset_stream(first, ErrorCodes.REFUSED_STREAM)
+    await relay.settle()
+    again = relay.server_events(ev.RequestReceived)
+    assert [e.stream_id for e in again] == [first, first + 2]  # the same connection still takes streams
+    relay.server.reset_stream(first + 2, ErrorCodes.REFUSED_STREAM)
+    await relay.settle()
+    assert relay.client_events(ev.StreamReset, sid)[0].error_code == ErrorCodes.REFUSED_STREAM
+    assert relay.down.streams == {} and relay.up.streams == {}
