@@ -182,7 +182,7 @@ class Stream:
         self.waiting = False
         if self.gone:
             return
-        self.req.done = True
+        self._drop_request()  # what the client sent meanwhile goes nowhere: give its window back
         if self.answered or self.resp.done:
             self._reset_down(ErrorCodes.INTERNAL_ERROR)
             return

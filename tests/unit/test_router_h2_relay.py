@@ -4,6 +4,7 @@ server h2 connection, bytes moved by hand, so each stream state decision is chec
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import h2.events as ev
 import pytest
@@ -459,3 +460,27 @@ async def test_upstream_refused_stream_is_sent_again_once() -> None:
     await relay.settle()
     assert relay.client_events(ev.StreamReset, sid)[0].error_code == ErrorCodes.REFUSED_STREAM
     assert relay.down.streams == {} and relay.up.streams == {}
+
+
+async def test_request_bodies_for_an_unreachable_upstream_give_the_window_back() -> None:
+    """Bodies that arrived while the upstream was being dialled are acknowledged when it fails: the
+    client's connection window does not shrink with each 502."""
+    relay = Relay()
+    held: list[Stream] = []
+    relay.down.pool = SimpleNamespace(attach=held.append)  # type: ignore[assignment]
+    await relay.settle()
+    sids = []
+    for _ in range(5):
+        sid = relay.client.get_next_available_stream_id()
+        relay.client.send_headers(sid, [*REQ, (b"version", b"abcde")])
+        send_all(relay.client, sid, b"z" * 500000)
+        sids.append(sid)
+    await relay.settle()
+    assert relay.client.outbound_flow_control_window == h2_conn.CONN_WINDOW - 2500000
+    for stream in held:
+        stream.unreachable("Connection refused")
+    await relay.settle()
+    for sid in sids:
+        got = relay.client_events(ev.ResponseReceived, sid)[0]
+        assert dict(got.headers)[b":status"] == b"502"
+    assert relay.client.outbound_flow_control_window == h2_conn.CONN_WINDOW
