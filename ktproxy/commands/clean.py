@@ -7,8 +7,9 @@ from typing import Any
 
 from ktproxy.commands import where
 from ktproxy.commands.listing import add_listing_parser, in_scope
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, CleanResult, RecoverHook, clean, fmt_age
+from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, CleanResult, fmt_age
 from ktproxy.kube.client import KubeClient
+from ktproxy.kube.sweep import sweep
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -23,26 +24,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="minutes without heartbeat before an object counts as left behind (default 5)")
 
 
-def recover_hooks() -> list[RecoverHook]:
-    """What puts back objects ktproxy changed but does not own (a command that changes such an object
-    adds its hook here, so `clean` runs it without depending on which modules happen to be imported)."""
-    from ktproxy.kube import recover
-
-    return [recover.clean_hook]  # exchange: selectors switched, deployments scaled to 0, stale kt-locks
-
-
-def first_hooks() -> list[RecoverHook]:
-    """What runs before the stale sweep: a mesh's dead participants lose their routes, and a mesh with
-    none left gives the Service its selector back before its router and stuntman go."""
-    from ktproxy.kube import mesh_clean
-
-    return [mesh_clean.clean_hook]
-
-
 def run(args: argparse.Namespace) -> int:
     async def work(kube: KubeClient, namespace: str | None) -> tuple[str | None, CleanResult]:
-        return namespace, await clean(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run,
-                                      hooks=recover_hooks(), before=first_hooks())
+        return namespace, await sweep(kube, namespace, threshold=args.threshold * 60, dry_run=args.dry_run)
 
     namespace, result = in_scope(args, work)
     verb = "Would delete" if args.dry_run else "Deleted"

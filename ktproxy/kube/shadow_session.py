@@ -15,7 +15,6 @@ from typing import Any
 import asyncssh
 
 from ktproxy.keys import SessionKeys
-from ktproxy.kube.cleanup import clean
 from ktproxy.kube.client import KubeClient
 from ktproxy.kube.discovery import discover
 from ktproxy.kube.errors import Access, KubeError
@@ -29,6 +28,7 @@ from ktproxy.kube.shadow import (
     delete_shadow,
     pod_state,
 )
+from ktproxy.kube.sweep import sweep
 from ktproxy.tunnel.session import SSHOptions
 
 log = logging.getLogger("ktproxy.kube.shadow_session")
@@ -74,7 +74,7 @@ class ShadowSession:
     async def sweep(self) -> None:
         """Remove what crashed sessions left in this namespace (stale heartbeat), as kt-connect does."""
         try:
-            result = await clean(self.kube, self.namespace)
+            result = await sweep(self.kube, self.namespace)
         except KubeError as exc:  # a user who may not list everything can still connect
             log.debug("sweep of stale objects skipped: %s", exc)
             return

@@ -119,13 +119,14 @@ async def test_clean_runs_the_recover_hooks_it_is_given():
 
 def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
     """No global registry that works only if the right module happens to be imported: `ktctl clean`
-    hands clean() the hooks it lists."""
+    hands clean() the hooks kube/sweep.py lists."""
     import ktproxy.commands.clean as clean_cmd
+    from ktproxy.kube import sweep
 
     async def hook(kube, namespace, now, threshold, dry_run):
         return [f"Restored service {namespace}/tomcat"]
 
-    monkeypatch.setattr(clean_cmd, "recover_hooks", lambda: [hook])
+    monkeypatch.setattr(sweep, "recover_hooks", lambda: [hook])
     monkeypatch.setattr(clean_cmd, "in_scope", lambda args, work: asyncio.run(work(_listing_kube(), "team")))
     assert clean_cmd.run(argparse.Namespace(threshold=5, dry_run=False)) == 0
     assert "Restored service team/tomcat" in capsys.readouterr().out
@@ -134,7 +135,27 @@ def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
 def test_clean_command_restores_what_a_dead_exchange_changed():
     # Without this hook `ktctl clean` deleted a killed exchange's shadow and left its Service selecting
     # nothing (the e2e test_sigkill_then_clean shows the user's side).
-    from ktproxy.commands import clean as clean_cmd
-    from ktproxy.kube import recover
+    from ktproxy.kube import mesh_clean, recover, sweep
 
-    assert recover.clean_hook in clean_cmd.recover_hooks()
+    assert recover.clean_hook in sweep.recover_hooks()
+    assert mesh_clean.clean_hook in sweep.first_hooks()
+
+
+async def test_connects_start_up_sweep_runs_the_same_hooks(monkeypatch):
+    # connect's sweep ran clean() without hooks: it deleted a killed exchange's stale shadow and left the
+    # Service selecting nothing, and a dead mesh participant's route in the router.
+    from ktproxy.kube import sweep
+    from ktproxy.kube.shadow_session import ShadowSession
+
+    seen = []
+
+    async def hook(kube, namespace, now, threshold, dry_run):
+        seen.append(namespace)
+        return []
+
+    monkeypatch.setattr(sweep, "recover_hooks", lambda: [hook])
+    monkeypatch.setattr(sweep, "first_hooks", lambda: [hook])
+    session = ShadowSession.__new__(ShadowSession)
+    session.kube, session.namespace = _listing_kube(), "team"
+    await session.sweep()
+    assert seen == ["team", "team"]

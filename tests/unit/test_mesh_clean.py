@@ -8,11 +8,11 @@ import pytest
 from fake_kube import NOW, _Api, pod, service
 from fake_kube import FakeKube as _FakeKube
 
-from ktproxy.commands.clean import first_hooks, recover_hooks
 from ktproxy.errors import KtError
 from ktproxy.kube import mesh, mesh_clean, takeover
 from ktproxy.kube.cleanup import clean
 from ktproxy.kube.mesh_routes import routes_of
+from ktproxy.kube.sweep import first_hooks, recover_hooks
 
 FRESH = str(int(NOW.timestamp()) - 10)
 STALE = str(int(NOW.timestamp()) - 3600)
