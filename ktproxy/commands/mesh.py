@@ -353,13 +353,16 @@ class AutoMesh:
             return
         kube, ns, name = self.kube, self.ns, self.name
         async with service_lock(kube, ns, name, tries=mesh.LOCK_TRIES):
+            # Before deciding: a developer leaving after us, while our shadow still exists, must not
+            # count us as staying (two leavers would each leave the undoing to the other).
+            await mesh.mark_leaving(kube, ns, self.own)
             router = await read_router(kube, ns, self.router)
             alive = router is not None and not router.metadata.deletion_timestamp
             routes = routes_of(router) if alive else []
             router_ip = mesh.pod_ip(router) if alive else None
             last = not [r for r in routes if r[1] != self.mark.value]
             if not alive and await mesh.other_participants(kube, ns, name, self.own):
-                # No router to judge by, but others mesh: their keepers re-create it. Not ours to undo.
+                # No router to judge by, but others stay: their keepers re-create it. Not ours to undo.
                 return
             if not last:
                 remaining = await remove_route(kube, ns, self.router, self.mark.value)

@@ -33,6 +33,9 @@ log = logging.getLogger("ktproxy.kube.mesh")
 GONE_TIMEOUT = 60.0  # a terminating router (grace 10 s) or shadow of the same name
 # The set-up holds the lock while pods start: a second developer waits for it longer than exchange does.
 LOCK_TRIES = 60
+# On a leaving developer's shadow, written under the lock before it decides whether it is the last one
+# out: its shadow may outlive that decision, and a second developer leaving must not count it.
+LEAVING = "kt-mesh-leaving"
 
 
 def is_meshed(service: Any) -> bool:
@@ -40,9 +43,20 @@ def is_meshed(service: Any) -> bool:
     return (service.spec.selector or {}).get(meta.KT_ROLE) == meta.ROLE_ROUTER
 
 
+async def mark_leaving(kube: Any, namespace: str, own: str) -> None:
+    """Tag this developer's shadow as leaving (see LEAVING); a shadow already gone needs no tag."""
+    now = int((await kube.cluster_time()).timestamp())
+    try:
+        await kube.call(kube.core.patch_namespaced_pod, own, namespace,
+                        {"metadata": {"annotations": {LEAVING: str(now)}}}, access=Access("patch", "pods", namespace))
+    except KubeError as exc:
+        if exc.status != 404:
+            raise
+
+
 async def other_participants(kube: Any, namespace: str, service: str, own: str) -> list[str]:
-    """Live auto-mode shadows of `service` other than `own` (a router's absence alone does not mean
-    nobody meshes any more)."""
+    """Live auto-mode shadows of `service` other than `own` that are not leaving (a router's absence
+    alone does not mean nobody meshes any more)."""
     from ktproxy.kube.scale import parse_kt_config
 
     resp = await kube.call(kube.core.list_namespaced_pod, namespace,
@@ -50,9 +64,10 @@ async def other_participants(kube: Any, namespace: str, service: str, own: str) 
                            access=Access("list", "pods", namespace))
     out = []
     for pod in resp.items or []:
-        config = parse_kt_config(takeover.annotations_of(pod).get(meta.KT_CONFIG))
-        if (pod.metadata.name != own and not pod.metadata.deletion_timestamp and config.get("service") == service
-                and config.get("route") and config.get("mode") != "manual"):
+        annotations = takeover.annotations_of(pod)
+        config = parse_kt_config(annotations.get(meta.KT_CONFIG))
+        if (pod.metadata.name != own and not pod.metadata.deletion_timestamp and LEAVING not in annotations
+                and config.get("service") == service and config.get("route") and config.get("mode") != "manual"):
             out.append(pod.metadata.name)
     return out
 
