@@ -70,7 +70,7 @@ async def update_routes(kube: Any, namespace: str, name: str, change: Callable[[
             return None
         current = routes_of(pod)
         wanted = change(current)
-        if wanted == current and pod.metadata.annotations.get(meta.KT_REF_COUNT) == str(len(current)):
+        if wanted == current and (pod.metadata.annotations or {}).get(meta.KT_REF_COUNT) == str(len(current)):
             return current
         try:
             await kube.call(kube.core.patch_namespaced_pod, name, namespace,

@@ -89,3 +89,11 @@ async def test_malformed_routes_in_the_annotation_are_dropped_not_half_kept() ->
     _router(kube, "version:alice,garbage,Version:UP,env:ok")
     assert await add_route(kube, "default", ROUTER, ("version", "bob")) == [
         ("version", "alice"), ("env", "ok"), ("version", "bob")]
+
+
+async def test_a_router_without_any_annotation_is_an_empty_route_list() -> None:
+    kube = FakeKube()
+    kube.store.put("pod", pod(ROUTER, {"control-by": "kt", "kt-role": "router", "kt-target": "t"}))
+    assert "annotations" not in kube.store.get("pod", "default", ROUTER)["metadata"]
+    assert await remove_route(kube, "default", ROUTER, "a") == []
+    assert _annotations(kube) == {"kt-mesh-routes": "", "kt-ref-count": "0"}
