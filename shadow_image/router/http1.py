@@ -129,6 +129,11 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
                 out.append(b"Content-Length: %d\r\n" % length)
     if not hosts and host:
         out += (b"Host: ", host, b"\r\n")
+    if upgrade and framing != NO_BODY:
+        # llhttp ends a protocol switch request at its head, so a body would be parsed as the next request
+        # (h2c, declined: smuggling) or held while the upstream waits for it (WebSocket): neither can go on.
+        raise BadRequest("Upgrade: h2c with a body" if _tokens(protocols) <= {b"h2c"}
+                         else "an Upgrade request with a body")
     upgrade = upgrade and bool(protocols) and not _tokens(protocols) <= {b"h2c"}
     xff.append(client)
     out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")

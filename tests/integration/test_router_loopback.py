@@ -269,6 +269,23 @@ def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, 
     assert ups.default.requests == [] and ups.route.requests == []
 
 
+def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):
+    # llhttp ends an Upgrade request at its head; a declined h2c upgrade used to go on parsing its body as
+    # the next request while the upstream waited for that body.
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n"
+    for protocol, reason in [(b"h2c", b"Upgrade: h2c with a body"), (b"websocket", b"an Upgrade request with a body")]:
+        with router.connect() as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: " + protocol
+                      + b"\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nSec-WebSocket-Key: k\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            s.settimeout(5)
+            data = recv_all(s)
+        assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+        assert data.endswith(b"ktproxy mesh: bad request: " + reason + b"\n"), data
+    assert ups.default.requests == [] and ups.route.requests == []
+    assert ups.default.raw == {} and ups.route.raw == {}
+
+
 def test_an_error_after_a_valid_pipelined_request_answers_that_one_first(router, ups):
     with router.connect() as s:
         s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n"

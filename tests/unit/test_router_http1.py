@@ -78,6 +78,21 @@ def test_h2c_upgrade_on_cleartext_is_served_as_plain_http11():
     assert _lines(head)[1:] == [b"Host: a", b"X-Forwarded-For: 10.0.0.7"]
 
 
+@pytest.mark.parametrize(("protocol", "framing", "reason"), [
+    (b"h2c", (b"Content-Length", b"52"), "Upgrade: h2c with a body"),
+    (b"h2c", (b"Transfer-Encoding", b"chunked"), "Upgrade: h2c with a body"),
+    (b"websocket", (b"Content-Length", b"3"), "an Upgrade request with a body"),
+])
+def test_a_protocol_switch_request_with_a_body_is_refused(protocol, framing, reason):
+    # llhttp ends such a request at its head: its body would be read as the next request.
+    with pytest.raises(BadRequest, match=reason):
+        _req([(b"Host", b"a"), (b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", protocol), framing],
+             method=b"POST", upgrade=True)
+    _, framing_got, _ = _req([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", protocol),
+                              (b"Content-Length", b"0")], method=b"POST", upgrade=True)
+    assert framing_got == http1.NO_BODY
+
+
 @pytest.mark.parametrize(("headers", "version", "reason"), [
     ([], "1.1", "Host"),
     ([(b"Host", b"a"), (b"Host", b"b")], "1.1", "Host"),
