@@ -115,6 +115,11 @@ class ClientConnection(asyncio.Protocol):
         self._hold: list[bytes] = []
         self._in_head = False
         self._head_size = 0
+        # Bytes the parser took after a request's head that were no body (chunk lines, trailers), since the
+        # last chunk's end: llhttp keeps a trailer field whole in memory until it ends, so it is capped too.
+        self._framing = 0
+        self._body_seen = 0  # body bytes in the current read
+        self._framed = False  # a head or chunk ended in the current read: its bytes are not counted
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._peer: UpstreamConnection | None = None  # the other side in splice mode
@@ -384,6 +389,8 @@ class ClientConnection(asyncio.Protocol):
     # --- HTTP/1: requests ----------------------------------------------------------------------------
     def _h1(self, data: bytes) -> None:
         was_in_head = self._in_head
+        self._body_seen = 0
+        self._framed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -412,6 +419,12 @@ class ClientConnection(asyncio.Protocol):
                     self._head_size += len(data)
                 if self._head_size > http1.MAX_HEAD:
                     self._reject("request head too large")
+            elif self._cur is not None:
+                # Counted per read, from the last head or chunk end on: at most one read over the limit.
+                if not self._framed:
+                    self._framing += len(data) - self._body_seen
+                if self._framing > http1.MAX_HEAD:
+                    self._reject("request trailer section too large")
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -451,6 +464,8 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(method, head, framing, upgrade, self.ctx.table.pick(self.listen_port, headers),
                       parser.should_keep_alive(), version == "1.1")
         self._cur = self._last = ex
+        self._framing = 0
+        self._framed = True
         queue = self._queue
         queue.append(ex)
         if len(queue) == 1:
@@ -459,11 +474,16 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_P_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
+        self._body_seen += len(data)
         ex = self._cur
         if ex.framing == http1.CHUNKED:
             ex.pending += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
             ex.pending.append(data)
+
+    def on_chunk_complete(self) -> None:
+        self._framing = 0
+        self._framed = True
 
     def on_message_complete(self) -> None:
         ex, self._cur = self._cur, None

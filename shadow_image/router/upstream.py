@@ -70,6 +70,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._close_delimited = False
         self._parser_version = "1.1"
+        # Bytes the parser took that were no body (a head, chunk lines, trailers) since the last head, chunk
+        # or message end: llhttp keeps a field whole in memory until it ends, so this is capped.
+        self._framing = 0
+        self._body_seen = 0  # body bytes in the current read
+        self._framed = False  # a head, chunk or message ended in the current read: its bytes are not counted
 
     # --- owner's side -------------------------------------------------------------------------------
     def begin(self, owner: ClientConnection, head_request: bool) -> None:
@@ -79,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self._in_body = False
         self._close_delimited = False
+        self._framing = 0
         self.last_rx = self.pool.loop.time()
 
     def release(self, reusable: bool) -> None:
@@ -134,6 +140,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_rx = self.pool.loop.time()
+        self._body_seen = 0
+        self._framed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -151,6 +159,12 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.up_lost(self, "sent a response the router cannot handle")
         except httptools.HttpParserError as exc:
             owner.up_lost(self, f"sent an invalid response ({exc})")
+        else:
+            # Counted per read, from the last head, chunk or message end on: at most one read over the limit.
+            if not self._framed:
+                self._framing += len(data) - self._body_seen
+            if self._framing > http1.MAX_HEAD and self.owner is owner:
+                owner.up_lost(self, f"sent a response head or trailer section over {http1.MAX_HEAD // 1024} KiB")
         owner.flush()
 
     def eof_received(self) -> bool | None:
@@ -212,6 +226,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_body = True
+        self._framing = 0
+        self._framed = True
         status = self._parser.get_status_code()
         self._interim = 100 <= status < 200 and status != 101
         owner = self.owner
@@ -225,9 +241,16 @@ class UpstreamConnection(asyncio.Protocol):
             raise _SkipBody
 
     def on_body(self, data: bytes) -> None:
+        self._body_seen += len(data)
         self.owner.up_body(data)
 
+    def on_chunk_complete(self) -> None:
+        self._framing = 0
+        self._framed = True
+
     def on_message_complete(self) -> None:
+        self._framing = 0
+        self._framed = True
         if self._interim:
             self._interim = False
             return

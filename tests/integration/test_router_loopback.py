@@ -286,6 +286,38 @@ def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):
     assert ups.default.raw == {} and ups.route.raw == {}
 
 
+def test_request_trailers_are_capped_like_heads(router, ups):
+    with router.connect() as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\n0\r\nX-T: " + b"t" * (1 << 20))  # a trailer field that never ends
+        s.settimeout(5)
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data[:200]
+    assert data.endswith(b"ktproxy mesh: bad request: request trailer section too large\n"), data
+    assert ups.route.requests == [] and ups.default.requests == []
+    # Many small chunks and a few trailers are no trailer section over the limit.
+    body = b"".join(b"1;ext=%d\r\n%c\r\n" % (i, 97 + i % 26) for i in range(20000))
+    with router.connect() as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                  + body + b"0\r\nX-T: 1\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(bytes(97 + i % 26 for i in range(20000)))
+
+
+@pytest.mark.parametrize("path", ["/huge-head", "/huge-trailer"])
+def test_upstream_response_heads_and_trailers_are_capped(router, ups, path):
+    with router.connect() as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nConnection: close\r\n\r\n".encode())
+        s.settimeout(10)
+        data = recv_all(s)
+    if path == "/huge-head":
+        assert data.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), data[:200]
+        assert data.endswith(f"ktproxy mesh: route 'VERSION: abcde' (127.0.0.2:{ups.port}) sent a response head "
+                             "or trailer section over 64 KiB\n".encode()), data
+    else:  # the response had begun: the client sees it cut short
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and not data.endswith(b"0\r\n\r\n"), data[:200]
+
+
 def test_an_error_after_a_valid_pipelined_request_answers_that_one_first(router, ups):
     with router.connect() as s:
         s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n"

@@ -195,6 +195,15 @@ class Upstream:
             await writer.drain()
             writer.transport.abort()
             return False
+        if path in ("/huge-head", "/huge-trailer"):  # a field that never ends (the router must cap it)
+            start = (b"HTTP/1.1 200 OK\r\nX-Big: " if path == "/huge-head" else
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Big: ")
+            writer.write(start)
+            for _ in range(64):  # 4 MiB, then silence: without a cap the router would wait on
+                writer.write(b"b" * 65536)
+                await writer.drain()
+            await asyncio.sleep(30)
+            return False
         if path == "/close-delimited":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + text + b"more\n")
             await writer.drain()
