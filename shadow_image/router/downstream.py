@@ -285,7 +285,8 @@ class ClientConnection(asyncio.Protocol):
             limit, last = ctx.client_idle, self._last_rx
         wait = last + limit - now
         if wait > 0:
-            self._arm(min(wait, ctx.client_idle))
+            # Never later than upstream_idle: a request that ends before the next tick starts that wait.
+            self._arm(min(wait, ctx.client_idle, ctx.upstream_idle))
             return
         if waiting_upstream and not ex.resp_started:
             conn, ex.conn = ex.conn, None
@@ -308,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
         if kind == sniff.H1:
             self.mode = H1
             self._parser = httptools.HttpRequestParser(self)
-            self._arm(self.ctx.client_idle)
+            self._arm(min(self.ctx.client_idle, self.ctx.upstream_idle))
             self._h1(buf)
             self.flush()
         elif kind == sniff.H2:

@@ -423,6 +423,19 @@ def test_idle_timeouts_and_504_naming_the_route(ups, tmp_path):
         r.stop()
 
 
+def test_upstream_idle_shorter_than_client_idle_is_kept(ups, tmp_path):
+    # The connection's one timer used to tick at the client's idle time only: the upstream got 5 s, not 0.5.
+    r = RouterProcess(ups, tmp_path)
+    r.args += ["--client-idle", "5", "--upstream-idle", "0.5"]
+    r.start()
+    try:
+        res = curl("-i", "-H", "VERSION: abcde", _url(r, "/sleep?3"))
+        assert res.stdout.startswith("HTTP/1.1 504 Gateway Timeout"), res.stdout
+        assert "did not answer within 0.5 s" in res.stdout
+    finally:
+        r.stop()
+
+
 def test_a_stopping_router_lets_a_request_under_way_finish_and_closes_idle_connections(ups, tmp_path):
     r = RouterProcess(ups, tmp_path).start()
     try:
