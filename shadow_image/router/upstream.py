@@ -75,6 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing = 0
         self._body_seen = 0  # body bytes in the current read
         self._framed = False  # a head, chunk or message ended in the current read: its bytes are not counted
+        self._heads = 0  # heads ended in the current read (for a HEAD answer: where the last one ends)
+        self._tail = b""  # the previous read's last bytes, for a head end split between reads
 
     # --- owner's side -------------------------------------------------------------------------------
     def begin(self, owner: ClientConnection, head_request: bool) -> None:
@@ -85,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = False
         self._close_delimited = False
         self._framing = 0
+        self._tail = b""
         self.last_rx = self.pool.loop.time()
 
     def release(self, reusable: bool) -> None:
@@ -142,6 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_rx = self.pool.loop.time()
         self._body_seen = 0
         self._framed = False
+        self._heads = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -149,9 +153,11 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _SkipBody):
-                # Anything after a HEAD answer's head is not ours to forward; a fresh parser starts clean.
+                # Anything after a HEAD answer's head is not ours to forward, and the connection is reused
+                # only if there was nothing: a fresh parser starts clean.
                 self._parser = httptools.HttpResponseParser(self)
-                owner.up_done(self, http1.keep_alive(self._parser_version, self._headers), b"")
+                reusable = self._nothing_after_heads(data) and http1.keep_alive(self._parser_version, self._headers)
+                owner.up_done(self, reusable, b"")
             elif isinstance(cause, http1.UnexpectedSwitch):
                 owner.up_lost(self, "answered 101 to a request that asked for no protocol switch")
             else:
@@ -165,7 +171,22 @@ class UpstreamConnection(asyncio.Protocol):
                 self._framing += len(data) - self._body_seen
             if self._framing > http1.MAX_HEAD and self.owner is owner:
                 owner.up_lost(self, f"sent a response head or trailer section over {http1.MAX_HEAD // 1024} KiB")
+            elif self._head_request:
+                self._tail = data[-3:]
         owner.flush()
+
+    def _nothing_after_heads(self, data: bytes) -> bool:
+        """Whether the read that ended a HEAD answer's head ends with it: llhttp does not say where it
+        stopped, so the heads that ended in this read (interim ones, then the answer) are found by their
+        blank lines (llhttp requires CRLF), the first possibly begun in the previous read."""
+        buf = self._tail + data
+        end = 0
+        for _ in range(self._heads):
+            end = buf.find(b"\r\n\r\n", end)
+            if end < 0:
+                return False
+            end += 4
+        return end == len(buf) and end > len(self._tail)
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -228,6 +249,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = True
         self._framing = 0
         self._framed = True
+        self._heads += 1
         status = self._parser.get_status_code()
         self._interim = 100 <= status < 200 and status != 101
         owner = self.owner

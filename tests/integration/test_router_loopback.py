@@ -120,6 +120,21 @@ def test_head_via_curl(router, ups):
     assert [r.method for r in ups.route.requests] == ["HEAD"]
 
 
+def test_an_upstream_connection_that_sent_bytes_after_a_head_answer_is_not_reused(router, ups):
+    with router.connect() as s:
+        buf = bytearray()
+        for method, path in [("HEAD", "/h1"), ("GET", "/g1"), ("HEAD", "/head-extra"), ("GET", "/g2")]:
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n".encode())
+            status, _, body = _response(s, buf, head_only=method == "HEAD")
+            assert status.startswith(b"HTTP/1.1 200") and body == (b"" if method == "HEAD" else b"route GET %s\n"
+                                                                   % path.encode()), (status, body)
+        assert bytes(buf) == b""
+    ids = [r.conn_id for r in ups.route.requests]
+    assert [r.target for r in ups.route.requests] == ["/h1", "/g1", "/head-extra", "/g2"]
+    # A clean HEAD answer leaves its connection reusable; one followed by stray bytes does not.
+    assert ids[0] == ids[1] == ids[2] != ids[3], ids
+
+
 def test_chunked_upload_and_download_with_trailers(router, ups, tmp_path):
     payload = bytes(range(256)) * 4000  # 1 MB
     (tmp_path / "up").write_bytes(payload)

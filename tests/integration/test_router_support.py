@@ -204,6 +204,11 @@ class Upstream:
                 await writer.drain()
             await asyncio.sleep(30)
             return False
+        if path == "/head-extra":  # a HEAD answer with stray bytes after its head, in the same segment
+            writer.write(conn.send(h11.Response(status_code=200, headers=[("content-length", "5")])) + b"stray")
+            conn.send(h11.EndOfMessage())
+            await writer.drain()
+            return True
         if path == "/close-delimited":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + text + b"more\n")
             await writer.drain()

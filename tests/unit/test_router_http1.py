@@ -204,3 +204,20 @@ def test_error_response_is_well_framed():
                                             (None, b"unknown")])
 def test_client_address(peer, addr):
     assert http1.client_address(peer) == addr
+
+
+@pytest.mark.parametrize(("tail", "data", "heads", "clean"), [
+    (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 1, True),
+    (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray", 1, False),
+    (b"", b"HTTP/1.1 200 OK\r\n\r\n\r\n", 1, False),
+    (b"", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nA: 1\r\n\r\n", 2, True),
+    (b"", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nA: 1\r\n\r\nHTTP", 2, False),
+    (b"1\r\n", b"\r\n", 1, True),  # the blank line split between two reads
+    (b"1\r\n", b"\r\nx", 1, False),
+])
+def test_a_head_answer_is_reusable_only_when_nothing_followed_its_head(tail, data, heads, clean):
+    from shadow_image.router.upstream import UpstreamConnection
+
+    conn = UpstreamConnection(None, ("a", 1))  # type: ignore[arg-type]
+    conn._tail, conn._heads = tail, heads
+    assert conn._nothing_after_heads(data) is clean
