@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from shadow_image import listeners
-from shadow_image.ports import PortState
+
+if TYPE_CHECKING:  # at run time ports.py would pull asyncssh into the router, which serves this too
+    from shadow_image.ports import PortState
 
 # A probe that sends nothing, or a header flood, must not hold a connection.
 _REQUEST_TIMEOUT = 5.0

@@ -80,3 +80,14 @@ def test_overridden_hosts_for_tests_and_loopback():
     t.set_routes([("version", "9")])
     assert t.pick(1, [(b"version", b"9")]).host == "127.0.0.9"
     assert t.default(1).host == "127.0.0.1"
+
+
+def test_the_router_loads_no_ssh_code():
+    # The router shares the shadow's image and its probe endpoint but not its SSH server: importing
+    # asyncssh (and cryptography) through health.py doubled the router pod's memory (27 -> 61 MB RSS).
+    import subprocess
+    import sys
+
+    code = "import sys, shadow_image.router.server, shadow_image.router.__main__; print('asyncssh' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
