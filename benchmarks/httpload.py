@@ -20,7 +20,7 @@ import resource
 import socket
 import time
 
-from benchmarks.load import RR, OneShot, Stats, Via, allowed_target, open_socket
+from benchmarks.load import RR, OneShot, Stats, Via, allowed_target, conn, rr
 
 
 class ProtocolError(Exception):
@@ -113,51 +113,29 @@ class Once(OneShot):
 
 async def keepalive(target: tuple[str, int], streams: int, duration: float, warmup: float,
                     headers: list[str]) -> dict:
-    loop = asyncio.get_running_loop()
-    socks = await asyncio.gather(*(open_socket(Via("direct"), target) for _ in range(streams)))
-    start = time.perf_counter()
-    stats = Stats(start + warmup, start + warmup + duration)
     req = request(headers)
-    conns = [await loop.create_connection(lambda: KeepAlive(stats, req), sock=s) for s in socks]
-    for _, p in conns:
-        p.fire()
-    await asyncio.sleep(warmup + duration)
-    stats.stopping = True
-    await asyncio.wait([p.closed for _, p in conns], timeout=5)
-    for t, _ in conns:
-        t.close()
-    return dict(stats.result(duration), bad=sum(p.framer.bad for _, p in conns))
+    made: list[KeepAlive] = []
+
+    def make(stats: Stats) -> KeepAlive:
+        made.append(KeepAlive(stats, req))
+        return made[-1]
+
+    result = await rr(Via("direct"), target, streams, duration, warmup, make)
+    return dict(result, bad=sum(p.framer.bad for p in made))
 
 
 async def connections(target: tuple[str, int], streams: int, duration: float, warmup: float,
                       headers: list[str]) -> dict:
     """`streams` workers, each opening a connection per request, in a closed loop; latency includes the
     TCP handshake."""
-    loop = asyncio.get_running_loop()
-    start = time.perf_counter()
-    stats = Stats(start + warmup, start + warmup + duration)
-    req = request(headers, close=True)
-    errors = bad = 0
+    made: list[Once] = []
 
-    async def worker() -> None:
-        nonlocal errors, bad
-        while not stats.stopping:
-            t0 = time.perf_counter()
-            try:
-                sock = await open_socket(Via("direct"), target)
-                t, p = await loop.create_connection(Once, sock=sock)
-                t.write(req)
-                end = await p.done
-                t.close()
-            except (OSError, ConnectionError):
-                errors += 1
-                await asyncio.sleep(0.01)
-                continue
-            bad += p.framer.bad
-            stats.add(end - t0, end)
+    def make() -> Once:
+        made.append(Once())
+        return made[-1]
 
-    await asyncio.gather(*(worker() for _ in range(streams)))
-    return dict(stats.result(duration), errors=errors, bad=bad)
+    result = await conn(Via("direct"), target, streams, duration, warmup, make, request(headers, close=True))
+    return dict(result, bad=sum(p.framer.bad for p in made))
 
 
 def main() -> None:

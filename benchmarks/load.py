@@ -23,6 +23,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 from benchmarks.target import REQUEST, REQUEST_CLOSE, RESPONSE, RESPONSE_CLOSE
 
@@ -225,12 +226,15 @@ class Stats:
         return {"p50_us": pct(0.50), "p99_us": pct(0.99), "rps": self.count / window, "requests": self.count}
 
 
-async def rr(via: Via, target: tuple[str, int], streams: int, duration: float, warmup: float) -> dict:
+async def rr(via: Via, target: tuple[str, int], streams: int, duration: float, warmup: float,
+             make: Callable[[Stats], RR] = RR) -> dict:
+    """`streams` kept-alive connections in a closed loop; `make` builds each one's protocol (an RR that
+    frames other requests and answers, e.g. httpload's)."""
     loop = asyncio.get_running_loop()
     socks = await asyncio.gather(*(open_socket(via, target) for _ in range(streams)))
     now = time.perf_counter()
     stats = Stats(now + warmup, now + warmup + duration)
-    conns = [await loop.create_connection(lambda: RR(stats), sock=s) for s in socks]
+    conns = [await loop.create_connection(lambda: make(stats), sock=s) for s in socks]
     for _, p in conns:
         p.fire()
     await asyncio.sleep(warmup + duration)
@@ -256,7 +260,10 @@ class OneShot(asyncio.Protocol):
             self.done.set_exception(ConnectionError("closed before the response"))
 
 
-async def conn(via: Via, target: tuple[str, int], streams: int, duration: float, warmup: float) -> dict:
+async def conn(via: Via, target: tuple[str, int], streams: int, duration: float, warmup: float,
+               make: Callable[[], OneShot] = OneShot, request: bytes = REQUEST_CLOSE) -> dict:
+    """`streams` workers, each opening a connection per request; `make` builds the protocol that tells
+    when the whole answer to `request` arrived."""
     loop = asyncio.get_running_loop()
     now = time.perf_counter()
     stats = Stats(now + warmup, now + warmup + duration)
@@ -268,8 +275,8 @@ async def conn(via: Via, target: tuple[str, int], streams: int, duration: float,
             start = time.perf_counter()
             try:
                 sock = await open_socket(via, target)
-                t, p = await loop.create_connection(OneShot, sock=sock)
-                t.write(REQUEST_CLOSE)
+                t, p = await loop.create_connection(make, sock=sock)
+                t.write(request)
                 end = await p.done
                 t.close()
             except (OSError, ConnectionError):
