@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktproxy.routing import normalise_name, parse_ip
-from shadow_image.router.table import is_route
+from ktwire.routes import is_route
 
 log = logging.getLogger("ktproxy.mesh")
 

@@ -83,7 +83,7 @@ async def refuse_if_exchanged(kube: Any, namespace: str, service: Any) -> None:
 async def refuse_foreign_router(kube: Any, namespace: str, service: str) -> None:
     """kt-connect's nginx router keeps its routes in a file, not in kt-mesh-routes: joining it would add
     a route nothing reads, and leaving would take it for an empty mesh and undo it under its users."""
-    from ktproxy.kube.mesh_spec import ROUTES_ANNOTATION
+    from ktwire.routes import ROUTES_ANNOTATION
 
     router = await read_router(kube, namespace, router_name(service))
     if router is not None and ROUTES_ANNOTATION not in takeover.annotations_of(router):

@@ -15,7 +15,8 @@ from typing import Any
 from ktproxy.errors import KtError
 from ktproxy.kube import meta
 from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.mesh_spec import ROUTES_ANNOTATION, Route, routes_annotations
+from ktproxy.kube.mesh_spec import routes_annotations
+from ktwire.routes import ROUTES_ANNOTATION, Route, parse_routes
 
 log = logging.getLogger("ktproxy.kube.mesh")
 
@@ -23,8 +24,6 @@ CONFLICT_RETRIES = 20
 
 
 def parse(text: str | None) -> list[Route]:
-    from shadow_image.router.table import parse_routes
-
     return parse_routes(text or "")
 
 

@@ -3,7 +3,7 @@ router pod, the stuntman Service and a developer's mesh Service.
 
 Names and labels are kt-connect's (`<svc>-kt-router`, `<svc>-kt-stuntman`, `<svc>-kt-mesh-<value>`), so
 either tool recognises the other's objects. The routes live in the router pod's kt-mesh-routes
-annotation, which the router reads through a downward API file (shadow_image/router/table.py): the
+annotation (grammar: ktwire/routes.py), which the router reads through a downward API file: the
 router needs no API credentials.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from ktproxy.errors import KtError, UsageError
 from ktproxy.kube import meta
 from ktproxy.kube.expose import named_ports_of, needs_pods, resolve_remote, selected_pods
+from ktwire.routes import ROUTES_ANNOTATION, Route, format_routes, is_route
 
 DEFAULT_KEY = "version"
 _KEY = re.compile(r"^[a-z][a-z0-9_-]*$")  # kt-connect's rule for the key of --version-mark
@@ -35,10 +36,6 @@ ROUTER_HEALTH_PORTS = (2280, 2281, 2282, 2283, 2284)
 # Long enough for the router to finish the requests it carries when the last developer leaves (it is
 # deleted only after the Service's cluster IP stopped leading to it).
 ROUTER_GRACE_SECONDS = 10
-ROUTES_ANNOTATION = "kt-mesh-routes"  # shadow_image.router.table.ROUTES_ANNOTATION (the contract)
-
-Route = tuple[str, str]
-
 
 def router_name(service: str) -> str:
     return f"{service}-kt-router"
@@ -59,14 +56,6 @@ def mesh_name(service: str, value: str) -> str:
 def random_value() -> str:
     """kt-connect's default: 5 random lower-case letters."""
     return "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
-
-
-def is_route(key: str, value: str) -> bool:
-    # The router's own rule (one place decides what a route is); imported late: shadow_image is
-    # installed beside ktproxy but only this check needs it.
-    from shadow_image.router.table import is_route as router_is_route
-
-    return router_is_route(key, value)
 
 
 @dataclass(frozen=True)
@@ -177,8 +166,6 @@ def service_ports(ports: Iterable[MeshPort]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- objects
 def routes_annotations(routes: Iterable[Route]) -> dict[str, str]:
     """The router's route list and kt-ref-count (kt-connect's user count: here, the number of routes)."""
-    from shadow_image.router.table import format_routes
-
     routes = list(routes)
     return {ROUTES_ANNOTATION: format_routes(routes), meta.KT_REF_COUNT: str(len(routes))}
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from ktwire.routes import Route
 from shadow_image import listeners
 from shadow_image.health import serve_health
-from shadow_image.router.table import Route
 
 
 def routes_page(routes: Callable[[], list[Route]]) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """Which upstream a request goes to: the route table, and where it comes from.
 
 Routes live in the router pod's annotation ROUTES_ANNOTATION as `key:value` pairs joined by commas
-(key: a header name, lower-case; value: what that header must equal, exactly, case-sensitive). Each
+(key: a header name, lower-case; value: what that header must equal, exactly, case-sensitive; the
+grammar is ktwire/routes.py, shared with ktctl). Each
 participant adds its own pair (ktproxy/kube/mesh.py); the pod sees its annotations as a downward API
 file the kubelet keeps current, one `name="go-quoted value"` line per annotation.
 
@@ -16,36 +17,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-ROUTES_ANNOTATION = "kt-mesh-routes"
-# What a header name (RFC 9110 token, lower-cased) and a route value (it becomes part of a Service name,
-# a DNS label) may be; anything else in the annotation is ignored, never half-parsed.
-_KEY = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$")
-_VALUE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+from ktwire.routes import Route, is_route
+
 _LINE = re.compile(r'^([^=]+)="(.*)"$')
 _ESCAPE = re.compile(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[abfnrtv\\"])')
 _SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"'}
-
-Route = tuple[str, str]  # (header name lower-case, value)
-
-
-def is_route(key: str, value: str) -> bool:
-    return bool(_KEY.match(key) and _VALUE.match(value))
-
-
-def format_routes(routes: Iterable[Route]) -> str:
-    return ",".join(f"{k}:{v}" for k, v in routes)
-
-
-def parse_routes(text: str) -> list[Route]:
-    """`version:abcde,version:fghij` -> [("version", "abcde"), ...]; malformed pairs are skipped."""
-    out: list[Route] = []
-    for part in text.split(","):
-        key, sep, value = part.strip().partition(":")
-        key = key.strip().lower()
-        value = value.strip()
-        if sep and is_route(key, value) and (key, value) not in out:
-            out.append((key, value))
-    return out
 
 
 def _unquote(text: str) -> str:

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import os
 
-from shadow_image.router.table import ROUTES_ANNOTATION, Route, RouteTable, parse_annotations_file, parse_routes
+from ktwire.routes import ROUTES_ANNOTATION, Route, parse_routes
+from shadow_image.router.table import RouteTable, parse_annotations_file
 
 log = logging.getLogger("router")
 

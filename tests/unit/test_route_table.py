@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from shadow_image.router.table import (
-    ROUTES_ANNOTATION,
-    RouteTable,
-    format_routes,
-    is_route,
-    parse_annotations_file,
-    parse_routes,
-)
+from ktwire.routes import ROUTES_ANNOTATION, format_routes, is_route, parse_routes
+from shadow_image.router.table import RouteTable, parse_annotations_file
 
 
 def table(*routes: tuple[str, str]) -> RouteTable:
