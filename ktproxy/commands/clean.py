@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ktproxy.cleanup.sweep import sweep
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, CleanResult, fmt_age
 from ktproxy.commands import where
 from ktproxy.commands.listing import add_listing_parser, in_scope
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, CleanResult, fmt_age
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.sweep import sweep
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

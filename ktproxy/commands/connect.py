@@ -18,11 +18,11 @@ from ktproxy import lifecycle
 from ktproxy.commands import check_timeout, open_kube, print_banner
 from ktproxy.dataplane import DataPlane, DataPlaneSettings, check_bind
 from ktproxy.errors import KtError, UsageError
-from ktproxy.keys import generate_session_keys
-from ktproxy.mesh_marks import MeshMarks
+from ktproxy.mesh.marks import MeshMarks
 from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy_env import export_lines, run_with_env
 from ktproxy.routing import ClusterRules, IPNetwork
+from ktproxy.shadow.keys import generate_session_keys
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
 log = logging.getLogger("ktproxy")
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
     from ktproxy.commands.options import shadow_options
-    from ktproxy.kube.shadow_session import ShadowSession
+    from ktproxy.shadow.session import ShadowSession
 
     kube = open_kube(args, life)
     namespace = kube.namespace

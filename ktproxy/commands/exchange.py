@@ -22,9 +22,9 @@ import logging
 from typing import Any
 
 from ktproxy import lifecycle
+from ktproxy.cluster import meta
 from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
 
@@ -49,7 +49,7 @@ def banner(target: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktproxy.kube.expose import parse_expose
+    from ktproxy.expose import parse_expose
 
     pairs = parse_expose(args.expose)
     check_timeout(args)
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube.expose import resolve_expose
-    from ktproxy.kube.takeover import original_selector, refuse_if_taken
-    from ktproxy.kube.targets import resolve_exchange_target
+    from ktproxy.exchange.takeover import original_selector, refuse_if_taken
+    from ktproxy.expose import resolve_expose
+    from ktproxy.forward.targets import resolve_exchange_target
 
     kube = open_kube(args, life)
     ns = kube.namespace
@@ -84,9 +84,9 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
 
 async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports: list[Any],
                          life: lifecycle.Lifecycle) -> None:
-    from ktproxy.kube.client import Access
-    from ktproxy.kube.lock import service_lock
-    from ktproxy.kube.takeover import guard_selector, read, refuse_if_taken, switch_selector, target_labels
+    from ktproxy.cluster.client import Access
+    from ktproxy.exchange.lock import service_lock
+    from ktproxy.exchange.takeover import guard_selector, read, refuse_if_taken, switch_selector, target_labels
 
     ns = kube.namespace
     name = target.service_name
@@ -111,7 +111,7 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
 
 
 async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow) -> None:
-    from ktproxy.kube.takeover import restore_selector
+    from ktproxy.exchange.takeover import restore_selector
 
     await asyncio.shield(restore_selector(kube, ns, name))
     # The shadow goes only once the cluster IP leads to the original pods again: deleted at once, the
@@ -121,8 +121,8 @@ async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow)
 
 async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: list[Any],
                       life: lifecycle.Lifecycle) -> None:
-    from ktproxy.kube import scale
-    from ktproxy.kube.client import Access
+    from ktproxy.cluster.client import Access
+    from ktproxy.exchange import scale
 
     ns = kube.namespace
     deployment = target.deployment or await life.until_stopped(
@@ -149,7 +149,7 @@ async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: l
 async def _scale_back(life: lifecycle.Lifecycle, kube: Any, ns: str, name: str, replicas: int,
                       wait: float) -> None:
     """Back to the original replicas, then wait for them (so the shadow goes only when they serve)."""
-    from ktproxy.kube import scale
+    from ktproxy.exchange import scale
 
     await asyncio.shield(scale.scale_back(kube, ns, name, replicas))
     log.info("Waiting for deployment %s to be ready (interrupt again to stop waiting)", name)

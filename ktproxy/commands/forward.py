@@ -21,7 +21,7 @@ import asyncssh
 from ktproxy import lifecycle
 from ktproxy.commands import check_timeout, open_kube, print_banner
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube.expose import Remote, parse_port_pair
+from ktproxy.expose import Remote, parse_port_pair
 from ktproxy.proxy.relay import relay
 from ktproxy.tunnel.supervisor import TunnelDown
 
@@ -141,9 +141,9 @@ async def _listen(forwarder: Forwarder, address: str, port: int) -> asyncio.Serv
 async def _main(args: argparse.Namespace, local: int | None, remote: Remote | None,
                 life: lifecycle.Lifecycle) -> int:
     from ktproxy.commands.options import shadow_options
-    from ktproxy.keys import generate_session_keys
-    from ktproxy.kube.shadow_session import ShadowSession
-    from ktproxy.kube.targets import resolve_forward
+    from ktproxy.forward.targets import resolve_forward
+    from ktproxy.shadow.keys import generate_session_keys
+    from ktproxy.shadow.session import ShadowSession
     from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
     kube = open_kube(args, life)

@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ktproxy.cluster.client import KubeClient
 from ktproxy.commands import add_all_namespaces, scope
-from ktproxy.kube.client import KubeClient
 
 T = TypeVar("T")
 

@@ -23,9 +23,9 @@ import logging
 from typing import Any
 
 from ktproxy import lifecycle
+from ktproxy.cluster import meta
 from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
 
@@ -54,7 +54,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _auto_header_help() -> str:
     try:
-        from ktproxy.mesh_marks import AUTO_HEADER_HELP
+        from ktproxy.mesh.marks import AUTO_HEADER_HELP
     except ImportError:
         return "add the header to this laptop's requests through `ktctl connect`'s HTTP proxy"
     return str(AUTO_HEADER_HELP)
@@ -75,8 +75,8 @@ def probe_request(service: str, mark: Any) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktproxy.kube.expose import parse_expose
-    from ktproxy.kube.mesh_spec import check_label_key, check_names, parse_version_mark
+    from ktproxy.expose import parse_expose
+    from ktproxy.mesh.spec import check_label_key, check_names, parse_version_mark
 
     pairs = parse_expose(args.expose)
     check_timeout(args)
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], mark: Any, life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube.expose import resolve_expose
-    from ktproxy.kube.mesh import refuse_if_exchanged
-    from ktproxy.kube.takeover import original_selector
-    from ktproxy.kube.targets import split_target
+    from ktproxy.exchange.takeover import original_selector
+    from ktproxy.expose import resolve_expose
+    from ktproxy.forward.targets import split_target
+    from ktproxy.mesh.shared import refuse_if_exchanged
 
     kind, name = split_target(args.service)
     if kind not in (None, "svc", "service", "services"):
@@ -115,7 +115,7 @@ async def _main(args: argparse.Namespace, pairs: list[Any], mark: Any, life: lif
 
 
 async def _read_service(kube: Any, ns: str, name: str) -> Any:
-    from ktproxy.kube.targets import read_service
+    from ktproxy.forward.targets import read_service
 
     await kube.check_namespace(ns)
     return await read_service(kube, ns, name)
@@ -124,9 +124,9 @@ async def _read_service(kube: Any, ns: str, name: str) -> Any:
 async def _manual(args: argparse.Namespace, kube: Any, service: Any, ports: list[Any], mark: Any,
                   life: lifecycle.Lifecycle) -> None:
     """A shadow the unchanged Service selects (its selector labels) that a mesh can tell apart (KEY)."""
-    from ktproxy.kube.mesh import check_value_free
-    from ktproxy.kube.mesh_spec import mesh_name
-    from ktproxy.kube.takeover import original_selector
+    from ktproxy.exchange.takeover import original_selector
+    from ktproxy.mesh.shared import check_value_free
+    from ktproxy.mesh.spec import mesh_name
 
     ns, name = kube.namespace, service.metadata.name
     selector = original_selector(service)
@@ -153,8 +153,8 @@ class AutoMesh:
 
     def __init__(self, life: lifecycle.Lifecycle, kube: Any, args: argparse.Namespace, service: Any,
                  ports: list[Any], mark: Any) -> None:
-        from ktproxy.kube.mesh_spec import mesh_config, mesh_name
-        from ktproxy.kube.takeover import target_labels
+        from ktproxy.exchange.takeover import target_labels
+        from ktproxy.mesh.spec import mesh_config, mesh_name
 
         self.life = life
         self.kube = kube
@@ -176,7 +176,7 @@ class AutoMesh:
 
     @property
     def router(self) -> str:
-        from ktproxy.kube.mesh_spec import router_name
+        from ktproxy.mesh.spec import router_name
 
         return router_name(self.name)
 
@@ -186,12 +186,12 @@ class AutoMesh:
 
     # -------------------------------------------------------------------------------------- start
     async def start(self) -> None:
-        from ktproxy.kube.client import Access
-        from ktproxy.kube.heartbeat import heartbeat_loop
-        from ktproxy.kube.lock import service_lock
-        from ktproxy.kube.mesh import LOCK_TRIES, check_value_free
-        from ktproxy.kube.mesh_spec import resolve_port_map, stuntman_name
-        from ktproxy.kube.takeover import original_selector
+        from ktproxy.cluster.client import Access
+        from ktproxy.cluster.heartbeat import heartbeat_loop
+        from ktproxy.exchange.lock import service_lock
+        from ktproxy.exchange.takeover import original_selector
+        from ktproxy.mesh.shared import LOCK_TRIES, check_value_free
+        from ktproxy.mesh.spec import resolve_port_map, stuntman_name
 
         life, kube, ns = self.life, self.kube, self.ns
         if not original_selector(self.service):
@@ -220,9 +220,9 @@ class AutoMesh:
             await self._publish_mark()
 
     async def _own_service(self) -> None:
-        from ktproxy.kube import mesh
-        from ktproxy.kube.errors import KubeError
-        from ktproxy.kube.mesh_spec import mesh_service
+        from ktproxy.cluster.errors import KubeError
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.spec import mesh_service
 
         now = int((await self.kube.cluster_time()).timestamp())
         body = mesh_service(self.name, self.ns, self.mark.route, self.full, self.labels, self.options.user, now)
@@ -236,9 +236,10 @@ class AutoMesh:
 
     async def _join(self) -> None:
         """Under the lock: stuntman, router, own route proven through the router, selector switched."""
-        from ktproxy.kube import mesh, takeover
-        from ktproxy.kube.mesh_routes import add_route
-        from ktproxy.kube.mesh_spec import stuntman_name
+        from ktproxy.exchange import takeover
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.routes import add_route
+        from ktproxy.mesh.spec import stuntman_name
 
         life, kube, ns, name = self.life, self.kube, self.ns, self.name
         service = await takeover.read(kube, ns, name)  # again under the lock: an exchange may have begun
@@ -278,7 +279,7 @@ class AutoMesh:
 
     async def _publish_mark(self) -> None:
         try:
-            from ktproxy import mesh_marks
+            from ktproxy.mesh import marks as mesh_marks
         except ImportError:
             log.warning("--auto-header is not available in this build; add the header yourself")
             return
@@ -298,8 +299,9 @@ class AutoMesh:
         """While meshing: the router and this developer's route stay (kt-connect did nothing when its
         router vanished, fault c): a lost router is created again (others re-add their routes the same
         way), a lost route re-added (a `clean` that judged this session dead)."""
-        from ktproxy.kube import mesh, takeover
-        from ktproxy.kube.mesh_routes import add_route, read_router, routes_of
+        from ktproxy.exchange import takeover
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.routes import add_route, read_router, routes_of
 
         unmeshed_logged = False
         while True:
@@ -324,9 +326,10 @@ class AutoMesh:
                 log.warning("checking the mesh of service %s failed: %s", self.name, exc)
 
     async def _recreate_router(self) -> None:
-        from ktproxy.kube import mesh, takeover
-        from ktproxy.kube.lock import service_lock
-        from ktproxy.kube.mesh_routes import add_route
+        from ktproxy.exchange import takeover
+        from ktproxy.exchange.lock import service_lock
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.routes import add_route
 
         log.warning("router pod %s is gone; creating it again with route '%s'", self.router, self.mark.header)
         async with service_lock(self.kube, self.ns, self.name, tries=mesh.LOCK_TRIES):
@@ -345,9 +348,9 @@ class AutoMesh:
         """Own route out; the last one out (decided under the lock, on the annotation) puts the Service
         back and removes router and stuntman. Own shadow and Service go after this step, once the
         router no longer sends this developer anything."""
-        from ktproxy.kube import mesh
-        from ktproxy.kube.lock import service_lock
-        from ktproxy.kube.mesh_routes import read_router, remove_route, routes_of
+        from ktproxy.exchange.lock import service_lock
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.routes import read_router, remove_route, routes_of
 
         if not self.joined:
             return
@@ -374,7 +377,7 @@ class AutoMesh:
         await self._wait_reloaded(router_ip)
 
     async def _last_out(self, router_ip: str | None, own_route: bool) -> None:
-        from ktproxy.kube import mesh
+        from ktproxy.mesh import shared as mesh
 
         log.info("Last developer meshing service %s: putting it back", self.name)
         if await mesh.restore_service(self.kube, self.ns, self.name):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.shadow import DEFAULT_IMAGE, ShadowOptions
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.shadow.pod import DEFAULT_IMAGE, ShadowOptions
 
 
 def kube_client(args: argparse.Namespace) -> KubeClient:

@@ -15,9 +15,9 @@ import re
 from typing import Any
 
 from ktproxy import lifecycle
+from ktproxy.cluster import meta
 from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
 from ktproxy.errors import UsageError
-from ktproxy.kube import meta
 
 log = logging.getLogger("ktproxy")
 
@@ -39,7 +39,7 @@ def banner(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktproxy.kube.expose import parse_expose, standalone_ports
+    from ktproxy.expose import parse_expose, standalone_ports
 
     if not _SERVICE_NAME.match(args.name):
         raise UsageError(f"{args.name!r} is not a valid service name (lower-case letters, digits and '-', "
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Lifecycle) -> int:
-    from ktproxy.kube import preview
-    from ktproxy.kube.client import Access
-    from ktproxy.kube.heartbeat import heartbeat_loop
-    from ktproxy.kube.takeover import target_labels
+    from ktproxy import preview
+    from ktproxy.cluster.client import Access
+    from ktproxy.cluster.heartbeat import heartbeat_loop
+    from ktproxy.exchange.takeover import target_labels
 
     kube = open_kube(args, life)
     ns = kube.namespace
@@ -81,8 +81,8 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
 
 async def _check_free(kube: Any, ns: str, name: str) -> None:
     """Refuse a name taken by something not ours before anything is created."""
-    from ktproxy.kube import preview
-    from ktproxy.kube.cleanup import DEFAULT_THRESHOLD
+    from ktproxy import preview
+    from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD
 
     now = int((await kube.cluster_time()).timestamp())
     await preview.check_free(kube, ns, name, now, DEFAULT_THRESHOLD)

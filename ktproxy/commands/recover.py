@@ -25,9 +25,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
+    from ktproxy.cleanup.recover import recover
     from ktproxy.commands import open_kube
-    from ktproxy.kube.recover import recover
-    from ktproxy.kube.targets import split_target
+    from ktproxy.forward.targets import split_target
 
     kind, name = split_target(args.service)
     if kind not in (None, "svc", "service", "services"):

@@ -20,7 +20,7 @@ import asyncssh
 
 from ktproxy import lifecycle
 from ktproxy.errors import KtError
-from ktproxy.kube.expose import ExposedPort, check_local_port
+from ktproxy.expose import ExposedPort, check_local_port
 
 log = logging.getLogger("ktproxy")
 T = TypeVar("T")
@@ -72,7 +72,7 @@ class ReverseSpec:
     name: str | None = None  # a fixed pod name (mesh) instead of name_prefix + random
 
     def shadow_role(self) -> Any:
-        from ktproxy.kube.shadow import ShadowRole
+        from ktproxy.shadow.pod import ShadowRole
 
         health = health_port(self.ports)
         declared: dict[int, str] = {}
@@ -96,8 +96,8 @@ class ReverseShadow:
 
     def __init__(self, life: lifecycle.Lifecycle, kube: Any, args: argparse.Namespace, spec: ReverseSpec) -> None:
         from ktproxy.commands.options import shadow_options
-        from ktproxy.keys import generate_session_keys
-        from ktproxy.kube.shadow_session import ShadowSession
+        from ktproxy.shadow.keys import generate_session_keys
+        from ktproxy.shadow.session import ShadowSession
         from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
         self.life = life
@@ -136,7 +136,7 @@ class ReverseShadow:
 
     async def wait_serving(self, service: str) -> None:
         """Until Service `service` sends its traffic to this shadow only (its EndpointSlices say so)."""
-        from ktproxy.kube.endpoints import wait_for_addresses
+        from ktproxy.cluster.endpoints import wait_for_addresses
 
         pod = self.shadow.pod
         assert pod is not None
@@ -164,7 +164,7 @@ class ReverseShadow:
         return cluster_ip if cluster_ip and cluster_ip != "None" else None  # headless: no service routing
 
     async def _wait_ready(self) -> None:
-        from ktproxy.kube.shadow import wait_ready
+        from ktproxy.shadow.pod import wait_ready
 
         pod = self.shadow.pod
         assert pod is not None

@@ -6,11 +6,11 @@ import argparse
 from datetime import datetime
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.kt_objects import KtObject, fmt_age, list_objects, stale
 from ktproxy.commands import where
 from ktproxy.commands.listing import add_listing_parser, in_scope
-from ktproxy.kube import meta
-from ktproxy.kube.cleanup import KtObject, fmt_age, list_objects, stale
-from ktproxy.kube.client import KubeClient
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -49,8 +49,8 @@ def render(objs: list[KtObject], now: datetime, show_user: bool) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     async def work(kube: KubeClient, namespace: str | None
                    ) -> tuple[str | None, datetime, list[KtObject], list[str], list[str]]:
-        from ktproxy.kube.mesh_clean import participants
-        from ktproxy.kube.recover import changes
+        from ktproxy.cleanup.recover import changes
+        from ktproxy.mesh.clean import participants
 
         return (namespace, await kube.cluster_time(), await list_objects(kube, namespace),
                 await changes(kube, namespace), await participants(kube, namespace))

@@ -17,7 +17,7 @@ from typing import Any
 import asyncssh
 
 from ktproxy.errors import KtError
-from ktproxy.mesh_marks import MeshMarks
+from ktproxy.mesh.marks import MeshMarks
 from ktproxy.pac import CONTENT_TYPE as PAC_TYPE
 from ktproxy.proxy import http, socks
 from ktproxy.proxy.dialer import Dialer, DialError, set_nodelay

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from ktproxy.keys import SessionKeys
+from ktproxy.shadow.keys import SessionKeys
 from ktproxy.tunnel.channels import close_channel, close_stream, open_shielded, session_gone
 from ktproxy.tunnel.remote import ArrivalCallback, Exposure, PortRefused, RemotePorts
 from ktproxy.tunnel.supervisor import StateCallback, Supervisor, TunnelDown

@@ -3,7 +3,7 @@
 Routes live in the router pod's annotation ROUTES_ANNOTATION as `key:value` pairs joined by commas
 (key: a header name, lower-case; value: what that header must equal, exactly, case-sensitive; the
 grammar is ktwire/routes.py, shared with ktctl). Each
-participant adds its own pair (ktproxy/kube/mesh.py); the pod sees its annotations as a downward API
+participant adds its own pair (ktproxy/mesh/shared.py); the pod sees its annotations as a downward API
 file the kubelet keeps current, one `name="go-quoted value"` line per annotation.
 
 Route upstreams are Services the participants create: `<svc>-kt-mesh-<value>`; everything else goes to

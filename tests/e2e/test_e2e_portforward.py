@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from ktproxy.kube.client import KubeClient, KubeError
-from ktproxy.kube.portforward import PortForwardError, PortForwardTunnel, open_stream
+from ktproxy.cluster.client import KubeClient, KubeError
+from ktproxy.cluster.portforward import PortForwardError, PortForwardTunnel, open_stream
 
 pytestmark = pytest.mark.cluster
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from ktproxy.cluster.client import KubeClient, KubeError
+from ktproxy.cluster.discovery import discover
+from ktproxy.cluster.heartbeat import beat_once
 from ktproxy.errors import KtError
-from ktproxy.kube.client import KubeClient, KubeError
-from ktproxy.kube.discovery import discover
-from ktproxy.kube.heartbeat import beat_once
-from ktproxy.kube.shadow import ShadowOptions, create_shadow, delete_shadow
+from ktproxy.shadow.pod import ShadowOptions, create_shadow, delete_shadow
 
 pytestmark = pytest.mark.cluster
 

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from ktproxy.cluster.client import KubeClient
 from ktproxy.errors import KtError
-from ktproxy.kube import mesh, mesh_routes, takeover
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.mesh_spec import resolve_port_map
-from ktproxy.kube.shadow import ShadowOptions
-from ktproxy.kube.targets import read_service
+from ktproxy.exchange import takeover
+from ktproxy.forward.targets import read_service
+from ktproxy.mesh import routes as mesh_routes
+from ktproxy.mesh import shared as mesh
+from ktproxy.mesh.spec import resolve_port_map
+from ktproxy.shadow.pod import ShadowOptions
 
 pytestmark = pytest.mark.cluster
 

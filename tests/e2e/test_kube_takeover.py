@@ -14,11 +14,13 @@ import time
 
 import pytest
 
+from ktproxy import preview
+from ktproxy.cleanup import recover
+from ktproxy.cluster.client import KubeClient
 from ktproxy.errors import KtError
-from ktproxy.kube import lock, preview, recover, scale, takeover
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.expose import ExposedPort, parse_expose, resolve_expose
-from ktproxy.kube.targets import read_service, resolve_exchange_target, resolve_forward
+from ktproxy.exchange import lock, scale, takeover
+from ktproxy.expose import ExposedPort, parse_expose, resolve_expose
+from ktproxy.forward.targets import read_service, resolve_exchange_target, resolve_forward
 
 pytestmark = pytest.mark.cluster
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from ktproxy.kube.errors import KubeError
+from ktproxy.cluster.errors import KubeError
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 _MODELS = {"service": "V1Service", "pod": "V1Pod", "deployment": "V1Deployment", "secret": "V1Secret"}

@@ -14,7 +14,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from ktproxy.kube.client import KubeClient
+from ktproxy.cluster.client import KubeClient
 
 
 def api_exception(status: int, reason: str, message: str) -> ApiException:

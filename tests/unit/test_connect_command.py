@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from ktproxy import cli
+from ktproxy.cluster.discovery import ClusterInfo
 from ktproxy.commands import connect, options
 from ktproxy.dataplane import DataPlane, DataPlaneSettings, is_loopback_bind
 from ktproxy.errors import UsageError
-from ktproxy.kube.discovery import ClusterInfo
 from ktproxy.routing import ClusterRules
 
 
@@ -142,7 +142,7 @@ class _Cluster:
             async def close(self) -> None:
                 closer("tunnel")()
 
-        import ktproxy.kube.shadow_session as shadow_session
+        import ktproxy.shadow.session as shadow_session
 
         monkeypatch.setattr(options, "kube_client", lambda args: Kube())
         monkeypatch.setattr(shadow_session, "ShadowSession", Shadow)

@@ -10,7 +10,7 @@ import asyncssh
 import pytest
 from fake_shadow import FakeShadow
 
-from ktproxy.kube.errors import KubeError
+from ktproxy.cluster.errors import KubeError
 from ktproxy.proxy import dialer as dialer_module
 from ktproxy.proxy.dialer import Dialer, DialError
 from ktproxy.routing import ClusterRules

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from ktproxy.kube import discovery
-from ktproxy.kube.discovery import covering, discover, local_addresses
-from ktproxy.kube.errors import KubeError
+from ktproxy.cluster import discovery
+from ktproxy.cluster.discovery import covering, discover, local_addresses
+from ktproxy.cluster.errors import KubeError
 
 NS = "team"
 
@@ -55,7 +55,7 @@ class NamespacedKube:
 
 
 async def test_namespaced_user_discovers_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="ktproxy.kube.discovery")
+    caplog.set_level(logging.DEBUG, logger="ktproxy.cluster.discovery")
     kube = NamespacedKube([_pod("10.244.1.5", "fd00:244::5"), _pod("192.168.7.7", host_network=True)],
                           [_svc("10.96.0.50")])
     info = await discover(kube, local=[])  # type: ignore[arg-type]  # the fake has what discover uses

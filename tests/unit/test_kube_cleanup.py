@@ -11,12 +11,12 @@ from types import SimpleNamespace
 from kube_fake import fake_kube
 from kubernetes.client import Configuration
 
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.discovery import ClusterInfo, covering, parse_service_range_error
+from ktproxy.cluster.heartbeat import heartbeat_patch
+from ktproxy.cluster.kinds import KINDS, kind_api
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, KtObject, clean, fmt_age, stale
 from ktproxy.commands.status import render
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, KtObject, clean, fmt_age, stale
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.discovery import ClusterInfo, covering, parse_service_range_error
-from ktproxy.kube.heartbeat import heartbeat_patch
-from ktproxy.kube.kinds import KINDS, kind_api
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -119,9 +119,9 @@ async def test_clean_runs_the_recover_hooks_it_is_given():
 
 def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
     """No global registry that works only if the right module happens to be imported: `ktctl clean`
-    hands clean() the hooks kube/sweep.py lists."""
+    hands clean() the hooks cleanup/sweep.py lists."""
     import ktproxy.commands.clean as clean_cmd
-    from ktproxy.kube import sweep
+    from ktproxy.cleanup import sweep
 
     async def hook(kube, namespace, now, threshold, dry_run):
         return [f"Restored service {namespace}/tomcat"]
@@ -135,7 +135,8 @@ def test_clean_command_registers_its_hooks_explicitly(monkeypatch, capsys):
 def test_clean_command_restores_what_a_dead_exchange_changed():
     # Without this hook `ktctl clean` deleted a killed exchange's shadow and left its Service selecting
     # nothing (the e2e test_sigkill_then_clean shows the user's side).
-    from ktproxy.kube import mesh_clean, recover, sweep
+    from ktproxy.cleanup import recover, sweep
+    from ktproxy.mesh import clean as mesh_clean
 
     assert recover.clean_hook in sweep.recover_hooks()
     assert mesh_clean.clean_hook in sweep.first_hooks()
@@ -144,8 +145,8 @@ def test_clean_command_restores_what_a_dead_exchange_changed():
 async def test_connects_start_up_sweep_runs_the_same_hooks(monkeypatch):
     # connect's sweep ran clean() without hooks: it deleted a killed exchange's stale shadow and left the
     # Service selecting nothing, and a dead mesh participant's route in the router.
-    from ktproxy.kube import sweep
-    from ktproxy.kube.shadow_session import ShadowSession
+    from ktproxy.cleanup import sweep
+    from ktproxy.shadow.session import ShadowSession
 
     seen = []
 

@@ -17,8 +17,8 @@ import urllib3
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError, api_error, forbidden_message
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError, api_error, forbidden_message
 
 
 def _kubeconfig(tmp_path, server="https://127.0.0.1:1", ns=None, name="kubeconfig"):

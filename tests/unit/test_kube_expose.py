@@ -10,7 +10,7 @@ import pytest
 from fake_kube import FakeKube, model, pod, service
 
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube.expose import (
+from ktproxy.expose import (
     ExposedPort,
     PortPair,
     check_local_port,

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from fake_kube import NOW, FakeKube, service
 
-from ktproxy.kube import lock
+from ktproxy.exchange import lock
 
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080}]
 

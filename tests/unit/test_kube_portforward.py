@@ -21,8 +21,8 @@ from websockets.asyncio.server import serve
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from ktproxy.kube.client import KubeClient, KubeError
-from ktproxy.kube.portforward import (
+from ktproxy.cluster.client import KubeClient, KubeError
+from ktproxy.cluster.portforward import (
     SUBPROTOCOL,
     PortForwardError,
     PortForwardTunnel,

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 from fake_kube import NOW, FakeKube, deployment, pod, service
 
+from ktproxy import preview
+from ktproxy.cleanup import recover
 from ktproxy.errors import KtError
-from ktproxy.kube import preview, recover, scale, takeover
-from ktproxy.kube.expose import ExposedPort
+from ktproxy.exchange import scale, takeover
+from ktproxy.expose import ExposedPort
 
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080}]
 
@@ -167,7 +169,7 @@ async def test_changes_lists_switched_selectors_and_scaled_deployments(kube):
 async def test_status_and_clean_checks_skip_what_a_namespaced_user_may_not_list(kube, monkeypatch):
     # The README's minimal Role has no `list` on services or deployments: `ktctl status` and `ktctl clean`
     # must still work for that user (they failed with a 403, clean after it had already deleted things).
-    from ktproxy.kube.errors import KubeError
+    from ktproxy.cluster.errors import KubeError
 
     ours = {"kt-role": "shadow-exchange", "kt-target": "abc"}
     await takeover.switch_selector(kube, "default", "tomcat", ours, "alice")

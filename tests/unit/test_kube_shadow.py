@@ -11,10 +11,10 @@ import pytest
 from kubernetes.client import V1Pod
 
 from ktproxy import __version__
+from ktproxy.cluster import meta
 from ktproxy.commands.options import shadow_options
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.shadow import (
+from ktproxy.shadow.pod import (
     CONNECT,
     DEFAULT_IMAGE,
     ShadowOptions,
@@ -323,6 +323,6 @@ def test_role_names():
 def test_default_image_tag_follows_the_package_version():
     # A fresh interpreter, so the module computes its default from a version other than today's.
     code = ("import ktproxy; ktproxy.__version__ = '9.8.7'; "
-            "from ktproxy.kube.shadow import DEFAULT_IMAGE; print(DEFAULT_IMAGE)")
+            "from ktproxy.shadow.pod import DEFAULT_IMAGE; print(DEFAULT_IMAGE)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "docker.io/ktproxy/shadow:9.8.7"

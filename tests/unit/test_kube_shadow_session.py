@@ -10,11 +10,11 @@ import threading
 import pytest
 from kube_fake import FakeCore, api_exception, fake_kube
 
-from ktproxy.keys import generate_session_keys
-from ktproxy.kube import heartbeat
-from ktproxy.kube.errors import KubeError
-from ktproxy.kube.shadow import ShadowOptions, ShadowRole, create_shadow
-from ktproxy.kube.shadow_session import ShadowSession
+from ktproxy.cluster import heartbeat
+from ktproxy.cluster.errors import KubeError
+from ktproxy.shadow.keys import generate_session_keys
+from ktproxy.shadow.pod import ShadowOptions, ShadowRole, create_shadow
+from ktproxy.shadow.session import ShadowSession
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKtest session"
 HOST = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -83,7 +83,7 @@ async def test_heartbeat_survives_any_exception(monkeypatch, caplog):
 
 
 async def test_cluster_time_falls_back_on_an_odd_date_header(monkeypatch):
-    from ktproxy.kube.client import KubeClient
+    from ktproxy.cluster.client import KubeClient
 
     class Resp:
         def __init__(self):

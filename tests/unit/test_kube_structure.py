@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ktproxy.cluster.client import KubeClient
 from ktproxy.commands.options import shadow_options
 from ktproxy.errors import UsageError
-from ktproxy.kube.client import KubeClient
 
 KUBE = Path(__file__).resolve().parents[2] / "ktproxy" / "kube"
 
@@ -74,7 +74,7 @@ def test_the_kube_layer_never_sees_argparse(name):
 
 def test_no_unused_stream_shortcut_on_the_client():
     # KubeClient.open_stream was called nowhere and was the client's only reason to import the
-    # port-forward (D1): the port-forward is reached through ktproxy.kube.portforward.
+    # port-forward (D1): the port-forward is reached through ktproxy.cluster.portforward.
     assert not hasattr(KubeClient, "open_stream")
 
 

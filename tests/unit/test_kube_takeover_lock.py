@@ -10,7 +10,7 @@ import pytest
 from fake_kube import NOW, FakeKube, pod, service
 
 from ktproxy.errors import KtError
-from ktproxy.kube import lock, takeover
+from ktproxy.exchange import lock, takeover
 
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080}]
 OURS = {"kt-role": "shadow-exchange", "kt-target": "abc"}

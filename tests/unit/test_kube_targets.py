@@ -9,7 +9,7 @@ import pytest
 from fake_kube import FakeKube, deployment, pod, service
 
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube.targets import AddressPlan, PodPlan, ServicePlan, resolve_exchange_target, resolve_forward
+from ktproxy.forward.targets import AddressPlan, PodPlan, ServicePlan, resolve_exchange_target, resolve_forward
 
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080}]
 

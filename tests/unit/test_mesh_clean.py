@@ -8,11 +8,13 @@ import pytest
 from fake_kube import NOW, _Api, pod, service
 from fake_kube import FakeKube as _FakeKube
 
+from ktproxy.cleanup.sweep import first_hooks, recover_hooks
+from ktproxy.cluster.kt_objects import clean
 from ktproxy.errors import KtError
-from ktproxy.kube import mesh, mesh_clean, takeover
-from ktproxy.kube.cleanup import clean
-from ktproxy.kube.mesh_routes import routes_of
-from ktproxy.kube.sweep import first_hooks, recover_hooks
+from ktproxy.exchange import takeover
+from ktproxy.mesh import clean as mesh_clean
+from ktproxy.mesh import shared as mesh
+from ktproxy.mesh.routes import routes_of
 
 FRESH = str(int(NOW.timestamp()) - 10)
 STALE = str(int(NOW.timestamp()) - 3600)
@@ -152,7 +154,7 @@ async def test_a_service_pointing_at_a_vanished_router_is_restored_when_nobody_m
 
 
 async def test_recover_puts_a_meshed_service_back_at_once() -> None:
-    from ktproxy.kube.recover import recover
+    from ktproxy.cleanup.recover import recover
 
     kube = FakeKube()
     _mesh(kube, {"alice": FRESH, "bob": FRESH})

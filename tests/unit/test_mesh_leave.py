@@ -12,9 +12,10 @@ from fake_kube import FakeKube, pod, service
 from ktproxy import lifecycle
 from ktproxy.commands import mesh as mesh_command
 from ktproxy.commands.mesh import AutoMesh
-from ktproxy.kube import mesh, takeover
-from ktproxy.kube.expose import ExposedPort
-from ktproxy.kube.mesh_spec import parse_version_mark
+from ktproxy.exchange import takeover
+from ktproxy.expose import ExposedPort
+from ktproxy.mesh import shared as mesh
+from ktproxy.mesh.spec import parse_version_mark
 
 ROUTER_LABELS = {"kt-role": "router", "kt-target": "r" * 20}
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]

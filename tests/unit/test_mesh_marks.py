@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ktproxy import mesh_marks
-from ktproxy.mesh_marks import Mark, MeshMarks, publish, withdraw
+from ktproxy.mesh import marks as mesh_marks
+from ktproxy.mesh.marks import Mark, MeshMarks, publish, withdraw
 
 HEADER = ("version", "abcde")
 
@@ -238,7 +238,7 @@ def child_mark(marks_dir: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from ktproxy.mesh_marks import publish
+        from ktproxy.mesh.marks import publish
         print(publish("default", "tomcat", "10.96.5.5", [8080], "version", "abcde", directory=Path({str(marks_dir)!r})),
               flush=True)
         time.sleep(120)

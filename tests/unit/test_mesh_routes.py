@@ -8,7 +8,7 @@ import pytest
 from fake_kube import FakeKube, pod
 
 from ktproxy.errors import KtError
-from ktproxy.kube.mesh_routes import add_route, remove_route, routes_of, routes_patch, with_route, without_value
+from ktproxy.mesh.routes import add_route, remove_route, routes_of, routes_patch, with_route, without_value
 
 ROUTER = "tomcat-kt-router"
 

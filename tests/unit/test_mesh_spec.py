@@ -9,10 +9,10 @@ import pytest
 from fake_kube import model, service
 
 from ktproxy.cli import build_parser
+from ktproxy.cluster import meta
 from ktproxy.commands.mesh import auto_banner, manual_banner, probe_request
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.mesh_spec import (
+from ktproxy.mesh.spec import (
     MeshPort,
     check_label_key,
     check_names,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ktproxy.mesh_marks import MeshMarks, publish, withdraw
+from ktproxy.mesh.marks import MeshMarks, publish, withdraw
 from ktproxy.proxy.server import ProxyServer
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")

@@ -7,15 +7,15 @@ import asyncio
 import asyncssh
 import pytest
 
+from ktproxy.cluster import meta
 from ktproxy.commands.exchange import banner as exchange_banner
 from ktproxy.commands.forward import Forwarder, parse_ports
 from ktproxy.commands.forward import banner as forward_banner
 from ktproxy.commands.preview import banner as preview_banner
 from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.expose import ExposedPort
-from ktproxy.kube.targets import AddressPlan, ExchangeTarget
+from ktproxy.expose import ExposedPort
+from ktproxy.forward.targets import AddressPlan, ExchangeTarget
 
 
 @pytest.mark.parametrize("text, expected", [

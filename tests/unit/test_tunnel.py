@@ -10,7 +10,7 @@ import asyncssh
 import pytest
 from fake_shadow import FakeShadow, ScriptedConnector, free_port
 
-from ktproxy.kube.errors import KubeError
+from ktproxy.cluster.errors import KubeError
 from ktproxy.tunnel.channels import SESSION_CLOSED, session_gone
 from ktproxy.tunnel.session import SSHTunnel, TunnelDown
 

@@ -24,7 +24,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from ktproxy.kube.errors import (
+from ktproxy.cluster.errors import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
     Access,

@@ -10,12 +10,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.kinds import kind_api
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.kinds import kind_api
 
-log = logging.getLogger("ktproxy.kube.heartbeat")
+log = logging.getLogger("ktproxy.cluster.heartbeat")
 
 INTERVAL = 60.0  # clean's default threshold is 5 minutes: several missed beats before a sweep
 

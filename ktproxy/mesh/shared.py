@@ -13,11 +13,12 @@ import logging
 import time
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError
-from ktproxy.kube import meta, takeover
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.mesh_routes import read_router
-from ktproxy.kube.mesh_spec import (
+from ktproxy.exchange import takeover
+from ktproxy.mesh.routes import read_router
+from ktproxy.mesh.spec import (
     MeshPort,
     Route,
     mesh_name,
@@ -28,7 +29,7 @@ from ktproxy.kube.mesh_spec import (
     stuntman_service,
 )
 
-log = logging.getLogger("ktproxy.kube.mesh")
+log = logging.getLogger("ktproxy.mesh.shared")
 
 GONE_TIMEOUT = 60.0  # a terminating router (grace 10 s) or shadow of the same name
 # The set-up holds the lock while pods start: a second developer waits for it longer than exchange does.
@@ -57,7 +58,7 @@ async def mark_leaving(kube: Any, namespace: str, own: str) -> None:
 async def other_participants(kube: Any, namespace: str, service: str, own: str) -> list[str]:
     """Live auto-mode shadows of `service` other than `own` that are not leaving (a router's absence
     alone does not mean nobody meshes any more)."""
-    from ktproxy.kube.scale import parse_kt_config
+    from ktproxy.exchange.scale import parse_kt_config
 
     resp = await kube.call(kube.core.list_namespaced_pod, namespace,
                            label_selector=f"{meta.SELECTOR},{meta.KT_ROLE}={meta.ROLE_MESH_SHADOW}",
@@ -164,7 +165,7 @@ async def ensure_stuntman(kube: Any, namespace: str, service: str, ports: list[M
 async def wait_endpoints(kube: Any, namespace: str, name: str, like: str, limit: float = 30.0) -> bool:
     """Until Service `name` has ready endpoints whenever Service `like` has any (the stuntman must be
     a working upstream before the router sends default traffic to it)."""
-    from ktproxy.kube.endpoints import ready_addresses
+    from ktproxy.cluster.endpoints import ready_addresses
 
     deadline = time.monotonic() + limit
     while True:
@@ -200,7 +201,7 @@ async def ensure_router(kube: Any, namespace: str, service: Any, ports: list[Mes
                         options: Any, timeout: float) -> tuple[Any, bool]:  # noqa: ASYNC109 - a budget
     """The router pod, Ready: created with `route` as its only route when absent (True), else the
     existing one (the caller adds its route). A router being deleted is waited out first."""
-    from ktproxy.kube.shadow import wait_ready
+    from ktproxy.shadow.pod import wait_ready
 
     name = router_name(service.metadata.name)
     pod = await read_router(kube, namespace, name)
@@ -284,7 +285,7 @@ async def wait_router_released(kube: Any, namespace: str, service: str, router_i
                                limit: float = 20.0, grace: float = 1.0) -> None:
     """After the selector is restored: until the Service's EndpointSlices no longer name the router,
     then a short grace for the node's service routing to follow (used where no probe can tell)."""
-    from ktproxy.kube.endpoints import ready_addresses
+    from ktproxy.cluster.endpoints import ready_addresses
 
     if router_ip:
         deadline = time.monotonic() + limit
@@ -315,7 +316,7 @@ async def remove_shared(kube: Any, namespace: str, service: str) -> list[str]:
 
 async def delete_participant(kube: Any, namespace: str, service: str, value: str) -> list[str]:
     """One developer's objects: shadow pod + Secret and mesh Service (`<svc>-kt-mesh-<value>`)."""
-    from ktproxy.kube.shadow import delete_shadow
+    from ktproxy.shadow.pod import delete_shadow
 
     name = mesh_name(service, value)
     done = []
@@ -333,7 +334,7 @@ async def recover_mesh(kube: Any, namespace: str, service: Any) -> list[str]:
     and every `<svc>-kt-mesh-*` shadow and Service (auto and manual), as kt-connect does. The selector
     goes first: a live participant re-creates a lost router only while the Service points at one.
     Returns one line per action, each already logged."""
-    from ktproxy.kube.shadow import delete_shadow
+    from ktproxy.shadow.pod import delete_shadow
 
     name = service.metadata.name
     done: list[str] = []

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ktproxy.kube.client import KubeClient
+from ktproxy.cluster.client import KubeClient
 
 # Deletion order: what routes traffic first, then pods, then what pods mount.
 KINDS = ("service", "configmap", "pod", "deployment", "secret")

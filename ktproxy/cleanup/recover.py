@@ -1,5 +1,5 @@
 """`ktctl recover SVC`, and the matching `clean` hook: put a Service back whatever killed the exchange
-(or mesh: kube/mesh.py recover_mesh).
+(or mesh: mesh/shared.py recover_mesh).
 
 Everything needed is on cluster objects: kt-selector/kt-lock on the Service, kt-config on exchange
 shadows (kt-connect's `service=<svc>` or `app=<deploy>,replicas=<n>`) and on a scaled Deployment.
@@ -12,14 +12,16 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from ktproxy.kube import lock, mesh, meta, scale, takeover
-from ktproxy.kube.cleanup import kt_object
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.shadow import delete_shadow
-from ktproxy.kube.targets import is_subset, read_service
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.kt_objects import kt_object
+from ktproxy.exchange import lock, scale, takeover
+from ktproxy.forward.targets import is_subset, read_service
+from ktproxy.mesh import shared as mesh
+from ktproxy.shadow.pod import delete_shadow
 
-log = logging.getLogger("ktproxy.kube.recover")
+log = logging.getLogger("ktproxy.cleanup.recover")
 
 _SHADOW_ROLES = (meta.ROLE_EXCHANGE_SHADOW, meta.ROLE_ROUTER)
 

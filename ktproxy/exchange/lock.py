@@ -16,13 +16,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import KubeError
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import KubeError
-from ktproxy.kube.takeover import annotations_of, patch, read
+from ktproxy.exchange.takeover import annotations_of, patch, read
 
-log = logging.getLogger("ktproxy.kube.lock")
+log = logging.getLogger("ktproxy.exchange.lock")
 
 STALE_AFTER = 180  # seconds
 RETRY_INTERVAL = 3.0

@@ -14,12 +14,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
 
-log = logging.getLogger("ktproxy.kube.takeover")
+log = logging.getLogger("ktproxy.exchange.takeover")
 
 CONFLICT_RETRIES = 10
 GUARD_INTERVAL = 2.0

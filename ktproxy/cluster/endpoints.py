@@ -13,10 +13,10 @@ import time
 
 from kubernetes import client as k8s
 
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
 
-log = logging.getLogger("ktproxy.kube.endpoints")
+log = logging.getLogger("ktproxy.cluster.endpoints")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 POLL_INTERVAL = 0.25

@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.expose import ExposedPort
-from ktproxy.kube.takeover import annotations_of
+from ktproxy.exchange.takeover import annotations_of
+from ktproxy.expose import ExposedPort
 
-log = logging.getLogger("ktproxy.kube.preview")
+log = logging.getLogger("ktproxy.preview")
 
 
 def build_service(

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from kubernetes import client as k8s
 
-from ktproxy.kube.errors import KubeError
+from ktproxy.cluster.errors import KubeError
 
 if TYPE_CHECKING:
-    from ktproxy.kube.client import KubeClient
+    from ktproxy.cluster.client import KubeClient
 
-log = logging.getLogger("ktproxy.kube.discovery")
+log = logging.getLogger("ktproxy.cluster.discovery")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

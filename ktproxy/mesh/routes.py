@@ -12,13 +12,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.mesh_spec import routes_annotations
+from ktproxy.mesh.spec import routes_annotations
 from ktwire.routes import ROUTES_ANNOTATION, Route, parse_routes
 
-log = logging.getLogger("ktproxy.kube.mesh")
+log = logging.getLogger("ktproxy.mesh.shared")
 
 CONFLICT_RETRIES = 20
 

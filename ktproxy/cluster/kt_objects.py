@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.kinds import KINDS, kind_api
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.kinds import KINDS, kind_api
 
-log = logging.getLogger("ktproxy.kube.cleanup")
+log = logging.getLogger("ktproxy.cluster.kt_objects")
 
 DEFAULT_THRESHOLD = 300.0  # seconds; kt-connect's clean threshold, 5 heartbeats of margin
 

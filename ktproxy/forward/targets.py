@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ktproxy import expose
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import expose
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.expose import Remote
-from ktproxy.kube.takeover import original_selector
+from ktproxy.exchange.takeover import original_selector
+from ktproxy.expose import Remote
 
-log = logging.getLogger("ktproxy.kube.targets")
+log = logging.getLogger("ktproxy.forward.targets")
 
 STUNTMAN_SUFFIX = "-kt-stuntman"  # kt-connect's mesh copy of a Service; exchange means the original
 DEFAULT_TTL = 1.0  # seconds a dial plan's addresses are reused before the API is asked again

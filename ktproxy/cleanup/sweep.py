@@ -5,13 +5,13 @@ shadow and left the Service selecting nothing)."""
 
 from __future__ import annotations
 
-from ktproxy.kube.cleanup import DEFAULT_THRESHOLD, CleanResult, RecoverHook, clean
-from ktproxy.kube.client import KubeClient
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, CleanResult, RecoverHook, clean
 
 
 def recover_hooks() -> list[RecoverHook]:
     """After the sweep: exchange's switched selectors, deployments scaled to 0, stale kt-locks."""
-    from ktproxy.kube import recover
+    from ktproxy.cleanup import recover
 
     return [recover.clean_hook]
 
@@ -19,7 +19,7 @@ def recover_hooks() -> list[RecoverHook]:
 def first_hooks() -> list[RecoverHook]:
     """Before the sweep: a mesh's dead participants lose their routes, and a mesh with none left gives
     the Service its selector back before its router and stuntman go."""
-    from ktproxy.kube import mesh_clean
+    from ktproxy.mesh import clean as mesh_clean
 
     return [mesh_clean.clean_hook]
 

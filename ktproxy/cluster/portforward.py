@@ -27,11 +27,11 @@ from kubernetes.client.rest import should_bypass_proxies
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError, forbidden_message, status_message, unauthorized
 from ktproxy.errors import KtError
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError, forbidden_message, status_message, unauthorized
 
-log = logging.getLogger("ktproxy.kube.portforward")
+log = logging.getLogger("ktproxy.cluster.portforward")
 
 SUBPROTOCOL = "v4.channel.k8s.io"
 DATA_CHANNEL = 0

@@ -21,13 +21,13 @@ from typing import Any
 from kubernetes.client import V1Pod
 
 from ktproxy import __version__
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.portforward import PortForwardTunnel
 from ktproxy.errors import KtError
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.portforward import PortForwardTunnel
 
-log = logging.getLogger("ktproxy.kube.shadow")
+log = logging.getLogger("ktproxy.shadow.pod")
 
 DEFAULT_IMAGE = f"docker.io/ktproxy/shadow:{__version__}"
 # Our image's layout is our contract, so for it the command is pinned: the pod then works whether the

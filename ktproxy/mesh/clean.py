@@ -12,11 +12,14 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.kt_objects import kt_object
 from ktproxy.errors import KtError
-from ktproxy.kube import meta, takeover
-from ktproxy.kube.cleanup import kt_object
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.mesh import (
+from ktproxy.exchange import takeover
+from ktproxy.exchange.scale import parse_kt_config
+from ktproxy.mesh.routes import read_router, remove_route, routes_of
+from ktproxy.mesh.shared import (
     delete_participant,
     delete_service,
     is_meshed,
@@ -24,11 +27,9 @@ from ktproxy.kube.mesh import (
     restore_service,
     wait_router_released,
 )
-from ktproxy.kube.mesh_routes import read_router, remove_route, routes_of
-from ktproxy.kube.mesh_spec import mesh_name, router_name, stuntman_name
-from ktproxy.kube.scale import parse_kt_config
+from ktproxy.mesh.spec import mesh_name, router_name, stuntman_name
 
-log = logging.getLogger("ktproxy.kube.mesh")
+log = logging.getLogger("ktproxy.mesh.shared")
 
 STUNTMAN_SUFFIX = "-kt-stuntman"
 ROUTER_SUFFIX = "-kt-router"
@@ -130,7 +131,7 @@ async def clean_hook(kube: Any, namespace: str | None, now: datetime, threshold:
 
 async def _sweep_router(kube: Any, view: _View, router: Any, ns: str, service: str, now: datetime,
                         threshold: float, dry_run: bool) -> list[str]:
-    from ktproxy.kube.lock import service_lock
+    from ktproxy.exchange.lock import service_lock
 
     lines: list[str] = []
     routes = routes_of(router)

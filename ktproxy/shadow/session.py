@@ -14,12 +14,13 @@ from typing import Any
 
 import asyncssh
 
-from ktproxy.keys import SessionKeys
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.discovery import discover
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.heartbeat import ObjectRef, heartbeat_loop
-from ktproxy.kube.shadow import (
+from ktproxy.cleanup.sweep import sweep
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.discovery import discover
+from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.heartbeat import ObjectRef, heartbeat_loop
+from ktproxy.shadow.keys import SessionKeys
+from ktproxy.shadow.pod import (
     CONNECT,
     ShadowOptions,
     ShadowPod,
@@ -28,10 +29,9 @@ from ktproxy.kube.shadow import (
     delete_shadow,
     pod_state,
 )
-from ktproxy.kube.sweep import sweep
 from ktproxy.tunnel.session import SSHOptions
 
-log = logging.getLogger("ktproxy.kube.shadow_session")
+log = logging.getLogger("ktproxy.shadow.session")
 
 SSH_CONNECT_TIMEOUT = 30.0
 CLEAN_HINT = "`ktctl clean` removes what is left once its heartbeat is stale"

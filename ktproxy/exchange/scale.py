@@ -13,13 +13,13 @@ import logging
 import time
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access, KubeError
-from ktproxy.kube.takeover import annotations_of, original_selector
+from ktproxy.exchange.takeover import annotations_of, original_selector
 
-log = logging.getLogger("ktproxy.kube.scale")
+log = logging.getLogger("ktproxy.exchange.scale")
 
 RECOVER_WAIT = 120.0  # kt-connect's --recoverWaitTime
 POLL_INTERVAL = 1.0

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ktproxy.cluster import meta
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.expose import named_ports_of, needs_pods, resolve_remote, selected_pods
+from ktproxy.expose import named_ports_of, needs_pods, resolve_remote, selected_pods
 from ktwire.routes import ROUTES_ANNOTATION, Route, format_routes, is_route
 
 DEFAULT_KEY = "version"
@@ -217,7 +217,7 @@ def router_pod(service: str, namespace: str, ports: list[MeshPort], labels: dict
                image_pull_secrets: Iterable[str] = (), node_selector: dict[str, str] | None = None
                ) -> dict[str, Any]:
     """The router pod (see the module doc). Non-root and credential-free like the shadow."""
-    from ktproxy.kube.shadow import container_security, pod_security
+    from ktproxy.shadow.pod import container_security, pod_security
 
     routes = list(routes)
     health = health_port(ports)

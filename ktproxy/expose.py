@@ -14,10 +14,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from ktproxy.cluster import meta
+from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import Access
 from ktproxy.errors import KtError, UsageError
-from ktproxy.kube import meta
-from ktproxy.kube.client import KubeClient
-from ktproxy.kube.errors import Access
 
 LOCAL_CHECK_TIMEOUT = 2.0
 
