@@ -1,5 +1,5 @@
 """One accepted client connection: sniffed, then served as HTTP/1 (each request routed on its own),
-handed to the HTTP/2 layer (h2_route.H2Downstream), or spliced raw to the original pods.
+handed to the HTTP/2 layer (an H2Layer, which server.py wires in), or spliced raw to the original pods.
 
 HTTP/1 requests are handled strictly in order, one upstream exchange at a time per client connection:
 pipelined requests wait (reading paused) until the ones before them are answered. Everything is callbacks
@@ -15,18 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import httptools
 
 from shadow_image.router import http1, sniff
 from shadow_image.router.table import RouteTable, Upstream
 from shadow_image.router.upstream import Pool, UpstreamConnection, describe_error
-
-try:
-    from shadow_image.router.h2_route import H2Downstream
-except ImportError:  # the HTTP/2 layer is a separate module; without it, HTTP/2 connections are closed
-    H2Downstream = None
 
 log = logging.getLogger("router")
 
@@ -44,15 +40,35 @@ LINGER_TIME = 2.0
 LINGER_BYTES = 1 << 20
 
 
+class H2Handler(Protocol):
+    """An HTTP/2 client connection as the HTTP/2 layer (h2_route.H2Downstream) takes it over: it is given
+    every byte from the client preface on and the transport's events. When it also has eof_received
+    (answered as asyncio.Protocol's) or close_if_idle (asked at a router stop), those are used too."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+# Called as h2_layer(transport, table, listen_port, peer) once the client preface is complete. Passed in
+# (Context.h2_layer) rather than imported, so that this module and the HTTP/2 layer know nothing of each other.
+H2Layer = Callable[[asyncio.Transport, RouteTable, int, str], H2Handler]
+
+
 class Context:
-    """What all connections of one router share."""
+    """What all connections of one router share. Without an h2_layer, HTTP/2 connections are closed."""
 
     def __init__(self, table: RouteTable, pool: Pool, loop: asyncio.AbstractEventLoop, *,
                  client_idle: float = CLIENT_IDLE, upstream_idle: float = UPSTREAM_IDLE,
-                 splice_idle: float = SPLICE_IDLE) -> None:
+                 splice_idle: float = SPLICE_IDLE, h2_layer: H2Layer | None = None) -> None:
         self.table = table
         self.pool = pool
         self.loop = loop
+        self.h2_layer = h2_layer
         self.client_idle = client_idle
         self.upstream_idle = upstream_idle
         self.splice_idle = splice_idle
@@ -123,7 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._peer: UpstreamConnection | None = None  # the other side in splice mode
-        self._h2: Any = None
+        self._h2: H2Handler | None = None
         self._lingered = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
@@ -324,13 +340,14 @@ class ClientConnection(asyncio.Protocol):
             self._start_raw(buf)
 
     def _start_h2(self, buf: bytes) -> None:
-        if H2Downstream is None:
+        h2_layer = self.ctx.h2_layer
+        if h2_layer is None:
             log.warning("HTTP/2 connection from %s closed: the router has no HTTP/2 layer", self.client.decode())
             self.mode = CLOSED
             self.transport.close()
             return
         self.mode = H2
-        self._h2 = H2Downstream(self.transport, self.ctx.table, self.listen_port, self.client.decode())
+        self._h2 = h2_layer(self.transport, self.ctx.table, self.listen_port, self.client.decode())
         if self._write_paused:
             self._h2.pause_writing()
         self._h2.data_received(buf)

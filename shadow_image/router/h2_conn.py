@@ -1,5 +1,6 @@
-"""What both ends of the HTTP/2 relay share: how an h2 connection is configured, and a `Side` (one h2
-connection plus its transport) that batches its writes and knows whether it may take more data.
+"""What both ends of the HTTP/2 relay share: how an h2 connection is configured, the Headers type, and
+a `Side` (one h2 connection plus its transport, and the streams on it) that batches its writes and knows
+whether it may take more data.
 
 Flow control is the relay's whole memory bound: a Side never acknowledges received DATA itself; the
 stream that moves the bytes to the other Side acknowledges them once that Side accepted them (h2.py
@@ -9,14 +10,17 @@ stream that moves the bytes to the other Side acknowledges them once that Side a
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from h2.config import H2Configuration
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection, H2ConnectionStateMachine
 from h2.settings import SettingCodes
 
-if TYPE_CHECKING:
-    from shadow_image.router.h2_route import Stream
+Headers = list[tuple[bytes, bytes]]
+
+# What a Side's streams are is its owner's business (an H2Downstream keeps h2_route.Streams, an
+# UpstreamConn h2_upstream.RoutedStreams); a Side only keeps them by stream id, so it needs only a type.
+StreamT = TypeVar("StreamT")
 
 # Per stream: how much one side may send before we forwarded it; per connection: the sum. The
 # connection window is several stream windows so that one stalled stream does not stall the others.
@@ -54,14 +58,14 @@ def new_connection(client_side: bool) -> H2Connection:
     return conn
 
 
-class Side:
+class Side(Generic[StreamT]):
     """One h2 connection of the relay and the transport under it. Frames h2 queues are written once per
     loop iteration (mark()), however many streams produced them."""
 
     def __init__(self, conn: H2Connection, transport: asyncio.BaseTransport | None) -> None:
         self.h2 = conn
         self.transport: asyncio.BaseTransport | None = transport
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, StreamT] = {}
         self.paused = False  # the transport's buffer is full: move no DATA into it
         self.closed = False
         self._flush_due = False

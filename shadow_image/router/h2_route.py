@@ -2,14 +2,15 @@
 connection is routed on its own by RouteTable.pick(), and relayed as HTTP/2 to that upstream, matching
 or not (telepresence #4055 hung when non-matching HTTP/2 was handed to an HTTP/1 path).
 
-The HTTP/1 layer hands a connection over when it sees the client preface:
-`H2Downstream(transport, table, listen_port, peer)`, then `data_received` (the first call includes the
-preface), `connection_lost`, `pause_writing`, `resume_writing`.
+The HTTP/1 layer (downstream.py, which gets H2Downstream as its H2Layer from server.py) hands a
+connection over when it sees the client preface: `H2Downstream(transport, table, listen_port, peer)`,
+then `data_received` (the first call includes the preface), `connection_lost`, `pause_writing`,
+`resume_writing`.
 
-A Stream pairs the client's stream with one on a pooled upstream connection (h2_upstream.py) and moves
-HEADERS, DATA, trailers, END_STREAM and RST_STREAM across, DATA only as fast as the receiving side's
-windows and transport take it: received DATA is acknowledged when it was passed on, not when it
-arrived, so nothing buffers more than a window per stream.
+A Stream pairs the client's stream with one on a pooled upstream connection (h2_upstream.py, to which it
+is a RoutedStream) and moves HEADERS, DATA, trailers, END_STREAM and RST_STREAM across, DATA only as fast
+as the receiving side's windows and transport take it: received DATA is acknowledged when it was passed
+on, not when it arrived, so nothing buffers more than a window per stream.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError, TooManyStreamsError
 from hyperframe.frame import GoAwayFrame
 
-from shadow_image.router.h2_conn import Side, new_connection
+from shadow_image.router.h2_conn import Headers, Side, new_connection
 from shadow_image.router.h2_upstream import H2Pool, UpstreamConn, pool_for
 from shadow_image.router.table import RouteTable, Upstream
 
 log = logging.getLogger("router.h2")
-
-Headers = list[tuple[bytes, bytes]]
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 _DOWN_STREAM_EVENTS = (ev.DataReceived, ev.StreamEnded, ev.TrailersReceived, ev.StreamReset)
@@ -393,7 +392,7 @@ class Stream:
                 up.release(self.up_sid)
 
 
-class H2Downstream(Side):
+class H2Downstream(Side[Stream]):
     """One client's HTTP/2 connection, handed over by the router's protocol (see the module doc)."""
 
     def __init__(self, transport: asyncio.Transport, table: RouteTable, listen_port: int, peer: str, *,

@@ -1,6 +1,8 @@
 """HTTP/2 (prior knowledge) client connections to the router's upstreams, pooled: streams from every
 client connection that pick the same Upstream share one connection, or a few when one is full. A
 connection that died, or got a GOAWAY, takes no new streams and leaves the pool.
+
+What a connection needs from the streams it carries is RoutedStream's methods (h2_route.Stream has them).
 """
 
 from __future__ import annotations
@@ -10,16 +12,13 @@ import logging
 import os
 import socket
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h2.events as ev
 from h2.exceptions import NoAvailableStreamIDError, ProtocolError
 
-from shadow_image.router.h2_conn import Side, new_connection
+from shadow_image.router.h2_conn import Headers, Side, new_connection
 from shadow_image.router.table import Upstream
-
-if TYPE_CHECKING:
-    from shadow_image.router.h2_route import Stream
 
 log = logging.getLogger("router.h2")
 
@@ -33,7 +32,47 @@ _STREAM_EVENTS = (ev.DataReceived, ev.ResponseReceived, ev.InformationalResponse
                   ev.StreamEnded, ev.StreamReset)
 
 
-class UpstreamConn(asyncio.Protocol, Side):
+class RoutedStream(Protocol):
+    """A client's stream routed to an upstream, as the upstream connection carrying it sees it: told when
+    it can be opened there, and every response event for it. Declared on this side so that the dependency
+    runs one way only: h2_route knows this module, this module knows just this."""
+
+    upstream: Upstream
+
+    def open_on(self, up: UpstreamConn) -> None:
+        """Open the stream on `up` now (it may find no stream id left there and go back to the pool)."""
+        ...
+
+    def unreachable(self, reason: str) -> None:
+        """The connection this stream waited for could not be made."""
+        ...
+
+    def pump_request(self) -> None:
+        """The upstream may take more: move on what of the request is buffered."""
+        ...
+
+    def informational(self, headers: Headers) -> None: ...
+
+    def response_headers(self, headers: Headers, ended: bool) -> None: ...
+
+    def response_data(self, data: bytes, flow_len: int) -> None: ...
+
+    def response_trailers(self, headers: Headers) -> None: ...
+
+    def response_end(self) -> None: ...
+
+    def upstream_reset(self, code: int) -> None: ...
+
+    def upstream_refused(self) -> None:
+        """The upstream's GOAWAY says it never processed this stream."""
+        ...
+
+    def upstream_lost(self) -> None:
+        """The connection closed under this stream."""
+        ...
+
+
+class UpstreamConn(asyncio.Protocol, Side[RoutedStream]):
     """One h2c client connection to an Upstream. Streams that arrive while it connects wait in
     `waiting` and are opened, in order, once it is up."""
 
@@ -43,7 +82,7 @@ class UpstreamConn(asyncio.Protocol, Side):
         self.upstream = upstream
         self.ready = False
         self.draining = False  # GOAWAY received or stream ids exhausted: no new streams
-        self.waiting: list[Stream] = []
+        self.waiting: list[RoutedStream] = []
         self._settled = False  # the peer's SETTINGS arrived: its stream limit is known
         self._idle: asyncio.TimerHandle | None = None
 
@@ -54,7 +93,7 @@ class UpstreamConn(asyncio.Protocol, Side):
         limit = self.h2.remote_settings.max_concurrent_streams if self._settled else ASSUMED_MAX_STREAMS
         return len(self.streams) + len(self.waiting) < limit
 
-    def take(self, stream: Stream) -> None:
+    def take(self, stream: RoutedStream) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -203,7 +242,7 @@ class H2Pool:
         self._conns: dict[tuple[str, int], list[UpstreamConn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def attach(self, stream: Stream) -> None:
+    def attach(self, stream: RoutedStream) -> None:
         """Open `stream` on a connection to its upstream now, or once that connection is up."""
         upstream = stream.upstream
         key = (upstream.host, upstream.port)

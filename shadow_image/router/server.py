@@ -12,11 +12,16 @@ from collections.abc import Sequence
 
 from shadow_image import listeners
 from shadow_image.router import health
-from shadow_image.router.downstream import ClientConnection, Context, H2Downstream
+from shadow_image.router.downstream import ClientConnection, Context
 from shadow_image.router.options import Options, parse_args
 from shadow_image.router.table import RouteTable
 from shadow_image.router.upstream import Pool
 from shadow_image.router.watch import AnnotationsWatch
+
+try:
+    from shadow_image.router.h2_route import H2Downstream
+except ImportError:  # the HTTP/2 layer is a separate module; without it, HTTP/2 connections are closed
+    H2Downstream = None
 
 log = logging.getLogger("router")
 
@@ -48,7 +53,7 @@ class Router:
         pool = Pool(loop)
         stack.callback(pool.close)
         ctx = self.ctx = Context(self.table, pool, loop, client_idle=self.opts.client_idle,
-                                 upstream_idle=self.opts.upstream_idle)
+                                 upstream_idle=self.opts.upstream_idle, h2_layer=H2Downstream)
         self.watch.check()
         watcher = loop.create_task(self.watch.run())
         stack.callback(watcher.cancel)

@@ -1,9 +1,9 @@
 """Connections to upstreams (the stuntman Service, a developer's mesh Service): kept alive and pooled per
 (host, port), parsed with llhttp, reporting each response to the client connection that owns them.
 
-An UpstreamConnection has one owner at a time (downstream.ClientConnection) and reports to it through a
-handful of methods (up_head, up_body, up_done, up_lost, up_upgraded, ...); in splice mode (WebSocket
-after 101, non-HTTP bytes) it copies bytes to its peer and nothing else.
+An UpstreamConnection has one owner at a time and reports to it through the methods of UpstreamOwner
+(up_head, up_body, up_done, up_lost, up_upgraded, ...); in splice mode (WebSocket after 101, non-HTTP
+bytes) it copies bytes to its peer and nothing else.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httptools
 
 from shadow_image.router import http1
 from shadow_image.router.table import Upstream
-
-if TYPE_CHECKING:
-    from shadow_image.router.downstream import ClientConnection
 
 log = logging.getLogger("router")
 
@@ -31,6 +28,40 @@ POOL_MAX = 256  # idle connections kept per upstream
 
 class _SkipBody(Exception):
     """Raised from on_headers_complete for a HEAD answer: llhttp cannot be told the body is absent."""
+
+
+class UpstreamOwner(Protocol):
+    """What an UpstreamConnection reports to: the client connection whose request it serves
+    (downstream.ClientConnection). Declared on this side so that the dependency runs one way only:
+    downstream knows upstream, upstream knows just this."""
+
+    def up_interim(self, conn: UpstreamConnection, status: int, reason: bytes,
+                   headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def up_head(self, conn: UpstreamConnection, status: int, reason: bytes,
+                headers: list[tuple[bytes, bytes]]) -> int:
+        """The response's head; returns how its body is framed for the client (an http1.RESP_* mode)."""
+        ...
+
+    def up_body(self, data: bytes) -> None: ...
+
+    def up_done(self, conn: UpstreamConnection, keep_alive: bool, trailers: bytes) -> None: ...
+
+    def up_lost(self, conn: UpstreamConnection, reason: str) -> None: ...
+
+    def up_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+
+    def flush(self) -> None:
+        """The end of one round of reports (a read, an EOF, a close): write what they produced."""
+        ...
+
+    def upstream_full(self, full: bool) -> None: ...
+
+    def splice_upstream_eof(self) -> bool | None:
+        """In splice mode: the upstream half-closed; the return value is eof_received's."""
+        ...
+
+    def splice_lost(self) -> None: ...
 
 
 def describe_error(exc: BaseException) -> str:
@@ -50,7 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.owner: ClientConnection | None = None
+        self.owner: UpstreamOwner | None = None
         self.closed = False
         self.reused = False  # has served a request before the current one
         self.got_bytes = False  # any response byte for the current request
@@ -79,7 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._tail = b""  # the previous read's last bytes, for a head end split between reads
 
     # --- owner's side -------------------------------------------------------------------------------
-    def begin(self, owner: ClientConnection, head_request: bool) -> None:
+    def begin(self, owner: UpstreamOwner, head_request: bool) -> None:
         """Serve one request of `owner`."""
         self.owner = owner
         self._head_request = head_request

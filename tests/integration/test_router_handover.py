@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_router_support import free_port
 
-from shadow_image.router import downstream, sniff
+from shadow_image.router import sniff
 from shadow_image.router.options import parse_args
 from shadow_image.router.server import Router
 
@@ -60,7 +60,7 @@ def _port(router: Router) -> int:
 
 
 async def test_preface_in_pieces_is_handed_over_with_every_byte(router, monkeypatch):
-    monkeypatch.setattr(downstream, "H2Downstream", FakeH2)
+    monkeypatch.setattr(router.ctx, "h2_layer", FakeH2)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(router))
     for piece in (sniff.H2_PREFACE[:3], sniff.H2_PREFACE[3:20], sniff.H2_PREFACE[20:] + b"\x00\x00"):
         writer.write(piece)
@@ -81,7 +81,7 @@ async def test_preface_in_pieces_is_handed_over_with_every_byte(router, monkeypa
 
 
 async def test_without_the_http2_layer_an_http2_connection_is_closed(router, monkeypatch):
-    monkeypatch.setattr(downstream, "H2Downstream", None)
+    monkeypatch.setattr(router.ctx, "h2_layer", None)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(router))
     writer.write(sniff.H2_PREFACE)
     assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -97,7 +97,7 @@ async def test_the_routers_health_answers(router):
 
 
 async def test_the_transports_back_pressure_reaches_the_http2_layer(router, monkeypatch):
-    monkeypatch.setattr(downstream, "H2Downstream", FakeH2)
+    monkeypatch.setattr(router.ctx, "h2_layer", FakeH2)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(router))
     writer.write(sniff.H2_PREFACE + b"flood")
     for _ in range(100):
