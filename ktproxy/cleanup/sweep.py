@@ -5,8 +5,13 @@ shadow and left the Service selecting nothing)."""
 
 from __future__ import annotations
 
+import logging
+
 from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.errors import KubeError
 from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, CleanResult, RecoverHook, clean
+
+log = logging.getLogger("ktproxy.shadow.session")  # where connect's start-up sweep logged before
 
 
 def recover_hooks() -> list[RecoverHook]:
@@ -28,3 +33,15 @@ async def sweep(kube: KubeClient, namespace: str | None, threshold: float = DEFA
                 dry_run: bool = False) -> CleanResult:
     return await clean(kube, namespace, threshold=threshold, dry_run=dry_run,
                        hooks=recover_hooks(), before=first_hooks())
+
+
+async def start_up_sweep(kube: KubeClient, namespace: str) -> None:
+    """connect's start: remove what crashed sessions left in this namespace (stale heartbeat), as
+    kt-connect does."""
+    try:
+        result = await sweep(kube, namespace)
+    except KubeError as exc:  # a user who may not list everything can still connect
+        log.debug("sweep of stale objects skipped: %s", exc)
+        return
+    for obj in result.removed:
+        log.info("Removed stale %s (left by an earlier session)", obj.ref)

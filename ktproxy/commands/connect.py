@@ -22,7 +22,7 @@ from ktproxy.mesh.marks import MeshMarks
 from ktproxy.proxy.http import basic_credentials
 from ktproxy.proxy_env import export_lines, run_with_env
 from ktproxy.routing import ClusterRules, IPNetwork
-from ktproxy.shadow.keys import generate_session_keys
+from ktproxy.tunnel.keys import generate_session_keys
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
 log = logging.getLogger("ktproxy")
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.Lifecycle) -> int:
+    from ktproxy.cleanup.sweep import start_up_sweep
     from ktproxy.commands.options import shadow_options
     from ktproxy.shadow.session import ShadowSession
 
@@ -139,7 +140,7 @@ async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.L
     plane.proxy.marks = MeshMarks(rules.namespace, rules.domain)
     life.on_cleanup("local proxy and DNS stub", plane.close)
     await plane.start()
-    await life.until_stopped(shadow.sweep())
+    await life.until_stopped(start_up_sweep(kube, namespace))
     await life.until_stopped(shadow.start(timeout=args.timeout))
     try:
         await life.until_stopped(tunnel.start())

@@ -142,8 +142,8 @@ async def _main(args: argparse.Namespace, local: int | None, remote: Remote | No
                 life: lifecycle.Lifecycle) -> int:
     from ktproxy.commands.options import shadow_options
     from ktproxy.forward.targets import resolve_forward
-    from ktproxy.shadow.keys import generate_session_keys
     from ktproxy.shadow.session import ShadowSession
+    from ktproxy.tunnel.keys import generate_session_keys
     from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
     kube = open_kube(args, life)

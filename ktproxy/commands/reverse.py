@@ -96,8 +96,8 @@ class ReverseShadow:
 
     def __init__(self, life: lifecycle.Lifecycle, kube: Any, args: argparse.Namespace, spec: ReverseSpec) -> None:
         from ktproxy.commands.options import shadow_options
-        from ktproxy.shadow.keys import generate_session_keys
         from ktproxy.shadow.session import ShadowSession
+        from ktproxy.tunnel.keys import generate_session_keys
         from ktproxy.tunnel.session import SSHOptions, SSHTunnel
 
         self.life = life

@@ -1,2 +1,2 @@
-"""The shadow pod and its life: the session's keys, the pod and Secret it runs from, readiness, heartbeat,
+"""The shadow pod and its life: the pod and the Secret it runs from, readiness, heartbeat,
 replacement, and SSH to it over the port-forward. Every command that needs a tunnel starts here."""

@@ -14,12 +14,10 @@ from typing import Any
 
 import asyncssh
 
-from ktproxy.cleanup.sweep import sweep
 from ktproxy.cluster.client import KubeClient
 from ktproxy.cluster.discovery import discover
 from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.cluster.heartbeat import ObjectRef, heartbeat_loop
-from ktproxy.shadow.keys import SessionKeys
 from ktproxy.shadow.pod import (
     CONNECT,
     ShadowOptions,
@@ -29,6 +27,7 @@ from ktproxy.shadow.pod import (
     delete_shadow,
     pod_state,
 )
+from ktproxy.tunnel.keys import SessionKeys
 from ktproxy.tunnel.session import SSHOptions
 
 log = logging.getLogger("ktproxy.shadow.session")
@@ -70,16 +69,6 @@ class ShadowSession:
         if not (await self.kube.can_i("get", "pods/portforward", ns)
                 or await self.kube.can_i("create", "pods/portforward", ns)):
             raise KubeError(f"no permission to create pods/portforward in namespace {ns}", 403, "Forbidden")
-
-    async def sweep(self) -> None:
-        """Remove what crashed sessions left in this namespace (stale heartbeat), as kt-connect does."""
-        try:
-            result = await sweep(self.kube, self.namespace)
-        except KubeError as exc:  # a user who may not list everything can still connect
-            log.debug("sweep of stale objects skipped: %s", exc)
-            return
-        for obj in result.removed:
-            log.info("Removed stale %s (left by an earlier session)", obj.ref)
 
     async def discover(self, domain_override: str | None = None) -> Any:
         return await discover(self.kube, self.namespace, domain_override)

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from ktproxy.shadow.keys import SessionKeys
 from ktproxy.tunnel.channels import close_channel, close_stream, open_shielded, session_gone
+from ktproxy.tunnel.keys import SessionKeys
 from ktproxy.tunnel.remote import ArrivalCallback, Exposure, PortRefused, RemotePorts
 from ktproxy.tunnel.supervisor import StateCallback, Supervisor, TunnelDown
 from ktwire.sshwire import CIPHERS, MAX_PKTSIZE, WINDOW

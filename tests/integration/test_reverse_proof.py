@@ -19,7 +19,7 @@ import pytest
 from ktproxy.commands.reverse import prove_path
 from ktproxy.errors import KtError
 from ktproxy.expose import ExposedPort
-from ktproxy.shadow.keys import generate_session_keys
+from ktproxy.tunnel.keys import generate_session_keys
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel, connect_tcp
 
 REPO = Path(__file__).resolve().parents[2]

@@ -117,9 +117,6 @@ class _Cluster:
             async def discover(self, domain: str | None) -> ClusterInfo:
                 return ClusterInfo(service_cidrs=[ipaddress.ip_network("10.96.0.0/16")], namespaces=["default"])
 
-            async def sweep(self) -> None:
-                pass
-
             async def start(self, **_kw: object) -> None:
                 pass
 
@@ -142,7 +139,13 @@ class _Cluster:
             async def close(self) -> None:
                 closer("tunnel")()
 
+        import ktproxy.cleanup.sweep as sweep
         import ktproxy.shadow.session as shadow_session
+
+        async def no_sweep(*_a: object) -> None:
+            pass
+
+        monkeypatch.setattr(sweep, "start_up_sweep", no_sweep)
 
         monkeypatch.setattr(options, "kube_client", lambda args: Kube())
         monkeypatch.setattr(shadow_session, "ShadowSession", Shadow)

@@ -7,7 +7,7 @@ import struct
 
 import asyncssh
 
-from ktproxy.shadow.keys import generate_session_keys
+from ktproxy.tunnel.keys import generate_session_keys
 
 
 def _blob(openssh_line: str) -> bytes:

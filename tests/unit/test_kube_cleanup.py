@@ -146,7 +146,6 @@ async def test_connects_start_up_sweep_runs_the_same_hooks(monkeypatch):
     # connect's sweep ran clean() without hooks: it deleted a killed exchange's stale shadow and left the
     # Service selecting nothing, and a dead mesh participant's route in the router.
     from ktproxy.cleanup import sweep
-    from ktproxy.shadow.session import ShadowSession
 
     seen = []
 
@@ -156,7 +155,5 @@ async def test_connects_start_up_sweep_runs_the_same_hooks(monkeypatch):
 
     monkeypatch.setattr(sweep, "recover_hooks", lambda: [hook])
     monkeypatch.setattr(sweep, "first_hooks", lambda: [hook])
-    session = ShadowSession.__new__(ShadowSession)
-    session.kube, session.namespace = _listing_kube(), "team"
-    await session.sweep()
+    await sweep.start_up_sweep(_listing_kube(), "team")
     assert seen == ["team", "team"]

@@ -12,9 +12,9 @@ from kube_fake import FakeCore, api_exception, fake_kube
 
 from ktproxy.cluster import heartbeat
 from ktproxy.cluster.errors import KubeError
-from ktproxy.shadow.keys import generate_session_keys
 from ktproxy.shadow.pod import ShadowOptions, ShadowRole, create_shadow
 from ktproxy.shadow.session import ShadowSession
+from ktproxy.tunnel.keys import generate_session_keys
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKtest session"
 HOST = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
