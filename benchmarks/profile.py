@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from benchmarks.procs import PY, REPO, Procs, free_port, make_keys, start_ktproxy, start_target, wait_for
+from benchmarks.procs import PY, REPO, Procs, make_keys, start_ktproxy, start_target, wait_for
 
 OUT = REPO / "benchmarks" / "results" / "profiles"
 PYSPY = str(Path(PY).parent / "py-spy")
@@ -75,7 +75,7 @@ def dns_server(port_file: str) -> None:
     from dnslib.server import BaseResolver, DNSServer
 
     class Any(BaseResolver):
-        def resolve(self, request, handler):  # noqa: ANN001, ANN201
+        def resolve(self, request, handler):
             reply = request.reply()
             if request.q.qtype in (QTYPE.A, QTYPE.ANY):
                 reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=300, rdata=A("10.96.0.10")))
@@ -197,7 +197,7 @@ def strace(name: str, seconds: float) -> None:
             tracers[proc] = subprocess.Popen(["strace", "-f", "-qq", "-yy", "-s", "0", "-o", str(traces[proc]),
                                               "-p", str(pid)], stderr=subprocess.DEVNULL)
         time.sleep(1.5)  # attached (strace has no "ready" signal; idle processes make no syscalls)
-        argv, ends = env.load_argv(name, seconds, 0.0)
+        argv, _ = env.load_argv(name, seconds, 0.0)
         load = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=seconds + 120)
         time.sleep(0.5)
         for p in tracers.values():
@@ -364,7 +364,6 @@ def leaf(stack: str) -> str:
 def leaf_py(stack: str) -> str:
     for frame in reversed(stack.split(";")):
         if frame_parts(frame)[1].endswith(".py"):
-            func, path = frame_parts(frame)
             return short(frame)
     return "(no Python frame)"
 
