@@ -184,7 +184,9 @@ class KtProxy:
     proxy_port: int
 
 
-def start_ktproxy(procs: Procs, keys: Keys, tuning: Tuning | None = None) -> KtProxy:
+def start_ktproxy(procs: Procs, keys: Keys, tuning: Tuning | None = None,
+                  extra_dataplane: list[str] | None = None) -> KtProxy:
+    """`extra_dataplane`: more data-plane flags (later flags win: `--dns-port 0 --cluster-dns H:P`)."""
     tuning = tuning or Tuning()
     tag = str(next(_serial))
     port_file = procs.workdir / f"shadow{tag}.port"
@@ -200,7 +202,8 @@ def start_ktproxy(procs: Procs, keys: Keys, tuning: Tuning | None = None) -> KtP
     dataplane = procs.spawn(f"dataplane{tag}", [
         PY, "-m", "benchmarks.launch", "dataplane", *tuning.argv(), "--",
         "--ssh", f"127.0.0.1:{ssh_port}", "--identity", str(keys.client), "--host-key-pub", str(keys.host_pub),
-        "--cidr", "127.0.0.0/8", "--proxy-port", "0", "--dns-port", "-1", "--ready-file", str(ready)])
+        "--cidr", "127.0.0.0/8", "--proxy-port", "0", "--dns-port", "-1", "--ready-file", str(ready),
+        *(extra_dataplane or [])])
     try:
         wait_for(lambda: ready.exists() and ready.read_text().strip() != "", 20, "ktproxy data plane", dataplane)
     except RuntimeError as exc:
