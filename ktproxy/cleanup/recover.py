@@ -16,8 +16,8 @@ from ktproxy.cluster import meta
 from ktproxy.cluster.client import KubeClient
 from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.cluster.kt_objects import kt_object
+from ktproxy.cluster.objects import is_subset, read_service
 from ktproxy.exchange import lock, scale, takeover
-from ktproxy.forward.targets import is_subset, read_service
 from ktproxy.mesh import shared as mesh
 from ktproxy.shadow.pod import delete_shadow
 

@@ -1,17 +1,14 @@
-"""Finding what ktproxy left in the cluster (label control-by=kt) and removing what is stale.
+"""The objects ktproxy made (label control-by=kt): listing them, their idle time, deleting one.
 
 No local state: an object is stale when its kt-last-heart-beat (cluster time) is older than the
 threshold; an object without one (created by an older tool, or a crash before the first stamp) counts
-from its creationTimestamp. Objects ktproxy changed but does not own (a service whose selector exchange
-rewrote, a deployment scale mode set to 0) are restored by the recover hooks `clean` is given (the `clean`
-command passes them explicitly).
+from its creationTimestamp. The sweep that uses this is ktproxy/cleanup/sweep.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -102,20 +99,6 @@ def stale(objs: list[KtObject], now: datetime, threshold: float = DEFAULT_THRESH
     return [o for o in objs if (o.idle(now) or 0) > threshold]
 
 
-def is_mesh_shared(obj: KtObject) -> bool:
-    """A mesh's router pod or stuntman Service. The sweep leaves them to the mesh hook, which puts the
-    Service back before deleting them (a router deleted first leaves the Service pointing at nothing)
-    and never deletes them while a participant lives."""
-    return ((obj.kind == "pod" and obj.role == meta.ROLE_ROUTER)
-            or (obj.kind == "service" and obj.name.endswith("-kt-stuntman")))
-
-
-# A recover hook undoes a change to an object ktproxy does not own (exchange's selector rewrite,
-# scale mode's replicas=0). It gets (kube, namespace or None, now, threshold, dry_run) and returns one
-# human-readable line per action it took (or would take).
-RecoverHook = Callable[[KubeClient, str | None, datetime, float, bool], Awaitable[list[str]]]
-
-
 async def delete_object(kube: KubeClient, obj: KtObject) -> bool:
     """Delete one object; False if it was already gone."""
     api = kind_api(kube, obj.kind)
@@ -127,48 +110,6 @@ async def delete_object(kube: KubeClient, obj: KtObject) -> bool:
         if exc.status == 404:
             return False
         raise
-
-
-@dataclass
-class CleanResult:
-    now: datetime
-    removed: list[KtObject]
-    kept: list[KtObject]
-    recovered: list[str]
-    failed: list[tuple[KtObject, str]]
-
-
-async def clean(
-    kube: KubeClient,
-    namespace: str | None,
-    threshold: float = DEFAULT_THRESHOLD,
-    dry_run: bool = False,
-    hooks: Sequence[RecoverHook] = (),
-    before: Sequence[RecoverHook] = (),
-) -> CleanResult:
-    """Run the `before` hooks (mesh: routes of the dead out first), delete (or, with dry_run, only
-    list) stale kt objects except a mesh's shared ones, then run the recover hooks."""
-    now = await kube.cluster_time()
-    recovered: list[str] = []
-    for hook in before:
-        recovered += await hook(kube, namespace, now, threshold, dry_run)
-    objs = await list_objects(kube, namespace)
-    doomed = [o for o in stale(objs, now, threshold) if not is_mesh_shared(o)]
-    kept = [o for o in objs if o not in doomed]
-    removed: list[KtObject] = []
-    failed: list[tuple[KtObject, str]] = []
-    for obj in doomed:
-        if dry_run:
-            removed.append(obj)
-            continue
-        try:
-            await delete_object(kube, obj)
-            removed.append(obj)
-        except KubeError as exc:
-            failed.append((obj, str(exc)))
-    for hook in hooks:
-        recovered += await hook(kube, namespace, now, threshold, dry_run)
-    return CleanResult(now, removed, kept, recovered, failed)
 
 
 def fmt_age(seconds: float | None) -> str:

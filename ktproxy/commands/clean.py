@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ktproxy.cleanup.sweep import sweep
+from ktproxy.cleanup.sweep import CleanResult, sweep
 from ktproxy.cluster.client import KubeClient
-from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, CleanResult, fmt_age
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, fmt_age
 from ktproxy.commands import where
 from ktproxy.commands.listing import add_listing_parser, in_scope
 

@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Lifecycle) -> int:
     from ktproxy.exchange.takeover import original_selector, refuse_if_taken
+    from ktproxy.exchange.target import resolve_exchange_target
     from ktproxy.expose import resolve_expose
-    from ktproxy.forward.targets import resolve_exchange_target
 
     kube = open_kube(args, life)
     ns = kube.namespace

@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], mark: Any, life: lifecycle.Lifecycle) -> int:
+    from ktproxy.cluster.objects import split_target
     from ktproxy.exchange.takeover import original_selector
     from ktproxy.expose import resolve_expose
-    from ktproxy.forward.targets import split_target
     from ktproxy.mesh.shared import refuse_if_exchanged
 
     kind, name = split_target(args.service)
@@ -115,7 +115,7 @@ async def _main(args: argparse.Namespace, pairs: list[Any], mark: Any, life: lif
 
 
 async def _read_service(kube: Any, ns: str, name: str) -> Any:
-    from ktproxy.forward.targets import read_service
+    from ktproxy.cluster.objects import read_service
 
     await kube.check_namespace(ns)
     return await read_service(kube, ns, name)

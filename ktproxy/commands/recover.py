@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace, life: lifecycle.Lifecycle) -> int:
     from ktproxy.cleanup.recover import recover
+    from ktproxy.cluster.objects import split_target
     from ktproxy.commands import open_kube
-    from ktproxy.forward.targets import split_target
 
     kind, name = split_target(args.service)
     if kind not in (None, "svc", "service", "services"):

@@ -1,7 +1,4 @@
-"""What a command's TARGET argument names in the cluster.
-
-exchange: `SVC | svc/NAME | service/NAME | deployment/NAME | deploy/NAME` -> the Service (and the
-Deployment when one was named). forward: `NAME | svc/NAME | pod/NAME | IP | DNS name` -> a dial plan
+"""What forward's TARGET names in the cluster: `NAME | svc/NAME | pod/NAME | IP | DNS name` -> a dial plan
 whose addresses are re-resolved as pods come and go (kt-connect and kubectl redial a dead pod forever).
 """
 
@@ -11,110 +8,22 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ktproxy import expose
 from ktproxy.cluster.client import KubeClient
-from ktproxy.cluster.errors import Access, KubeError
+from ktproxy.cluster.errors import KubeError
+from ktproxy.cluster.objects import SERVICE_KINDS, read_pod, read_service, split_target
 from ktproxy.errors import KtError, UsageError
-from ktproxy.exchange.takeover import original_selector
 from ktproxy.expose import Remote
 
 log = logging.getLogger("ktproxy.forward.targets")
 
-STUNTMAN_SUFFIX = "-kt-stuntman"  # kt-connect's mesh copy of a Service; exchange means the original
 DEFAULT_TTL = 1.0  # seconds a dial plan's addresses are reused before the API is asked again
 
-_SERVICE_KINDS = {"svc": "svc", "service": "service", "services": "service"}
-_DEPLOY_KINDS = {"deploy": "deploy", "deployment": "deployment", "deployments": "deployment"}
 _POD_KINDS = {"pod", "pods", "po"}
 
 
-def split_target(text: str) -> tuple[str | None, str]:
-    """'svc/tomcat' -> ('svc', 'tomcat'); 'tomcat' -> (None, 'tomcat')."""
-    text = (text or "").strip()
-    if not text:
-        raise UsageError("a service name or target address must be specified")
-    if "/" in text:
-        kind, _, name = text.partition("/")
-        if not kind or not name or "/" in name:
-            raise UsageError(f"target {text!r} is not KIND/NAME")
-        return kind.lower(), name
-    return None, text
-
-
-# -------------------------------------------------------------------------------------------- reads
-async def _read(kube: KubeClient, namespace: str, kind: str, name: str, fn: Any, plural: str) -> Any:
-    """The object, or 'KIND 'X' is not found in namespace Y' (or 'namespace Y not found')."""
-    try:
-        return await kube.call(fn, name, namespace, access=Access("get", plural, namespace))
-    except KubeError as exc:
-        if exc.status != 404:
-            raise
-    await kube.check_namespace(namespace)
-    raise KubeError(f"{kind} '{name}' is not found in namespace {namespace}", 404, "NotFound")
-
-
-async def read_service(kube: KubeClient, namespace: str, name: str) -> Any:
-    return await _read(kube, namespace, "service", name, kube.core.read_namespaced_service, "services")
-
-
-async def read_deployment(kube: KubeClient, namespace: str, name: str) -> Any:
-    return await _read(kube, namespace, "deployment", name, kube.apps.read_namespaced_deployment,
-                       "deployments.apps")
-
-
-async def read_pod(kube: KubeClient, namespace: str, name: str) -> Any:
-    return await _read(kube, namespace, "pod", name, kube.core.read_namespaced_pod, "pods")
-
-
-# -------------------------------------------------------------------------------------------- exchange
-@dataclass
-class ExchangeTarget:
-    kind: str  # as typed, for the banner: service, svc, deployment, deploy
-    name: str  # as typed
-    service: Any  # V1Service
-    deployment: Any | None = None  # V1Deployment when the user named one
-
-    @property
-    def service_name(self) -> str:
-        return self.service.metadata.name
-
-
-def is_subset(small: dict[str, str], big: dict[str, str]) -> bool:
-    return bool(small) and all(big.get(k) == v for k, v in small.items())
-
-
-def services_selecting(services: list[Any], labels: dict[str, str]) -> list[Any]:
-    """Services whose (original, if taken over) selector is a non-empty subset of `labels`, by name."""
-    return sorted((s for s in services if is_subset(original_selector(s), labels)), key=lambda s: s.metadata.name)
-
-
-async def resolve_exchange_target(kube: KubeClient, namespace: str, text: str) -> ExchangeTarget:
-    kind, name = split_target(text)
-    if kind is None or kind in _SERVICE_KINDS:
-        service = await read_service(kube, namespace, name)
-        return ExchangeTarget(_SERVICE_KINDS.get(kind or "service", "service"), name, service)
-    if kind in _DEPLOY_KINDS:
-        deployment = await read_deployment(kube, namespace, name)
-        labels = dict((deployment.spec.selector.match_labels or {}) if deployment.spec.selector else {})
-        resp = await kube.call(kube.core.list_namespaced_service, namespace,
-                               access=Access("list", "services", namespace))
-        matches = services_selecting(list(resp.items or []), labels)
-        if not matches:
-            raise KtError(f"no service in namespace {namespace} selects the pods of deployment '{name}'")
-        if len(matches) > 1:
-            log.warning("Several services select deployment '%s' (%s); using '%s'", name,
-                        ", ".join(s.metadata.name for s in matches), matches[0].metadata.name)
-        service = matches[0]
-        if service.metadata.name.endswith(STUNTMAN_SUFFIX):
-            service = await read_service(kube, namespace, service.metadata.name.removesuffix(STUNTMAN_SUFFIX))
-        return ExchangeTarget(_DEPLOY_KINDS[kind], name, service, deployment)
-    raise UsageError(f"cannot exchange {text!r}: give a service (NAME, svc/NAME) or deployment/NAME")
-
-
-# -------------------------------------------------------------------------------------------- forward
 class DialPlan:
     """Where a forwarded connection goes. `endpoints()` is asked on every new connection; its answer is
     reused for `ttl` seconds (call `invalidate()` after a failed dial to ask the cluster again)."""
@@ -282,7 +191,7 @@ async def resolve_forward(
                 raise UsageError(f"a port must be specified because '{name}' is not a service name")
             return AddressPlan(host, remote)
         kind = "svc"
-    if kind in _SERVICE_KINDS:
+    if kind in SERVICE_KINDS:
         service = await read_service(kube, namespace, name)
         named: dict[str, int] = {}
         if remote is not None and expose.needs_pods(service):

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.objects import read_service
 from ktproxy.errors import KtError
 from ktproxy.exchange import takeover
-from ktproxy.forward.targets import read_service
 from ktproxy.mesh import routes as mesh_routes
 from ktproxy.mesh import shared as mesh
 from ktproxy.mesh.spec import resolve_port_map

@@ -17,10 +17,12 @@ import pytest
 from ktproxy import preview
 from ktproxy.cleanup import recover
 from ktproxy.cluster.client import KubeClient
+from ktproxy.cluster.objects import read_service
 from ktproxy.errors import KtError
 from ktproxy.exchange import lock, scale, takeover
+from ktproxy.exchange.target import resolve_exchange_target
 from ktproxy.expose import ExposedPort, parse_expose, resolve_expose
-from ktproxy.forward.targets import read_service, resolve_exchange_target, resolve_forward
+from ktproxy.forward.targets import resolve_forward
 
 pytestmark = pytest.mark.cluster
 

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 from kube_fake import fake_kube
 from kubernetes.client import Configuration
 
+from ktproxy.cleanup.sweep import clean
 from ktproxy.cluster.client import KubeClient
 from ktproxy.cluster.discovery import ClusterInfo, covering, parse_service_range_error
 from ktproxy.cluster.heartbeat import heartbeat_patch
 from ktproxy.cluster.kinds import KINDS, kind_api
-from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, KtObject, clean, fmt_age, stale
+from ktproxy.cluster.kt_objects import DEFAULT_THRESHOLD, KtObject, fmt_age, stale
 from ktproxy.commands.status import render
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -9,7 +9,8 @@ import pytest
 from fake_kube import FakeKube, deployment, pod, service
 
 from ktproxy.errors import KtError, UsageError
-from ktproxy.forward.targets import AddressPlan, PodPlan, ServicePlan, resolve_exchange_target, resolve_forward
+from ktproxy.exchange.target import resolve_exchange_target
+from ktproxy.forward.targets import AddressPlan, PodPlan, ServicePlan, resolve_forward
 
 PORTS = [{"name": "http", "port": 8080, "targetPort": 8080}]
 

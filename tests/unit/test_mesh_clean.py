@@ -8,8 +8,7 @@ import pytest
 from fake_kube import NOW, _Api, pod, service
 from fake_kube import FakeKube as _FakeKube
 
-from ktproxy.cleanup.sweep import first_hooks, recover_hooks
-from ktproxy.cluster.kt_objects import clean
+from ktproxy.cleanup.sweep import clean, first_hooks, recover_hooks
 from ktproxy.errors import KtError
 from ktproxy.exchange import takeover
 from ktproxy.mesh import clean as mesh_clean

@@ -14,8 +14,9 @@ from ktproxy.commands.forward import banner as forward_banner
 from ktproxy.commands.preview import banner as preview_banner
 from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 from ktproxy.errors import KtError, UsageError
+from ktproxy.exchange.target import ExchangeTarget
 from ktproxy.expose import ExposedPort
-from ktproxy.forward.targets import AddressPlan, ExchangeTarget
+from ktproxy.forward.targets import AddressPlan
 
 
 @pytest.mark.parametrize("text, expected", [
