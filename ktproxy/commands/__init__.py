@@ -15,6 +15,15 @@ log = logging.getLogger("ktproxy")
 RULE = "-" * 63
 
 
+def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags of every command that serves laptop ports in the cluster (exchange, mesh, preview)."""
+    p.add_argument("--expose", required=True, metavar="LOCAL[:REMOTE][,...]",
+                   help=f"local ports to serve {what}; REMOTE defaults to LOCAL")
+    p.add_argument("--skip-port-checking", "--skipPortChecking", dest="skip_port_checking", action="store_true",
+                   help="do not check that something listens on the local ports (start it later)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
+
+
 def add_all_namespaces(p: argparse.ArgumentParser) -> None:
     p.add_argument("-A", "--all-namespaces", dest="all_namespaces", action="store_true",
                    help="look in every namespace (default: the current one)")

@@ -23,8 +23,10 @@ from typing import Any
 
 from ktproxy import lifecycle
 from ktproxy.cluster import meta
-from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
+from ktproxy.commands import add_reverse_flags, check_timeout, open_kube, print_banner
+from ktproxy.commands.options import reverse_options
 from ktproxy.errors import KtError
+from ktproxy.shadow import reverse
 
 log = logging.getLogger("ktproxy")
 
@@ -35,7 +37,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("exchange", parents=[common], help="redirect all traffic of a service to the laptop",
                        description="Send every request to a service (or the pods of a deployment) to local ports.")
     p.add_argument("target", metavar="SVC|svc/NAME|deployment/NAME")
-    reverse.add_reverse_flags(p, "instead of the service's pods")
+    add_reverse_flags(p, "instead of the service's pods")
     p.add_argument("--mode", choices=MODES, default="selector",
                    help="selector: switch the service's selector to the shadow (default); "
                         "scale: the shadow takes the deployment's labels and the deployment goes to 0")
@@ -93,7 +95,7 @@ async def _selector_mode(args: argparse.Namespace, kube: Any, target: Any, ports
     labels = target_labels(meta.ROLE_EXCHANGE_SHADOW)
     spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=labels, annotations={meta.KT_CONFIG: f"service={name}"})
-    shadow = reverse.ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, reverse_options(args, kube.namespace), spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "services", ns)]))
     user = shadow.shadow.options.user
@@ -135,7 +137,7 @@ async def _scale_mode(args: argparse.Namespace, kube: Any, target: Any, ports: l
     spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=scale.shadow_labels(deployment),
                        annotations={meta.KT_CONFIG: scale.scale_config(name, replicas)})
-    shadow = reverse.ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, reverse_options(args, kube.namespace), spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "deployments.apps", ns),
                                            Access("get", "deployments.apps", ns)]))

@@ -24,8 +24,10 @@ from typing import Any
 
 from ktproxy import lifecycle
 from ktproxy.cluster import meta
-from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
+from ktproxy.commands import add_reverse_flags, check_timeout, open_kube, print_banner
+from ktproxy.commands.options import reverse_options
 from ktproxy.errors import KtError
+from ktproxy.shadow import reverse
 
 log = logging.getLogger("ktproxy")
 
@@ -41,7 +43,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Route the requests to a service that carry a version header to local ports; "
                                    "every other request still reaches the service's pods.")
     p.add_argument("service", metavar="SVC")
-    reverse.add_reverse_flags(p, "for requests that carry the version header")
+    add_reverse_flags(p, "for requests that carry the version header")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto: a router pod picks requests by header (default); manual: the shadow joins the "
                         "service with a version label, for your own service mesh to route by")
@@ -138,7 +140,7 @@ async def _manual(args: argparse.Namespace, kube: Any, service: Any, ports: list
                                ports=ports, labels={**selector, mark.key: mark.value},
                                annotations={meta.KT_CONFIG: f"mode=manual,service={name},"
                                                             f"route={mark.key}:{mark.value}"})
-    shadow = reverse.ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, reverse_options(args, kube.namespace), spec)
     await shadow.preflight()
     await life.until_stopped(check_value_free(kube, ns, name, mark.value))
     await shadow.start()
@@ -169,7 +171,7 @@ class AutoMesh:
         spec = reverse.ReverseSpec(role=meta.ROLE_MESH_SHADOW, name_prefix=self.own, name=self.own, ports=ports,
                                    labels=self.labels,
                                    annotations={meta.KT_CONFIG: mesh_config(self.name, mark.route)})
-        self.shadow = reverse.ReverseShadow(life, kube, args, spec)
+        self.shadow = reverse.ReverseShadow(life, kube, reverse_options(args, kube.namespace), spec)
         self.full: list[Any] = []  # every TCP port of the service (the router serves them all)
         self.joined = False  # from here on, leaving has shared state to put right
         self.probe = probe_request(self.name, mark)

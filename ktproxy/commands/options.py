@@ -7,6 +7,7 @@ import argparse
 from ktproxy.cluster import meta
 from ktproxy.cluster.client import KubeClient
 from ktproxy.shadow.pod import DEFAULT_IMAGE, ShadowOptions
+from ktproxy.shadow.reverse import ReverseOptions
 
 
 def kube_client(args: argparse.Namespace) -> KubeClient:
@@ -16,6 +17,11 @@ def kube_client(args: argparse.Namespace) -> KubeClient:
         context=getattr(args, "context", None),
         namespace=getattr(args, "namespace", None),
     )
+
+
+def reverse_options(args: argparse.Namespace, namespace: str) -> ReverseOptions:
+    """The shadow of exchange, mesh and preview: global flags plus --timeout and --skip-port-checking."""
+    return ReverseOptions(shadow_options(args, namespace), args.timeout, args.skip_port_checking)
 
 
 def shadow_options(args: argparse.Namespace, namespace: str) -> ShadowOptions:

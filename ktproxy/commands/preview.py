@@ -16,8 +16,10 @@ from typing import Any
 
 from ktproxy import lifecycle
 from ktproxy.cluster import meta
-from ktproxy.commands import check_timeout, open_kube, print_banner, reverse
+from ktproxy.commands import add_reverse_flags, check_timeout, open_kube, print_banner
+from ktproxy.commands.options import reverse_options
 from ktproxy.errors import UsageError
+from ktproxy.shadow import reverse
 
 log = logging.getLogger("ktproxy")
 
@@ -29,7 +31,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("preview", parents=[common], help="make a local service reachable in the cluster by name",
                        description="Create Service NAME in the cluster whose traffic reaches local ports.")
     p.add_argument("name", metavar="NAME", help="name of the new Service")
-    reverse.add_reverse_flags(p, "as Service NAME")
+    add_reverse_flags(p, "as Service NAME")
     p.add_argument("--external", action="store_true", help="a LoadBalancer Service instead of ClusterIP")
     p.set_defaults(func=run)
 
@@ -61,7 +63,7 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     labels = target_labels(meta.ROLE_PREVIEW_SHADOW)
     spec = reverse.ReverseSpec(role=meta.ROLE_PREVIEW_SHADOW, name_prefix=f"{name}-kt-", ports=ports, labels=labels,
                        annotations={meta.KT_CONFIG: f"service={name}"})
-    shadow = reverse.ReverseShadow(life, kube, args, spec)
+    shadow = reverse.ReverseShadow(life, kube, reverse_options(args, kube.namespace), spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("create", "services", ns), Access("delete", "services", ns)]))
     await life.until_stopped(_check_free(kube, ns, name))

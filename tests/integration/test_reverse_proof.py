@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ktproxy.commands.reverse import prove_path
 from ktproxy.errors import KtError
 from ktproxy.expose import ExposedPort
+from ktproxy.shadow.reverse import prove_path
 from ktproxy.tunnel.keys import generate_session_keys
 from ktproxy.tunnel.session import SSHOptions, SSHTunnel, connect_tcp
 

@@ -7,6 +7,7 @@ what it owns."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+@functools.cache
 def _imports(path: Path) -> list[ast.ImportFrom | ast.Import]:
     """Every import statement: at module level, inside functions, under TYPE_CHECKING."""
     return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import | ast.ImportFrom)]
@@ -58,6 +60,7 @@ def _resolve(module: str, node: ast.ImportFrom | ast.Import) -> set[str]:
     return out
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     return {m: {d for n in _imports(p) for d in _resolve(m, n)} - {m} for m, p in MODULES.items()}
 

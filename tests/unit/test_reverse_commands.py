@@ -12,11 +12,11 @@ from ktproxy.commands.exchange import banner as exchange_banner
 from ktproxy.commands.forward import Forwarder, parse_ports
 from ktproxy.commands.forward import banner as forward_banner
 from ktproxy.commands.preview import banner as preview_banner
-from ktproxy.commands.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 from ktproxy.errors import KtError, UsageError
 from ktproxy.exchange.target import ExchangeTarget
 from ktproxy.expose import ExposedPort
 from ktproxy.forward.targets import AddressPlan
+from ktproxy.shadow.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -111,7 +111,7 @@ async def test_forward_does_not_blame_the_pods_while_the_session_is_down() -> No
 
 
 async def test_first_failed_proof_cancels_the_others() -> None:
-    from ktproxy.commands.reverse import all_or_none
+    from ktproxy.shadow.reverse import all_or_none
 
     cancelled = asyncio.Event()
 

@@ -1,4 +1,4 @@
-"""What exchange and preview share: the laptop's ports served by one shadow pod over ONE SSH session, and
+"""What exchange, mesh and preview share: the laptop's ports served by one shadow pod over ONE SSH session, and
 the proof that a connection made in the pod reaches the laptop before any cluster traffic is sent there.
 
 The shadow listens on the exposed target ports itself (started with --expose, readiness on its health
@@ -8,7 +8,6 @@ and again after every reconnect (SSHTunnel.expose).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -21,6 +20,7 @@ import asyncssh
 from ktproxy import lifecycle
 from ktproxy.errors import KtError
 from ktproxy.expose import ExposedPort, check_local_port
+from ktproxy.shadow.pod import ShadowOptions
 
 log = logging.getLogger("ktproxy")
 T = TypeVar("T")
@@ -31,14 +31,6 @@ HEALTH_PORTS = (2280, 2281, 2282, 2283)  # the first one no exposed port uses
 PROOF_TIMEOUT = 30.0
 # How long the banner waits for the node's service routing (kube-proxy) to follow the new endpoints.
 SERVICE_PROOF_TIMEOUT = 20.0
-
-
-def add_reverse_flags(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--expose", required=True, metavar="LOCAL[:REMOTE][,...]",
-                   help=f"local ports to serve {what}; REMOTE defaults to LOCAL")
-    p.add_argument("--skip-port-checking", "--skipPortChecking", dest="skip_port_checking", action="store_true",
-                   help="do not check that something listens on the local ports (start it later)")
-    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
 
 
 async def check_local_ports(ports: list[ExposedPort], skip: bool) -> None:
@@ -58,6 +50,16 @@ async def cancel_task(task: asyncio.Task[Any]) -> None:
 def health_port(ports: list[ExposedPort]) -> int:
     used = {p.target_port for p in ports}
     return next(h for h in HEALTH_PORTS if h not in used)
+
+
+@dataclass(frozen=True)
+class ReverseOptions:
+    """What the command line says about a reverse shadow: the pod's shape (global flags), how long to
+    wait for it, and whether the local ports were left unchecked (--skip-port-checking)."""
+
+    shadow: ShadowOptions
+    timeout: float
+    skip_local_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,7 @@ class ReverseSpec:
 class ReverseShadow:
     """The shadow pod and the one session that carries every exposed port back to the laptop."""
 
-    def __init__(self, life: lifecycle.Lifecycle, kube: Any, args: argparse.Namespace, spec: ReverseSpec) -> None:
-        from ktproxy.commands.options import shadow_options
+    def __init__(self, life: lifecycle.Lifecycle, kube: Any, options: ReverseOptions, spec: ReverseSpec) -> None:
         from ktproxy.shadow.session import ShadowSession
         from ktproxy.tunnel.keys import generate_session_keys
         from ktproxy.tunnel.session import SSHOptions, SSHTunnel
@@ -103,11 +104,10 @@ class ReverseShadow:
         self.life = life
         self.kube = kube
         self.spec = spec
-        self.timeout = args.timeout
-        self.skip_local_check = args.skip_port_checking
+        self.timeout = options.timeout
+        self.skip_local_check = options.skip_local_check
         keys = generate_session_keys()
-        self.shadow = ShadowSession(kube, kube.namespace, shadow_options(args, kube.namespace), keys,
-                                    role=spec.shadow_role())
+        self.shadow = ShadowSession(kube, kube.namespace, options.shadow, keys, role=spec.shadow_role())
         self.tunnel = SSHTunnel(self.shadow.connect, SSHOptions.for_session(keys))
 
     @property
