@@ -53,4 +53,20 @@ pid_of() {
   echo "$pid"
 }
 
+# exec_settled NAME SECONDS: up.sh records the pid of `setsid nohup env BIN ...`, which runs BIN only once
+# setsid, nohup and env have exec'd in turn; on a busy machine that takes a moment, and until then
+# pid_of says "not running". Waits until pid_of sees BIN: 0 once it does, 1 as soon as the pid is gone
+# (or a zombie), 2 if it is still on its way after SECONDS.
+exec_settled() {
+  local name=$1 limit=$2 pid stat end=$((SECONDS + $2))
+  pid=$(cat "$RUN/$name.pid" 2>/dev/null) || return 1
+  until pid_of "$name" >/dev/null; do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]] || return 1
+    (( SECONDS < end )) || return 2
+    sleep 0.1
+  done
+}
+
 kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }

@@ -246,6 +246,11 @@ start() {
   echo $! > "$RUN/$name.pid"
   echo "$args_id" > "$RUN/$name.args"
   date +%s > "$RUN/$name.started"
+  # pid_of (and so wait_for, status.sh) knows the pid only once the exec chain reached the binary. A
+  # start that died is left to wait_for, which prints the log.
+  local rc=0
+  exec_settled "$name" 30 || rc=$?
+  [[ $rc != 2 ]] || die "$name (pid $!) still had not exec'd $(bin_of "$name") after 30s"
 }
 
 # wait_for WHAT SECONDS COMPONENT CMD...: polls CMD, prints progress, fails with the component's log tail.

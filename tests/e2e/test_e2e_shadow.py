@@ -56,6 +56,17 @@ async def _wait_gone(kubectl, ns, kind, name, within=30):
     return False
 
 
+async def _left_behind(kubectl, ns, within=30) -> str:
+    """The pods and secrets labelled control-by=kt still in ns: waits (at most `within` s) for a deleted
+    pod to finish terminating, and returns "" once nothing is left."""
+    deadline = time.monotonic() + within
+    while True:
+        left = kubectl("get", "pods,secrets", "-l", "control-by=kt", "-n", ns, "-o", "name").stdout.strip()
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.5)
+
+
 async def test_shadow_ready_ssh_and_delete(kube, namespace, kubectl, caplog):
     client_key, host_key = _keys()
     kubectl("run", "web", "--image=tomcat:9", "--image-pull-policy=IfNotPresent", "-n", namespace)
@@ -141,9 +152,7 @@ async def test_container_that_cannot_start_names_reason_and_leaves_nothing(kube,
     assert msg.startswith("shadow pod kt-connect-shadow-")
     assert "CrashLoopBackOff" in msg or "Error" in msg
     assert "cannot bind 2222: boom" in msg
-    await asyncio.sleep(1)
-    left = kubectl("get", "pods,secrets", "-l", "control-by=kt", "-n", namespace, "-o", "name").stdout.strip()
-    assert left == ""
+    assert await _left_behind(kubectl, namespace) == ""
 
 
 async def test_unschedulable_times_out_with_reason(kube, namespace, kubectl):
@@ -157,9 +166,7 @@ async def test_unschedulable_times_out_with_reason(kube, namespace, kubectl):
     print("error line:", msg)
     assert "did not become ready in time: Unschedulable" in msg
     assert "node" in msg
-    await asyncio.sleep(1)
-    left = kubectl("get", "pods,secrets", "-l", "control-by=kt", "-n", namespace, "-o", "name").stdout.strip()
-    assert left == ""
+    assert await _left_behind(kubectl, namespace) == ""
 
 
 async def test_discovery(kube, namespace, cluster):

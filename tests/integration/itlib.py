@@ -126,21 +126,6 @@ class NetNS:
         return ["ip", "netns", "exec", self.name, *args]
 
 
-def other_runs_alive(mine: str) -> bool:
-    """Another integration run's namespace still exists (it relies on the shared guard route)."""
-    out = sh("ip", "netns", "list", check=False).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if name.startswith("ktp-it-") and name != mine:
-            pid = name.removeprefix("ktp-it-")
-            if pid.isdigit() and Path(f"/proc/{pid}").exists():
-                return True
-    return False
-
-
-
-
-
 @dataclass
 class Keys:
     identity: Path

@@ -3,8 +3,10 @@ is still served; start-up failures give one clear line, a non-zero exit and noth
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import time
 
 import pytest
 from itlib import TOMCAT_MARKER, Shadow, clean_env, curl, free_port, recv_all, socks5_connect
@@ -96,9 +98,35 @@ def test_bad_chunked_body_answers_400(dataplane, body):
 
 
 def test_client_vanishes_mid_request(dataplane):
-    for data in (b"\x05", b"\x05\x01\x00\x05\x01", b"GET http://tomcat:8080/ HTTP/1.1\r\nHo", b"\x04\x01"):
-        with socket.create_connection(("127.0.0.1", dataplane.proxy_port)) as s:
-            s.sendall(data)
+    """A client that sends part of a greeting or request and goes: the proxy drops that connection quietly
+    (no traceback, no error line) and keeps nothing of it (its socket is closed), and serves the others."""
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{dataplane.pid}/fd"))
+
+    log_from = len(dataplane.log_text())
+    base = fds()
+    partial = (b"\x05", b"\x05\x01\x00\x05\x01", b"GET http://tomcat:8080/ HTTP/1.1\r\nHo", b"\x04\x01",
+               b"CONNECT tomcat:8080 HTTP/1.1\r\n", b"\x05\x01\x00\x05\x01\x00\x03\x06tom")
+    held = []
+    for data in partial * 5:
+        s = socket.create_connection(("127.0.0.1", dataplane.proxy_port))
+        s.sendall(data)
+        held.append(s)
+    # While they are open the proxy holds a socket for each (so the count below can see a leak) ...
+    deadline = time.monotonic() + 10
+    while fds() < base + len(held) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds() >= base + len(held), f"data plane fds {base} -> {fds()} with {len(held)} clients open"
+    for s in held:
+        s.close()
+    # ... and once they vanish it lets every one of them go.
+    deadline = time.monotonic() + 10
+    while fds() > base + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds() <= base + 2, f"data plane fds {base} -> {fds()} after {len(held)} clients vanished"
+    log = dataplane.log_text()[log_from:]
+    assert "Traceback" not in log, log
+    assert not [line for line in log.splitlines() if " ERR " in line or " FTL " in line], log
     still_serves(dataplane)
 
 
