@@ -10,11 +10,12 @@ import pytest
 from fake_kube import FakeKube, pod, service
 
 from ktproxy import lifecycle
-from ktproxy.commands import mesh as mesh_command
-from ktproxy.commands.mesh import AutoMesh
+from ktproxy.commands.options import reverse_options
 from ktproxy.exchange import takeover
 from ktproxy.expose import ExposedPort
+from ktproxy.mesh import participant as mesh_participant
 from ktproxy.mesh import shared as mesh
+from ktproxy.mesh.participant import AutoMesh
 from ktproxy.mesh.spec import parse_version_mark
 
 ROUTER_LABELS = {"kt-role": "router", "kt-target": "r" * 20}
@@ -27,7 +28,7 @@ def no_endpoint_wait(monkeypatch: pytest.MonkeyPatch) -> None:
         return None
 
     monkeypatch.setattr(mesh, "wait_router_released", released)
-    monkeypatch.setattr(mesh_command, "RELOAD_GRACE", 0)
+    monkeypatch.setattr(mesh_participant, "RELOAD_GRACE", 0)
 
 
 def _meshed_without_router(kube: FakeKube, values: list[str]) -> None:
@@ -48,8 +49,8 @@ def _meshed_without_router(kube: FakeKube, values: list[str]) -> None:
 def _participant(kube: FakeKube, value: str) -> AutoMesh:
     args = argparse.Namespace(timeout=5.0, skip_port_checking=True, auto_header=False)
     svc = kube.store.read("service", "tomcat", "default")
-    one = AutoMesh(lifecycle.Lifecycle(), kube, args, svc, [ExposedPort(18080, 8080, 8080)],
-                   parse_version_mark(f"version:{value}"))
+    one = AutoMesh(lifecycle.Lifecycle(), kube, reverse_options(args, kube.namespace), svc,
+                   [ExposedPort(18080, 8080, 8080)], parse_version_mark(f"version:{value}"))
     one.joined = True
     return one
 

@@ -10,8 +10,9 @@ from fake_kube import model, service
 
 from ktproxy.cli import build_parser
 from ktproxy.cluster import meta
-from ktproxy.commands.mesh import auto_banner, manual_banner, probe_request
+from ktproxy.commands.mesh import auto_banner, manual_banner
 from ktproxy.errors import KtError, UsageError
+from ktproxy.mesh.participant import probe_request
 from ktproxy.mesh.spec import (
     MeshPort,
     check_label_key,
