@@ -9,12 +9,13 @@ import pytest
 
 from ktproxy.cluster import meta
 from ktproxy.commands.exchange import banner as exchange_banner
-from ktproxy.commands.forward import Forwarder, parse_ports
 from ktproxy.commands.forward import banner as forward_banner
+from ktproxy.commands.forward import parse_ports
 from ktproxy.commands.preview import banner as preview_banner
 from ktproxy.errors import KtError, UsageError
 from ktproxy.exchange.target import ExchangeTarget
 from ktproxy.expose import ExposedPort
+from ktproxy.forward.forwarder import Forwarder
 from ktproxy.forward.targets import AddressPlan
 from ktproxy.shadow.reverse import HEALTH_PORT_NAME, ReverseSpec, health_port
 
