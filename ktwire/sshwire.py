@@ -6,10 +6,31 @@ Both ends are ours, so windows may exceed OpenSSH's defaults; `benchmarks/` meas
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncssh
 from asyncssh import connection as _connection
+
+_log = logging.getLogger(__name__)
+
+# The asyncssh release the per-packet patches below were written against (requirements.lock pins it;
+# tests/unit/test_sshwire.py checks the two agree). They reach into asyncssh's private per-packet code, so
+# under any other release each one leaves asyncssh's own behaviour in place and says so in a debug log.
+ASYNCSSH_PINNED = "2.24.1"
+
+
+def _pinned(patch: str, cls: object, *attrs: str) -> bool:
+    """True when `patch` may be applied: the pinned asyncssh, and `cls` has every attribute it replaces."""
+    version = getattr(asyncssh, "__version__", "?")
+    if version != ASYNCSSH_PINNED:
+        _log.debug("sshwire: %s not applied: asyncssh %s is not the pinned %s", patch, version, ASYNCSSH_PINNED)
+        return False
+    missing = [a for a in attrs if not hasattr(cls, a)]
+    if missing:
+        _log.debug("sshwire: %s not applied: asyncssh has no %s", patch, ", ".join(missing))
+        return False
+    return True
 
 WINDOW = 8 * 1024 * 1024
 MAX_PKTSIZE = 32768 * 4
@@ -106,11 +127,92 @@ def feed_whole_packets() -> bool:
     return True
 
 
+def coalesce_writes() -> bool:
+    """Write the SSH packets of one event-loop turn to the socket with one system call, not one each.
+
+    asyncssh hands every packet to `transport.write()` on its own, and uvloop writes each at once: one
+    `write()` per SSH packet (1.11 per request at 100 clients, 4 per new connection, vs ~0.6 for OpenSSH),
+    each a syscall that on loopback also runs the peer's TCP input. Here `_send` appends the packet to a
+    per-connection list; the first packet of a turn schedules one flush with `loop.call_soon`, which hands
+    the whole list to `transport.writelines()` (uvloop: one `writev`, no join copy).
+
+    - Order: every byte asyncssh sends goes through `_send` (version line, kex, packets), and the list
+      keeps their order; nothing else writes to the transport.
+    - Back-pressure: asyncssh ignores the transport's pause/resume (its channels are flow-controlled by
+      SSH windows), and the list never outlives the turn that filled it, so the transport sees the same
+      bytes at most one turn later, and its buffer and high-water mark behave as before.
+    - Close/abort/disconnect: asyncssh's `_force_close` (under all three, and under connection_lost)
+      drops the transport; the list is flushed first, synchronously, so a DISCONNECT written just before
+      still goes out exactly as before, then asyncssh's abort follows as before. A closing transport
+      gets nothing (asyncssh had already dropped it at that point).
+    """
+    cls = _connection.SSHConnection
+    if getattr(cls._send, "_ktproxy_coalesced", False):
+        return True
+    if not _pinned("coalesce_writes", cls, "_send", "_force_close", "send_packet"):
+        return False
+    force_close = cls._force_close
+
+    def _send(self: _connection.SSHConnection, data: bytes) -> None:
+        if not self._transport:
+            return
+        pending = self._ktproxy_wbuf
+        if pending is None:
+            self._ktproxy_wbuf = [data]
+            self._loop.call_soon(self._ktproxy_flush)
+        else:
+            pending.append(data)
+
+    def _ktproxy_flush(self: _connection.SSHConnection) -> None:
+        pending, self._ktproxy_wbuf = self._ktproxy_wbuf, None
+        transport: Any = self._transport
+        if not pending or transport is None or transport.is_closing():
+            return
+        try:
+            if len(pending) == 1:
+                transport.write(pending[0])
+            else:
+                transport.writelines(pending)
+        except ConnectionError:  # as asyncssh's own _send
+            pass
+
+    def _force_close(self: _connection.SSHConnection, exc: Exception | None) -> None:
+        if self._ktproxy_wbuf is not None:
+            self._ktproxy_flush()
+        force_close(self, exc)
+
+    _send._ktproxy_coalesced = True  # type: ignore[attr-defined]
+    cls._ktproxy_wbuf = None  # type: ignore[attr-defined]  # per instance once a packet waits
+    cls._ktproxy_flush = _ktproxy_flush  # type: ignore[attr-defined]
+    cls._force_close = _force_close  # type: ignore[method-assign]
+    cls._send = _send  # type: ignore[method-assign]
+    return True
+
+
+# Each patch, and how to tell it is in place in this process (benchmarks/launch.py checks them).
+PATCHES = {
+    "drop_cbc_ignore_packets": drop_cbc_ignore_packets,
+    "feed_whole_packets": feed_whole_packets,
+    "coalesce_writes": coalesce_writes,
+}
+
+
+def installed() -> dict[str, bool]:
+    """Which patches asyncssh carries in this process right now."""
+    c = _connection.SSHConnection
+    return {
+        "drop_cbc_ignore_packets": bool(getattr(c.send_packet, "_ktproxy_no_cbc_ignore", False)),
+        "feed_whole_packets": bool(getattr(c.data_received, "_ktproxy_whole_packets", False)),
+        "coalesce_writes": bool(getattr(c._send, "_ktproxy_coalesced", False)),
+    }
+
+
 def install() -> dict[str, bool]:
-    """Apply both wire patches to asyncssh in this process; each entry point calls it once, explicitly.
+    """Apply the wire patches to asyncssh in this process; each entry point calls it once, explicitly.
 
     Patching at import would change asyncssh for anyone who merely imports ktproxy (the practice the
     README holds against pproxy). Returns which patches are in place (False: asyncssh's internals differ
-    and its default stays).
+    and its default stays). Looks each patch up in PATCHES at call time (benchmarks/launch.py replaces
+    one there to measure asyncssh's default against it).
     """
-    return {"drop_cbc_ignore_packets": drop_cbc_ignore_packets(), "feed_whole_packets": feed_whole_packets()}
+    return {name: PATCHES[name]() for name in PATCHES}

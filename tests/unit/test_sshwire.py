@@ -12,6 +12,7 @@ import hashlib
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -92,16 +93,122 @@ async def chopped_tunnel(tmp_path):
 def test_importing_either_end_patches_nothing_until_install():
     # Patching asyncssh is an entry point's explicit choice, never a side effect of an import.
     code = ("import sys\n"
-            "from asyncssh import connection as c\n"
             "import ktproxy.tunnel.session, ktproxy.cli, shadow_image.sshd\n"
-            "flags = lambda: (getattr(c.SSHConnection.data_received, '_ktproxy_whole_packets', False),\n"
-            "                 getattr(c.SSHConnection.send_packet, '_ktproxy_no_cbc_ignore', False))\n"
-            "assert flags() == (False, False), flags()\n"
             "from ktwire import sshwire\n"
-            "assert sshwire.install() == {'drop_cbc_ignore_packets': True, 'feed_whole_packets': True}\n"
-            "assert flags() == (True, True), flags()\n"
-            "assert sshwire.install() == {'drop_cbc_ignore_packets': True, 'feed_whole_packets': True}\n")
+            "assert not any(sshwire.installed().values()), sshwire.installed()\n"
+            "everything = dict.fromkeys(sshwire.PATCHES, True)\n"
+            "assert sshwire.install() == everything\n"
+            "assert sshwire.installed() == everything, sshwire.installed()\n"
+            "assert sshwire.install() == everything\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pinned_asyncssh_is_the_locked_one():
+    # The per-packet patches apply only to the asyncssh they were written against.
+    lock = (Path(__file__).parents[2] / "requirements.lock").read_text()
+    assert f"asyncssh=={sshwire.ASYNCSSH_PINNED}\n" in lock
+    assert asyncssh.__version__ == sshwire.ASYNCSSH_PINNED
+
+
+def test_other_asyncssh_release_keeps_its_own_behaviour(caplog):
+    # Under another release every per-packet patch backs off, says why at debug level, and patches nothing.
+    code = ("import logging, asyncssh\n"
+            "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
+            "asyncssh.__version__ = '9.9.9'\n"
+            "from ktwire import sshwire\n"
+            "result = sshwire.install()\n"
+            "per_packet = set(sshwire.PATCHES) - {'drop_cbc_ignore_packets', 'feed_whole_packets'}\n"
+            "assert per_packet and not any(result[n] for n in per_packet), result\n"
+            "assert not any(sshwire.installed()[n] for n in per_packet), sshwire.installed()\n")
+    r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "asyncssh 9.9.9 is not the pinned" in r.stderr
+
+
+class _NoAuth(asyncssh.SSHServer):
+    """A plain asyncssh server (no shadow, no auth) that records how each connection ended."""
+
+    ended: asyncio.Queue
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended.put_nowait(exc)
+
+
+@pytest.fixture
+async def plain_pair():
+    """A connected asyncssh client and server in this process (both patched), and how the server's ended."""
+    ended: asyncio.Queue = asyncio.Queue()
+    server_cls = type("Server", (_NoAuth,), {"ended": ended})
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    acceptor = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], server_factory=server_cls,
+                                     encryption_algs=sshwire.CIPHERS[:1])
+    port = acceptor.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
+                                  encryption_algs=sshwire.CIPHERS[:1])
+    yield conn, ended
+    conn.abort()
+    acceptor.close()
+
+
+class _CountingTransport:
+    """The connection's transport, counting the calls that reach the socket."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner, self.calls = inner, 0
+
+    def write(self, data: bytes) -> None:
+        self.calls += 1
+        self.inner.write(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.calls += 1
+        self.inner.writelines(chunks)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+async def test_packets_of_one_turn_reach_the_socket_in_one_write(plain_pair):
+    conn, ended = plain_pair
+    counting = _CountingTransport(conn._transport)
+    conn._transport = counting
+    for n in range(50):  # all in one turn, as 50 channels answering in the same loop iteration would
+        conn.send_packet(connection.MSG_IGNORE, connection.String(f"{n}".encode()))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert counting.calls == 1
+    # The peer parsed all 50 in order (a wrong order breaks the AEAD sequence and ends the connection).
+    # A round trip after them (the plain server refuses to forward) proves the peer is still in sync.
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await asyncio.wait_for(conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 9), 10)
+    assert ended.empty()
+    calls = counting.calls
+    # And one more packet a turn later is written on its own turn.
+    conn.send_packet(connection.MSG_IGNORE, connection.String(b"x"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert counting.calls == calls + 1
+
+
+async def test_close_in_the_same_turn_still_sends_what_came_before_and_the_disconnect(plain_pair):
+    conn, ended = plain_pair
+    for n in range(20):
+        conn.send_packet(connection.MSG_IGNORE, connection.String(f"{n}".encode()))
+    conn.close()  # no await in between: the packets and the DISCONNECT wait in the same turn's list
+    exc = await asyncio.wait_for(ended.get(), 10)
+    # asyncssh reports a received DISCONNECT "by application" as None; a lost one as ConnectionLost.
+    assert exc is None, exc
+
+
+async def test_abort_with_packets_pending_closes_without_error(plain_pair):
+    conn, ended = plain_pair
+    conn.send_packet(connection.MSG_IGNORE, connection.String(b"x"))
+    conn.abort()
+    await asyncio.wait_for(conn.wait_closed(), 10)
+    exc = await asyncio.wait_for(ended.get(), 10)
+    assert exc is None or isinstance(exc, (asyncssh.ConnectionLost, ConnectionError)), exc
 
 
 async def test_bulk_and_small_messages_survive_arbitrary_splits(chopped_tunnel, monkeypatch):
