@@ -7,6 +7,7 @@ Both ends are ours, so windows may exceed OpenSSH's defaults; `benchmarks/` meas
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import asyncssh
@@ -189,11 +190,69 @@ def coalesce_writes() -> bool:
     return True
 
 
+# Random bytes are drawn from os.urandom this many at a time (padding is 4-19 bytes per packet).
+_RANDOM_POOL = 64 * 1024
+
+
+class _PooledRandomOS:
+    """The `os` module as asyncssh's connection.py sees it, with `urandom` served from a pool.
+
+    Every other attribute is the real os module's. Each pooled byte comes from os.urandom (the kernel's
+    CSPRNG, as before) and is handed out once, never twice; only the syscall is shared by many calls.
+    """
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self._forget)  # a forked child must not reuse the parent's bytes
+
+    def _forget(self) -> None:
+        self._pool, self._pos = b"", 0
+
+    def urandom(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._pool):
+            if n > _RANDOM_POOL // 4:
+                return os.urandom(n)
+            self._pool, pos, end = os.urandom(_RANDOM_POOL), 0, n
+        self._pos = end
+        return self._pool[pos:end]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def pooled_padding() -> bool:
+    """Draw SSH packet padding from a pooled os.urandom buffer: one getrandom() per 64 KiB, not per packet.
+
+    asyncssh's send_packet pads every packet with `os.urandom(padlen)`: a getrandom() syscall per SSH
+    packet, 4.8-5.4% of the busy samples of both processes at 100 clients (benchmarks/results/PROFILE.md).
+    RFC 4253 (6) asks for "arbitrary-length padding ... random" so that the plaintext length and content
+    do not leak; it does not ask for a syscall per packet. The padding is encrypted (AEAD, CTR) and with
+    aes-gcm also authenticated; the pool is os.urandom output, each byte used once, refreshed after a
+    fork, so the padding is exactly as unpredictable as before. The only other os.urandom in connection.py
+    is the KEXINIT cookie (16 bytes, once per key exchange), which RFC 4253 (7.1) wants random: it gets
+    pooled kernel randomness too. Nothing else in asyncssh (keys, nonces, DH secrets) is affected: only
+    connection.py's module-level `os` name is replaced.
+    """
+    if isinstance(_connection.__dict__.get("os"), _PooledRandomOS):
+        return True
+    if not _pinned("pooled_padding", _connection.SSHConnection, "send_packet"):
+        return False
+    if _connection.__dict__.get("os") is not os:
+        _log.debug("sshwire: pooled_padding not applied: asyncssh.connection has no module-level os")
+        return False
+    _connection.os = _PooledRandomOS()  # type: ignore[attr-defined]
+    return True
+
+
 # Each patch, and how to tell it is in place in this process (benchmarks/launch.py checks them).
 PATCHES = {
     "drop_cbc_ignore_packets": drop_cbc_ignore_packets,
     "feed_whole_packets": feed_whole_packets,
     "coalesce_writes": coalesce_writes,
+    "pooled_padding": pooled_padding,
 }
 
 
@@ -204,6 +263,7 @@ def installed() -> dict[str, bool]:
         "drop_cbc_ignore_packets": bool(getattr(c.send_packet, "_ktproxy_no_cbc_ignore", False)),
         "feed_whole_packets": bool(getattr(c.data_received, "_ktproxy_whole_packets", False)),
         "coalesce_writes": bool(getattr(c._send, "_ktproxy_coalesced", False)),
+        "pooled_padding": isinstance(_connection.__dict__.get("os"), _PooledRandomOS),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import subprocess
 import sys
@@ -258,3 +259,48 @@ def test_unfamiliar_parser_state_is_fed_whole():
     """An asyncssh whose per-connection state is named differently gets whole reads, as it expects."""
     cls = connection.SSHConnection
     assert sshwire._bytes_needed(object(), cls._recv_pkthdr, cls._recv_packet) == 0
+
+
+async def test_padding_comes_from_a_pool_not_a_syscall_per_packet(plain_pair, monkeypatch):
+    conn, _ = plain_pair
+    calls = []
+    real = os.urandom
+
+    def counting(n: int) -> bytes:
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counting)
+    for n in range(1000):
+        conn.send_packet(connection.MSG_IGNORE, connection.String(f"{n}".encode()))
+    await asyncio.sleep(0)
+    assert len(calls) <= 1, f"{len(calls)} os.urandom calls for 1000 packets"
+    with pytest.raises(asyncssh.ChannelOpenError):  # the peer is still in sync
+        await asyncio.wait_for(conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 9), 10)
+
+
+def test_pooled_random_bytes_are_never_handed_out_twice():
+    pool = sshwire._PooledRandomOS()
+    drawn = [pool.urandom(n) for n in range(4, 20) for _ in range(2000)]
+    assert all(len(b) == n for b, n in zip(drawn, [n for n in range(4, 20) for _ in range(2000)], strict=True))
+    joined = b"".join(drawn)
+    assert len(joined) > 3 * sshwire._RANDOM_POOL  # several refills
+    # Consecutive 16-byte windows of fresh randomness do not repeat (a reused pool slice would).
+    windows = {joined[i:i + 16] for i in range(0, len(joined) - 15, 16)}
+    assert len(windows) == len(joined) // 16
+    assert len(pool.urandom(sshwire._RANDOM_POOL)) == sshwire._RANDOM_POOL  # big asks go straight to os
+    assert pool.path is os.path and pool.environ is os.environ
+
+
+def test_pool_is_forgotten_in_a_forked_child():
+    pool = sshwire._PooledRandomOS()
+    pool.urandom(8)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must draw fresh bytes, not the rest of the parent's pool
+        os.write(w, pool.urandom(16))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 16)
+    assert child != pool.urandom(16)
+
