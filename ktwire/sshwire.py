@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncssh
 from asyncssh import connection as _connection
+from asyncssh.crypto import cipher as _cipher
 
 _log = logging.getLogger(__name__)
 
@@ -247,12 +248,66 @@ def pooled_padding() -> bool:
     return True
 
 
+_GCM_TAG = 16
+_INVOCATION_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+def aead_per_key() -> bool:
+    """Build the AES-GCM cipher object once per key, not once per packet; the nonces stay RFC 5647's.
+
+    asyncssh's GCMCipher constructs a new `AESGCM(key)` (a key schedule in OpenSSL) for every packet it
+    encrypts or decrypts and recomputes the nonce through int.from_bytes: 2.5-2.9% of the busy samples
+    at 100 clients, 2.7-4.1 us per 128-byte packet against 0.6-0.85 with one object. asyncssh makes a new
+    GCMCipher per direction at every key exchange, so one AESGCM per GCMCipher is one per key. The nonce
+    sequence is RFC 5647 (7.1) and OpenSSH's aes*-gcm@openssh.com exactly: a fixed 4-byte field and an
+    8-byte big-endian invocation counter, incremented after each packet and wrapping modulo 2**64, starting
+    from the IV the key exchange derived; `_iv` is kept current as asyncssh keeps it.
+    """
+    cls = _cipher.GCMCipher
+    if getattr(cls.encrypt_and_sign, "_ktproxy_aead_per_key", False):
+        return True
+    if not _pinned("aead_per_key", cls, "encrypt_and_sign", "verify_and_decrypt", "_update_iv"):
+        return False
+    invalid_tag = _cipher.InvalidTag
+
+    def _ktproxy_aead(self: Any) -> Any:
+        """This key's AESGCM object and the current invocation counter (made on first use)."""
+        aead = _cipher.AESGCM(self._key)
+        self._ktproxy_state = [aead, self._iv[:4], int.from_bytes(self._iv[4:12], "big")]
+        return self._ktproxy_state
+
+    def encrypt_and_sign(self: Any, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+        state = self._ktproxy_state or _ktproxy_aead(self)
+        data = state[0].encrypt(self._iv, data, header)
+        state[2] = invocation = (state[2] + 1) & _INVOCATION_MASK
+        self._iv = state[1] + invocation.to_bytes(8, "big")
+        return header + data[:-_GCM_TAG], data[-_GCM_TAG:]
+
+    def verify_and_decrypt(self: Any, header: bytes, data: bytes, mac: bytes) -> bytes | None:
+        state = self._ktproxy_state or _ktproxy_aead(self)
+        try:
+            decrypted: bytes | None = state[0].decrypt(self._iv, data + mac, header)
+        except invalid_tag:
+            decrypted = None
+        state[2] = invocation = (state[2] + 1) & _INVOCATION_MASK
+        self._iv = state[1] + invocation.to_bytes(8, "big")
+        return decrypted
+
+    encrypt_and_sign._ktproxy_aead_per_key = True  # type: ignore[attr-defined]
+    encrypt_and_sign._ktproxy_original = cls.encrypt_and_sign  # type: ignore[attr-defined]  # for the tests
+    cls._ktproxy_state = None  # type: ignore[attr-defined]
+    cls.encrypt_and_sign = encrypt_and_sign  # type: ignore[method-assign]
+    cls.verify_and_decrypt = verify_and_decrypt  # type: ignore[method-assign]
+    return True
+
+
 # Each patch, and how to tell it is in place in this process (benchmarks/launch.py checks them).
 PATCHES = {
     "drop_cbc_ignore_packets": drop_cbc_ignore_packets,
     "feed_whole_packets": feed_whole_packets,
     "coalesce_writes": coalesce_writes,
     "pooled_padding": pooled_padding,
+    "aead_per_key": aead_per_key,
 }
 
 
@@ -264,6 +319,7 @@ def installed() -> dict[str, bool]:
         "feed_whole_packets": bool(getattr(c.data_received, "_ktproxy_whole_packets", False)),
         "coalesce_writes": bool(getattr(c._send, "_ktproxy_coalesced", False)),
         "pooled_padding": isinstance(_connection.__dict__.get("os"), _PooledRandomOS),
+        "aead_per_key": bool(getattr(_cipher.GCMCipher.encrypt_and_sign, "_ktproxy_aead_per_key", False)),
     }
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 from asyncssh import connection
+from asyncssh.crypto import cipher
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ktproxy.tunnel.session import SSHOptions, connect_tcp
 from ktwire import sshwire
@@ -304,3 +306,63 @@ def test_pool_is_forgotten_in_a_forked_child():
     child = os.read(r, 16)
     assert child != pool.urandom(16)
 
+
+class _CountingAESGCM:
+    """Stands in for the AESGCM class in asyncssh's cipher module, counting the objects made."""
+
+    made = 0
+
+    def __new__(cls, key: bytes) -> AESGCM:  # type: ignore[misc]
+        cls.made += 1
+        return AESGCM(key)
+
+
+@pytest.fixture
+def counting_aesgcm(monkeypatch):
+    monkeypatch.setattr(cipher, "AESGCM", _CountingAESGCM)
+    _CountingAESGCM.made = 0
+
+
+async def test_one_aead_object_per_key_not_per_packet(counting_aesgcm, plain_pair):
+    conn, _ = plain_pair  # made after counting_aesgcm: every key of this pair is counted
+    for n in range(200):
+        conn.send_packet(connection.MSG_IGNORE, connection.String(f"{n}".encode()))
+    with pytest.raises(asyncssh.ChannelOpenError):  # a round trip: the peer decrypts them all in sequence
+        await asyncio.wait_for(conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 9), 10)
+    # Client and server here share the process: one object per key and direction, each side (4 keys).
+    assert 0 < _CountingAESGCM.made <= 4, _CountingAESGCM.made
+
+
+def _reference(key: bytes, iv: bytes, packets: list[bytes]) -> list[bytes]:
+    """RFC 5647 by hand: fixed field + 64-bit invocation counter, +1 per packet, mod 2**64."""
+    fixed, invocation, out = iv[:4], int.from_bytes(iv[4:], "big"), []
+    for p in packets:
+        nonce = fixed + invocation.to_bytes(8, "big")
+        out.append(AESGCM(key).encrypt(nonce, p[4:], p[:4]))
+        invocation = (invocation + 1) % 2**64
+    return out
+
+
+@pytest.mark.parametrize("start", [0, 2**64 - 2, 12345678901234])
+def test_gcm_nonce_sequence_is_rfc5647s_including_the_wrap(start):
+    key = bytes(range(16))
+    iv = b"\xa1\xb2\xc3\xd4" + start.to_bytes(8, "big")
+    packets = [bytes([n]) * (16 + n) for n in range(5)]
+    enc, dec = cipher.GCMCipher("aes128-gcm", key, iv), cipher.GCMCipher("aes128-gcm", key, iv)
+    for p, want in zip(packets, _reference(key, iv, packets), strict=True):
+        header, body = p[:4], p[4:]
+        ct, tag = enc.encrypt_and_sign(header, body)
+        assert ct[:4] == header and ct[4:] + tag == want
+        assert dec.verify_and_decrypt(header, ct[4:], tag) == body
+    assert enc._iv == dec._iv == iv[:4] + ((start + 5) % 2**64).to_bytes(8, "big")
+    assert dec.verify_and_decrypt(b"\0" * 4, b"x" * 16, b"\0" * 16) is None  # a bad tag still fails
+
+
+def test_gcm_matches_asyncssh_own_class_packet_for_packet(monkeypatch):
+    key, iv = bytes(range(32)), bytes(range(12))
+    ours = cipher.GCMCipher("aes256-gcm", key, iv)
+    packets = [bytes([n]) * (4 + 16 * n) for n in range(1, 8)]
+    theirs = [ours.encrypt_and_sign(p[:4], p[4:]) for p in packets]
+    monkeypatch.setattr(cipher.GCMCipher, "encrypt_and_sign", cipher.GCMCipher.encrypt_and_sign._ktproxy_original)
+    fresh = cipher.GCMCipher("aes256-gcm", key, iv)
+    assert [fresh.encrypt_and_sign(p[:4], p[4:]) for p in packets] == theirs
