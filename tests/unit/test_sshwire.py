@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import random
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from asyncssh import connection
+from asyncssh import connection, packet
 from asyncssh.crypto import cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -366,3 +367,40 @@ def test_gcm_matches_asyncssh_own_class_packet_for_packet(monkeypatch):
     monkeypatch.setattr(cipher.GCMCipher, "encrypt_and_sign", cipher.GCMCipher.encrypt_and_sign._ktproxy_original)
     fresh = cipher.GCMCipher("aes256-gcm", key, iv)
     assert [fresh.encrypt_and_sign(p[:4], p[4:]) for p in packets] == theirs
+
+
+class _Loud:
+    """A log argument that counts how often it is turned into text."""
+
+    formatted = 0
+
+    def __str__(self) -> str:
+        type(self).formatted += 1
+        return "loud"
+
+
+def test_disabled_log_levels_format_nothing(caplog):
+    logger = asyncssh.logging.SSHLogger(child="ktproxy-test", context="conn=1")
+    _Loud.formatted = 0
+    with caplog.at_level(logging.WARNING, logger="asyncssh"):
+        logger.debug1("x %s %s", [_Loud()], b"bytes")
+        logger.info("y %s", [_Loud(), _Loud()])
+    assert _Loud.formatted == 0 and not caplog.records
+    with caplog.at_level(logging.DEBUG, logger="asyncssh"):  # enabled: the same record as asyncssh's
+        logger.debug1("x %s %s", [_Loud()], b"by\x01tes")
+    assert _Loud.formatted == 1
+    assert [r.getMessage() for r in caplog.records] == ["[conn=1] x loud by\\x01tes"]
+
+
+async def test_packets_are_not_described_unless_packet_logging_is_on(plain_pair, monkeypatch, caplog):
+    conn, _ = plain_pair
+    described = []
+    monkeypatch.setattr(packet.SSHPacketLogger, "_log_packet",
+                        lambda self, *a: described.append(a[1]), raising=True)
+    for n in range(20):
+        conn.send_packet(connection.MSG_IGNORE, connection.String(f"{n}".encode()))
+    assert described == []
+    monkeypatch.setattr(asyncssh.logging.SSHLogger, "_debug_level", 3)
+    with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+        conn.send_packet(connection.MSG_IGNORE, connection.String(b"x"))
+    assert described == [connection.MSG_IGNORE]
