@@ -2,7 +2,8 @@
 
     python -m benchmarks.launch shadow|dataplane [--no-uvloop] [--cipher C] [--window N] [--pktsize N]
                                                  [--chunk N] [--no-nodelay] [--fastpath]
-                                                 [--asyncssh-ignore] [--asyncssh-recv] -- ARGS...
+                                                 [--asyncssh-ignore] [--asyncssh-recv]
+                                                 [--asyncssh-default PATCH]... -- ARGS...
 
 The knobs patch the modules' tuning constants (WINDOW, MAX_PKTSIZE, CHUNK, CIPHERS) before their
 `main()` runs, so the study measures the shipped code with one thing changed and nothing edited.
@@ -15,35 +16,25 @@ import argparse
 import sys
 from typing import Any
 
-# The wire patches ktwire.sshwire.install() applies at each entry point, and the flag that tells each one is in place.
-WIRE_PATCHES = {
-    "drop_cbc_ignore_packets": ("send_packet", "_ktproxy_no_cbc_ignore"),
-    "feed_whole_packets": ("data_received", "_ktproxy_whole_packets"),
-}
-
 
 def skip_wire_patch(name: str) -> None:
     """Leave asyncssh's default in place of one sshwire patch in this process (a reverse experiment: what
     the patch gains, measured by its absence). Must run before the entry point's sshwire.install(), which
-    applies the patches through the names this replaces."""
-    from asyncssh import connection
-
+    applies the patches through sshwire.PATCHES, where this replaces one."""
     from ktwire import sshwire
 
-    method, flag = WIRE_PATCHES[name]
-    if getattr(getattr(connection.SSHConnection, method), flag, False):
-        raise SystemExit(f"benchmarks/launch.py: asyncssh's {method} is already patched")
-    setattr(sshwire, name, lambda: False)
+    if sshwire.installed()[name]:
+        raise SystemExit(f"benchmarks/launch.py: asyncssh already carries sshwire's {name}")
+    sshwire.PATCHES[name] = lambda: False
 
 
 def check_wire_patches(skipped: set[str]) -> None:
     """The study must measure what it says: fail loudly if a patch state is not the expected one."""
-    from asyncssh import connection
+    from ktwire import sshwire
 
-    for name, (method, flag) in WIRE_PATCHES.items():
-        patched = bool(getattr(getattr(connection.SSHConnection, method), flag, False))
+    for name, patched in sshwire.installed().items():
         if patched == (name in skipped):
-            raise SystemExit(f"benchmarks/launch.py: asyncssh {method} patch ({name}) is "
+            raise SystemExit(f"benchmarks/launch.py: sshwire patch {name} is "
                              f"{'on' if patched else 'off'}, expected {'off' if patched else 'on'}")
 
 
@@ -77,6 +68,9 @@ def main() -> int:
     p.add_argument("--asyncssh-recv", action="store_true",
                    help="reverse experiment: asyncssh's own receive path, which re-slices its buffer after "
                         "every packet (the shipped code feeds it one packet at a time)")
+    p.add_argument("--asyncssh-default", action="append", default=[], metavar="PATCH",
+                   help="reverse experiment: leave asyncssh's own behaviour in place of this ktwire.sshwire "
+                        "patch (a name in sshwire.PATCHES; repeatable)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
@@ -84,7 +78,7 @@ def main() -> int:
     if args.no_uvloop:
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` now raises ImportError
 
-    skipped = set()
+    skipped = set(args.asyncssh_default)
     if args.asyncssh_ignore:
         skipped.add("drop_cbc_ignore_packets")
     if args.asyncssh_recv:

@@ -153,6 +153,7 @@ class Tuning:
     fastpath: bool = False
     asyncssh_ignore: bool = False  # asyncssh's per-packet empty SSH_MSG_IGNORE, which the shipped code drops
     asyncssh_recv: bool = False  # asyncssh's own receive path, which the shipped code feeds a packet at a time
+    asyncssh_default: tuple[str, ...] = ()  # more ktwire.sshwire patches left out (names in sshwire.PATCHES)
 
     def argv(self) -> list[str]:
         a: list[str] = []
@@ -174,6 +175,8 @@ class Tuning:
             a.append("--asyncssh-ignore")
         if self.asyncssh_recv:
             a.append("--asyncssh-recv")
+        for name in self.asyncssh_default:
+            a += ["--asyncssh-default", name]
         return a
 
 

@@ -71,6 +71,16 @@ class Yardstick:
     tolerate_errors: bool = False
 
 
+# A/B of the SSH wire patches inside one loopback run: KTPROXY_BENCH_WITHOUT="coalesce_writes aead_reuse"
+# adds one more ktproxy SOCKS5 yardstick per name, both of its processes without that ktwire.sshwire patch,
+# measured interleaved with the shipped one (and OpenSSH) so one run gives the before/after ratio.
+WITHOUT_ENV = "KTPROXY_BENCH_WITHOUT"
+
+
+def without_label(patch: str) -> str:
+    return f"{KT_SOCKS} without {patch}"
+
+
 @dataclass
 class LoopbackEnv:
     ctx: Context
@@ -79,11 +89,15 @@ class LoopbackEnv:
     openssh: OpenSSH | None
     asyncssh: KtProxy | None = None
     openssh_skip: str = ""
+    without: dict[str, KtProxy] = field(default_factory=dict)  # WITHOUT_ENV's variants
 
     def yardsticks(self, http: bool = True) -> list[Yardstick]:
         kt = [self.ktproxy.dataplane.pid, self.ktproxy.shadow.pid]
         ys = [Yardstick(DIRECT, "direct"),
               Yardstick(KT_SOCKS, f"socks5:127.0.0.1:{self.ktproxy.proxy_port}", kt)]
+        for patch, v in self.without.items():
+            ys.append(Yardstick(without_label(patch), f"socks5:127.0.0.1:{v.proxy_port}",
+                                [v.dataplane.pid, v.shadow.pid]))
         if http:
             ys.append(Yardstick(KT_HTTP, f"http:127.0.0.1:{self.ktproxy.proxy_port}", kt))
         if self.asyncssh is not None:
@@ -115,5 +129,7 @@ def loopback_env(ctx: Context) -> LoopbackEnv:
             ossh, why = start_openssh(ctx.procs, keys), ""
         except Skip as exc:
             ossh, why = None, str(exc)
-        return LoopbackEnv(ctx, target, kt, ossh, start_asyncssh_socks(ctx.procs, keys), why)
+        without = {name: start_ktproxy(ctx.procs, keys, Tuning(asyncssh_default=(name,)))
+                   for name in os.environ.get(WITHOUT_ENV, "").split()}
+        return LoopbackEnv(ctx, target, kt, ossh, start_asyncssh_socks(ctx.procs, keys), why, without)
     return ctx.fixture("loopback-env", start)

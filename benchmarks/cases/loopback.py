@@ -4,6 +4,7 @@ target) against OpenSSH `ssh -D` to our own sshd (same cipher) and against a dir
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import Any
 
@@ -24,8 +25,13 @@ from benchmarks.procs import OPENSSH_CIPHER
 
 def sizes(ctx: Context) -> dict[str, float]:
     if ctx.quick:
-        return dict(single=32 * 2**20, per_stream=1 * 2**20, duration=0.3, warmup=0.1)
-    return dict(single=2**30, per_stream=16 * 2**20, duration=1.5, warmup=0.3)
+        s = dict(single=32 * 2**20, per_stream=1 * 2**20, duration=0.3, warmup=0.1)
+    else:
+        s = dict(single=2**30, per_stream=16 * 2**20, duration=1.5, warmup=0.3)
+    # Longer request/response loads with quick bulk sizes (the A/B runs: CPU per request needs seconds of load).
+    if seconds := os.environ.get("KTPROXY_BENCH_SECONDS"):
+        s["duration"] = float(seconds)
+    return s
 
 
 def measure_all(ctx: Context, env: LoopbackEnv | Any, prefix: str = "", s: dict[str, float] | None = None,
@@ -78,9 +84,16 @@ def measure_all(ctx: Context, env: LoopbackEnv | Any, prefix: str = "", s: dict[
                                   ("conn", "new connection + request", "connections/s")):
             for y in ys:
                 base = f"{prefix}{label}, {clients} client{'s' if clients > 1 else ''}"
+                before = cpu_seconds(y.pids)
                 r = load(y, base, mode, streams=clients, duration=s["duration"], warmup=s["warmup"])
                 if r is None:
                     continue
+                if y.pids and r.get("rps"):
+                    # CPU over the whole load (set-up and warm-up too) per request at the measured rate:
+                    # the same approximation for every yardstick, and robust to a busy machine.
+                    served = r["rps"] * (s["duration"] + s["warmup"])
+                    ctx.add(f"{base}: proxy CPU", y.name, "µs/request",
+                            (cpu_seconds(y.pids) - before) / served * 1e6, "lower")
                 ctx.add(f"{base}: p50", y.name, "µs", r["p50_us"], "lower")
                 ctx.add(f"{base}: p99", y.name, "µs", r["p99_us"], "lower")
                 ctx.add(f"{base}: rate", y.name, rate, r["rps"])
@@ -113,6 +126,32 @@ def goals(ctx: Context) -> None:
                          f"= {ratio:.2f}x; goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'}")
     for line in lines:
         ctx.note("Goal: " + line)
+    ab(ctx)
+
+
+AB_METRICS = [
+    ("request/response (keep-alive), 100 clients: proxy CPU", "lower"),
+    ("new connection + request, 100 clients: proxy CPU", "lower"),
+    ("request/response (keep-alive), 100 clients: rate", "higher"),
+    ("new connection + request, 100 clients: rate", "higher"),
+    ("request/response (keep-alive), 1 client: p99", "lower"),
+    ("download, 1 stream", "higher"),
+    ("download, 1 stream: proxy CPU", "lower"),
+]
+
+
+def ab(ctx: Context) -> None:
+    """KTPROXY_BENCH_WITHOUT's variants: each metric as a ratio to OpenSSH, shipped vs without the patch."""
+    assert ctx.current is not None
+    for y in sorted({r.yardstick for r in ctx.current.rows if r.yardstick.startswith(KT_SOCKS + " without ")}):
+        cells = []
+        for metric, _better in AB_METRICS:
+            kt, without, oss = ctx.row(metric, KT_SOCKS), ctx.row(metric, y), ctx.row(metric, OPENSSH)
+            if kt and without and oss and oss.median:
+                cells.append(f"{metric}: {without.median / oss.median:.2f}x -> {kt.median / oss.median:.2f}x "
+                             f"OpenSSH ({(kt.median / without.median - 1) * 100:+.0f}%)")
+        if cells:
+            ctx.note(f"A/B, '{y}' -> shipped (median, each as a ratio to OpenSSH in this run): " + "; ".join(cells))
 
 
 @case("loopback", "Loopback data plane: ktproxy vs OpenSSH ssh -D vs direct (no Kubernetes)")
