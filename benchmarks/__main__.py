@@ -1,6 +1,6 @@
 """`python -m benchmarks [--quick] [--case NAME...] [--repeat N] [--out DIR]` (what `make bench` runs).
 
-Writes DIR/latest.md, latest.json and latest.png (DIR defaults to benchmarks/results); a run of some
+Writes DIR/latest.md, latest.json and DIR/charts/CASE.png (DIR defaults to benchmarks/results); a run of some
 cases only (--case) writes DIR/partial.* instead. Exit status 1 when a case failed (skips are not
 failures).
 """

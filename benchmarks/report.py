@@ -1,4 +1,9 @@
-"""Results files: latest.md (tables), latest.json (every sample) and latest.png (a chart)."""
+"""Results files: latest.md (tables, with the goals of benchmarks/goals.py), latest.json (every sample) and
+one chart per case, charts/CASE.png (benchmarks/charts.py).
+
+    python -m benchmarks.report --redraw [--results DIR]   # re-write every DIR/*.md and DIR/charts/*.png
+                                                           # from DIR/*.json, without re-running anything
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,11 @@ import json
 import os
 import platform
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import charts, goals
 from benchmarks.harness import CaseResult, Row
 
 
@@ -80,6 +85,21 @@ def case_table(res: CaseResult) -> list[str]:
     return out
 
 
+def goals_table(res: CaseResult) -> list[str]:
+    """ktproxy against its yardstick on every compared metric, with issue 15's goal (benchmarks/goals.py)."""
+    vs = goals.evaluate(res.name, case_doc(res))
+    if not vs:
+        return []
+    out = [f"**Goals** (benchmarks/goals.py; chart: [charts/{res.name}.png](charts/{res.name}.png); ratio = "
+           "ktproxy ÷ yardstick, medians of this run)", "",
+           "| metric | ktproxy | yardstick | ratio | goal | met? |", "|---|---|---|---|---|---|"]
+    for v in vs:
+        ours = f"{v.ours}: {fmt(v.ours_value)} {v.unit}"
+        yard = "-" if v.yardstick is None else f"{v.yardstick}: {fmt(v.yard_value or 0.0)} {v.unit}"
+        out.append(f"| {v.metric} | {ours} | {yard} | {v.ratio_text()} | {v.goal_text()} | {v.met_text()} |")
+    return out
+
+
 def write_markdown(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> None:
     m = meta["machine"]
     v = m["versions"]
@@ -106,6 +126,8 @@ def write_markdown(path: Path, meta: dict[str, Any], results: list[CaseResult]) 
                 continue
         lines += case_table(res)
         lines.append("")
+        if gt := goals_table(res):
+            lines += [*gt, ""]
         for title, header, rows in res.tables:
             lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -117,64 +139,78 @@ def write_markdown(path: Path, meta: dict[str, Any], results: list[CaseResult]) 
     path.write_text("\n".join(lines))
 
 
+def case_doc(r: CaseResult) -> dict[str, Any]:
+    return {"title": r.title, "group": r.group, "status": r.status, "reason": r.reason, "seconds": r.seconds,
+            "notes": r.notes, "tables": [{"title": t, "header": h, "rows": rows} for t, h, rows in r.tables],
+            "rows": [row.to_json() for row in r.rows]}
+
+
 def write_json(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> None:
-    doc = {"meta": meta, "cases": {r.name: {
-        "title": r.title, "group": r.group, "status": r.status, "reason": r.reason, "seconds": r.seconds,
-        "notes": r.notes, "tables": [{"title": t, "header": h, "rows": rows} for t, h, rows in r.tables],
-        "rows": [row.to_json() for row in r.rows]} for r in results}}
+    doc = {"meta": meta, "cases": {r.name: case_doc(r) for r in results}}
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
 
 
-def write_png(path: Path, meta: dict[str, Any], results: list[CaseResult]) -> None:
-    """One small bar chart per (case, metric): median bars, min-max whiskers, one bar per yardstick."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels: list[tuple[str, list[Row]]] = []
-    for res in results:
-        by_metric: dict[str, list[Row]] = {}
-        for row in res.rows:
-            by_metric.setdefault(row.metric, []).append(row)
-        panels += [(f"{res.name}: {metric}", rows) for metric, rows in by_metric.items()]
-    skipped = [f"{r.name} ({r.status})" for r in results if r.status != "ok"]
-    ncols = 4
-    nrows = max(1, -(-len(panels) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 3.4 * nrows + 0.8), squeeze=False,
-                             layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, rows) in zip(axes.flat, panels, strict=False):
-        names = [r.yardstick for r in rows]
-        med = [r.median for r in rows]
-        err = [[r.median - r.min for r in rows], [r.max - r.median for r in rows]]
-        ax.barh(range(len(rows)), med, xerr=err, color=[colors[i % len(colors)] for i in range(len(rows))],
-                capsize=3)
-        ax.set_yticks(range(len(rows)), names, fontsize=7)
-        ax.invert_yaxis()
-        unit = rows[0].unit + (" (higher is better)" if rows[0].better == "higher" else " (lower is better)")
-        ax.set_xlabel(unit, fontsize=7)
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(textwrap.fill(title, 44), fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    m = meta["machine"]
-    head = (f"ktproxy benchmarks {meta['date']}{' (QUICK)' if meta['quick'] else ''}: {m['nproc']} CPUs, "
-            f"{m['cpu']}, Linux {m['kernel']}; median with min-max of {meta['repeat']}")
-    if skipped:
-        head += "\nnot measured: " + ", ".join(skipped) + " — reasons in latest.md"
-    fig.suptitle(head, fontsize=9)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
+def read_json(path: Path) -> tuple[dict[str, Any], list[CaseResult]]:
+    """The inverse of write_json: (meta, results) as the run had them."""
+    doc = json.loads(path.read_text())
+    results = []
+    for name, c in doc["cases"].items():
+        rows = [Row(r.get("case", name), r["metric"], r["yardstick"], r["unit"], r["better"], list(r["samples"]))
+                for r in c.get("rows", [])]
+        results.append(CaseResult(name, c["title"], c["group"], c["status"], c["reason"], c["seconds"], rows,
+                                  list(c["notes"]), [(t["title"], t["header"], t["rows"]) for t in c["tables"]]))
+    return doc["meta"], results
 
 
 def write_all(out: Path, meta: dict[str, Any], results: list[CaseResult], stem: str = "latest") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, load_after=loadavg())
-    md, js, png = out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
     write_markdown(md, meta, results)
     write_json(js, meta, results)
-    write_png(png, meta, results)
-    return [md, js, png]
+    # Charts from every results file in `out` (per case the newest full run), this run's included.
+    return [md, js, *charts.redraw(out)]
+
+
+def redraw(results: Path) -> list[Path]:
+    """Re-write every results/*.md from its .json, and the charts; measures nothing."""
+    written = []
+    for js in sorted(results.glob("*.json")):
+        try:
+            meta, res = read_json(js)
+        except (OSError, ValueError, KeyError):
+            continue  # not a results file of this harness
+        md = js.with_suffix(".md")
+        write_markdown(md, meta, res)
+        written.append(md)
+    return written + charts.redraw(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    p.add_argument("--redraw", action="store_true", help="re-write the .md files and charts/ from the .json files")
+    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="results directory (default benchmarks/results)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a compared metric has no entry in benchmarks/goals.py")
+    args = p.parse_args(argv)
+    rc = 0
+    for case, (_, doc, src) in sorted(charts.load_results(args.results).items()):
+        for m in goals.missing(case, doc):
+            print(f"report: no goal in benchmarks/goals.py for {m} ({src.name})", file=sys.stderr)
+            rc = 1 if args.check else rc
+    if args.redraw:
+        for path in redraw(args.results):
+            print(f"report: wrote {path}", file=sys.stderr)
+    elif not args.check:
+        p.print_help()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def now() -> str:
