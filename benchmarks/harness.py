@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import REPO, Procs, Skip
+from benchmarks.yardsticks import BY_CASE, Yardsticks
 
 __all__ = ["CASES", "Case", "Context", "Row", "Skip", "case"]
 
@@ -101,6 +102,7 @@ class Context:
         self.current: CaseResult | None = None
         self._fixtures: dict[str, Any] = {}
         self._teardown = contextlib.ExitStack()
+        self.yardsticks = Yardsticks()  # why a yardstick was not run: one line each at the end
 
     # -- what cases call ------------------------------------------------------------------------
     def reps(self) -> Iterator[int]:
@@ -116,6 +118,13 @@ class Context:
                 row.samples.append(value)
                 return
         self.current.rows.append(Row(self.current.name, metric, yardstick, unit, better, [value]))
+
+    def yardstick_missing(self, name: str, why: str) -> None:
+        """A yardstick (benchmarks.yardsticks names: OPENSSH, NGINX, ...) could not run: noted under the
+        case and reported once, in one line, at the end of the run (the first reason wins)."""
+        self.yardsticks.add(name, why)
+        if self.current is not None:
+            self.note(f"{name} yardstick skipped: {why}")
 
     def note(self, text: str) -> None:
         assert self.current is not None
@@ -164,9 +173,14 @@ class Context:
                 except Skip as exc:
                     res.status, res.reason = "skipped", str(exc)
                     self.log(f"[bench] {c.name}: skipped: {exc}")
+                    for y in BY_CASE.get(c.name, ()):
+                        self.yardsticks.add(y, f"case {c.name} skipped: {exc}")
                 except Exception as exc:  # one broken case must not lose the others' results
                     res.status, res.reason = "failed", f"{type(exc).__name__}: {exc}"
                     self.log(f"[bench] {c.name}: FAILED\n{traceback.format_exc()}")
+                    if not res.rows:
+                        for y in BY_CASE.get(c.name, ()):
+                            self.yardsticks.add(y, f"case {c.name} failed: {res.reason}")
                 res.seconds = time.monotonic() - start
                 self.current = None
         finally:

@@ -114,6 +114,7 @@ def write_markdown(path: Path, meta: dict[str, Any], results: list[CaseResult]) 
         "prefer the CPU-s/GB rows, which do not depend on other load).",
         f"- Software: Python {v['python']}, asyncssh {v['asyncssh']}, uvloop {v['uvloop']}, "
         f"cryptography {v['cryptography']}, {v['openssh']}.",
+        *(f"- Yardstick {name} not run: {why}" for name, why in meta.get("yardsticks_not_run", {}).items()),
         "",
     ]
     for res in results:

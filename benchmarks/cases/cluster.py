@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import yardsticks
 from benchmarks.cases.common import MB, Yardstick
 from benchmarks.cases.loopback import measure_all
 from benchmarks.harness import Context, Skip, case
@@ -264,7 +265,7 @@ def cluster_dataplane(ctx: Context) -> None:
             handle = ktconnect.start_socks(str(cl.kubeconfig), cl.namespace, port=free_port())
             env.ys.append(Yardstick(KTCONNECT, f"socks5:127.0.0.1:{handle.socks_port}", [handle.pid], **side))
         else:
-            ctx.note(f"kt-connect yardstick skipped: {why}")
+            ctx.yardstick_missing(yardsticks.KTCONNECT, why)
         for _ in ctx.reps():
             measure_all(ctx, env, s=sizes(ctx), timeout=180)
     finally:
@@ -382,7 +383,7 @@ def cluster_startup(ctx: Context) -> None:
     from benchmarks import ktconnect
     ok, why = ktconnect.available()
     if not ok:
-        ctx.note(f"kt-connect yardstick skipped: {why}")
+        ctx.yardstick_missing(yardsticks.KTCONNECT, why)
     else:
         for _ in ctx.reps():
             h = ktconnect.start_socks(str(cl.kubeconfig), cl.namespace, port=free_port())

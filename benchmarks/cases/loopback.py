@@ -8,6 +8,7 @@ import os
 import subprocess
 from typing import Any
 
+from benchmarks import yardsticks
 from benchmarks.cases.common import (
     DIRECT,
     KT_SOCKS,
@@ -158,7 +159,7 @@ def ab(ctx: Context) -> None:
 def loopback(ctx: Context) -> None:
     env = loopback_env(ctx)
     if env.openssh is None:
-        ctx.note(f"OpenSSH yardstick skipped: {env.openssh_skip}")
+        ctx.yardstick_missing(yardsticks.OPENSSH, env.openssh_skip)
     for _ in ctx.reps():
         measure_all(ctx, env)
     s = sizes(ctx)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 
+from benchmarks import yardsticks
 from benchmarks.cases.common import KT_SOCKS, OPENSSH, keys_fixture, target_fixture
 from benchmarks.harness import Context, case
 from benchmarks.procs import PY, REPO, Skip, Tuning, rss_kb, session_pids, start_ktproxy, start_openssh
@@ -48,7 +49,7 @@ def memory(ctx: Context) -> None:
         except Skip as exc:
             ossh = None
             if not ctx.current.notes:
-                ctx.note(f"OpenSSH yardstick skipped: {exc}")
+                ctx.yardstick_missing(yardsticks.OPENSSH, str(exc))
         time.sleep(0.5)
         sides = [(KT_SOCKS, f"socks5:127.0.0.1:{kt.proxy_port}", lambda kt=kt: [kt.dataplane.pid])]
         if ossh is not None:

@@ -30,12 +30,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import yardsticks
 from benchmarks.cases.common import cpu_seconds
 from benchmarks.harness import Context, Skip, case
 from benchmarks.httpload import fetch
 from benchmarks.procs import PY, REPO, free_port, port_open, rss_kb, wait_for
 
-NGINX = Path("/usr/sbin/nginx")
+NGINX = Path(yardsticks.nginx_bin() or "/usr/sbin/nginx")  # where it is, or where Debian puts it
 SERVICE = "bench"
 ROUTE = ("version", "abcde")
 STUNTMAN_HOST, MESH_HOST, LISTEN_HOST = "127.0.0.2", "127.0.0.3", "127.0.0.1"
@@ -236,8 +237,8 @@ def require_router() -> None:
 
 
 def mesh_env(ctx: Context) -> MeshEnv:
-    if not NGINX.exists():
-        raise Skip(f"{NGINX} missing (Debian: apt-get install nginx-light)")
+    if (why := yardsticks.check_nginx()) is not None:
+        raise Skip(why)
     require_router()
     op = free_port(STUNTMAN_HOST)
     start_nginx(ctx, "origin", 1, render_origin(op, {STUNTMAN_HOST: b"S" * BODY_LEN, MESH_HOST: b"M" * BODY_LEN}),

@@ -22,6 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from benchmarks import yardsticks
 from benchmarks.cases.cluster import (
     BASE_IMAGE,
     KTCTL,
@@ -268,7 +269,7 @@ def cluster_reverse(ctx: Context) -> None:
     ok, why = ktconnect.available() if not ctx.quick else (False, "not started in --quick (its start-up alone "
                                                                   "takes ~15 s)")
     if not ok:
-        ctx.note(f"kt-connect yardstick skipped: {why}")
+        ctx.yardstick_missing(yardsticks.KTCONNECT, why)
     local_proc, local_port = start_target(ctx.procs, host="127.0.0.1")
 
     def pod() -> None:

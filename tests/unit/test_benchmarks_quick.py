@@ -67,7 +67,7 @@ def test_loopback_measures_every_yardstick_and_metric(quick_run) -> None:
         assert m in metrics
     if "OpenSSH ssh -D" not in yardsticks:  # allowed only where OpenSSH is missing, and then said so
         notes = json.loads((out / "latest.json").read_text())["cases"]["loopback"]["notes"]
-        assert any("OpenSSH yardstick skipped" in n for n in notes)
+        assert any("OpenSSH ssh -D yardstick skipped" in n for n in notes)
 
 
 def test_cluster_cases_run_or_skip_with_the_right_reason(quick_run) -> None:
