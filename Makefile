@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test test-unit demo bench cluster-up cluster-down cluster-status lint
+.PHONY: venv test test-unit demo bench bench-charts cluster-up cluster-down cluster-status lint
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks
+
+# Re-draw benchmarks/results/charts/*.png and the results .md files from the .json files; measures nothing.
+bench-charts: venv
+	$(PY) -m benchmarks.report --redraw --check
 
 cluster-up:
 	bash tests/cluster/up.sh
