@@ -484,3 +484,45 @@ async def test_request_bodies_for_an_unreachable_upstream_give_the_window_back()
         got = relay.client_events(ev.ResponseReceived, sid)[0]
         assert dict(got.headers)[b":status"] == b"502"
     assert relay.client.outbound_flow_control_window == h2_conn.CONN_WINDOW
+
+
+@pytest.mark.parametrize("bad", [
+    [(b"version", b" abcde")], [(b"version", b"abcde ")], [(b"version", b"abcde\t")], [(b"Version", b"abcde")],
+    [(b"connection", b"close")], [(b"te", b"gzip")], [(b"content-length", b"x")], [(b":path", b"/again")],
+])
+async def test_a_malformed_request_resets_its_stream_alone_and_its_neighbours_are_answered(bad) -> None:
+    """RFC 9113 8.1.1: a malformed request is a stream error; h2 alone would end the connection."""
+    relay = Relay()
+    relay.client.config.validate_outbound_headers = False
+    relay.client.config.normalize_outbound_headers = False
+    relay.client.send_headers(1, [*REQ, (b"version", b"abcde")], end_stream=True)
+    relay.client.send_headers(3, [*REQ, *bad], end_stream=True)
+    relay.client.send_headers(5, REQ, end_stream=True)  # all three in one read
+    await relay.settle()
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, 3)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert not [e for e in relay.at_client if isinstance(e, ev.ConnectionTerminated)]
+    served = relay.server_events(ev.RequestReceived)
+    assert len(served) == 2 and [u.route for u in relay.pool.picked] == [("version", "abcde"), None]
+    for e in served:
+        relay.server.send_headers(e.stream_id, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, 1) and relay.client_events(ev.ResponseReceived, 5)
+    # The connection goes on.
+    sid = await request(relay, [*REQ, (b"version", b"abcde")], end=True)
+    assert sid == 7 and len(relay.server_events(ev.RequestReceived)) == 3
+
+
+async def test_malformed_trailers_reset_the_stream_both_ways() -> None:
+    relay = Relay()
+    relay.client.config.validate_outbound_headers = False
+    relay.client.config.normalize_outbound_headers = False
+    sid = await request(relay, [*REQ, (b"version", b"abcde")])
+    relay.client.send_headers(sid, [(b"X-Sum", b"1")], end_stream=True)
+    other = await request(relay, REQ, end=True)
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, sid)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert [e.error_code for e in relay.server_events(ev.StreamReset)] == [ErrorCodes.PROTOCOL_ERROR]
+    usid = relay.server_events(ev.RequestReceived)[-1].stream_id
+    relay.server.send_headers(usid, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, other)
+
