@@ -32,6 +32,10 @@ from shadow_image.router.table import RouteTable, Upstream
 log = logging.getLogger("router.h2")
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
+# After a connection error: GOAWAY, half-close, and read on (discarding) this long or this much before
+# closing, so the client reads the GOAWAY instead of a TCP reset (as downstream.py does for HTTP/1).
+LINGER_TIME = 2.0
+LINGER_BYTES = 1 << 20
 _DOWN_STREAM_EVENTS = (ev.DataReceived, ev.StreamEnded, ev.TrailersReceived, ev.StreamReset)
 
 
@@ -404,10 +408,15 @@ class H2Downstream(Side[Stream]):
         self.pool = pool or pool_for(asyncio.get_running_loop())
         self.ending = False  # close once the last stream is done (the client half-closed, or we stop)
         self._last_stream: int | None = None  # after our GOAWAY: streams above this are refused
+        self._lingered = -1  # >= 0: bytes discarded since a connection error's GOAWAY
         self.mark()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            if self._lingered >= 0:
+                self._lingered += len(data)
+                if self._lingered > LINGER_BYTES and self.transport is not None:
+                    self.transport.close()
             return
         try:
             events = self.h2.receive_data(data)
@@ -471,7 +480,18 @@ class H2Downstream(Side[Stream]):
             stream.pump_response()
 
     def _abort(self) -> None:
-        self.close()
+        """A connection error: the GOAWAY h2 queued goes out, then a half-close; what the client still
+        sends is read and dropped for a while (closing with unread bytes would send a TCP reset, which
+        can destroy the GOAWAY before the client reads it)."""
+        transport = self.transport
+        if self.closed or transport is None or not transport.can_write_eof():  # type: ignore[attr-defined]
+            self.close()
+        else:
+            self.flush()
+            self.closed = True
+            self._lingered = 0
+            transport.write_eof()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(LINGER_TIME, transport.close)
         self._cancel_all()
 
     def _cancel_all(self) -> None:

@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from shadow_image.router import h2_conn
+from shadow_image.router import h2_conn, h2_route
 from shadow_image.router.h2_conn import Side, new_connection
 from shadow_image.router.h2_route import (
     H2Downstream,
@@ -51,9 +51,17 @@ class Wire:
     def __init__(self) -> None:
         self.buf = bytearray()
         self.closed = False
+        self.half_closable = False  # a TCP transport (True) can write_eof
+        self.eof = False
 
     def write(self, data: bytes) -> None:
         self.buf += data
+
+    def can_write_eof(self) -> bool:
+        return self.half_closable
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def close(self) -> None:
         self.closed = True
@@ -526,3 +534,34 @@ async def test_malformed_trailers_reset_the_stream_both_ways() -> None:
     await relay.settle()
     assert relay.client_events(ev.ResponseReceived, other)
 
+
+ZERO_WINDOW_UPDATE = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # a connection error
+
+
+async def test_a_connection_error_sends_goaway_half_closes_and_reads_on_for_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing at once with bytes unread would send a TCP reset that can destroy the GOAWAY."""
+    monkeypatch.setattr(h2_route, "LINGER_TIME", 0.05)
+    relay = Relay()
+    relay.down_wire.half_closable = True
+    await request(relay, end=True)
+    relay.down.data_received(ZERO_WINDOW_UPDATE)
+    events = relay.client.receive_data(relay.down_wire.take())
+    assert [e.error_code for e in events if isinstance(e, ev.ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert relay.down_wire.eof and not relay.down_wire.closed
+    relay.down.data_received(b"x" * 1000)  # read and dropped
+    assert not relay.down_wire.closed and not relay.down_wire.buf
+    assert [e.error_code for e in relay.server_events(ev.StreamReset)] == []  # not yet flushed upstream
+    await asyncio.sleep(0.1)
+    assert relay.down_wire.closed
+
+
+async def test_a_lingering_connection_closes_after_enough_bytes() -> None:
+    relay = Relay()
+    relay.down_wire.half_closable = True
+    relay.down.data_received(relay.client.data_to_send() + ZERO_WINDOW_UPDATE)
+    assert relay.down_wire.eof and not relay.down_wire.closed
+    relay.down.data_received(b"x" * h2_route.LINGER_BYTES)
+    assert not relay.down_wire.closed
+    relay.down.data_received(b"x")
+    assert relay.down_wire.closed
