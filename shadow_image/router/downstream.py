@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httptools
 
 from shadow_image.router import http1, sniff
-from shadow_image.router.table import RouteTable, Upstream
+from shadow_image.router.table import RepeatedRouteHeader, RouteTable, Upstream
 from shadow_image.router.upstream import Pool, UpstreamConnection, describe_error
 
 log = logging.getLogger("router")
@@ -479,8 +479,11 @@ class ClientConnection(asyncio.Protocol):
         headers = self._headers
         head, framing, upgrade = http1.prepare_request(method, self._url, version, headers, self.client,
                                                        parser.should_upgrade(), self.ctx.host)
-        ex = Exchange(method, head, framing, upgrade, self.ctx.table.pick(self.listen_port, headers),
-                      parser.should_keep_alive(), version == "1.1")
+        try:
+            upstream = self.ctx.table.pick(self.listen_port, headers)
+        except RepeatedRouteHeader as exc:
+            raise http1.BadRequest(str(exc)) from None
+        ex = Exchange(method, head, framing, upgrade, upstream, parser.should_keep_alive(), version == "1.1")
         self._cur = self._last = ex
         self._framing = 0
         self._framed = True

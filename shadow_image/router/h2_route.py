@@ -27,7 +27,7 @@ from hyperframe.frame import GoAwayFrame
 
 from shadow_image.router.h2_conn import Headers, Side, new_connection
 from shadow_image.router.h2_upstream import H2Pool, UpstreamConn, pool_for
-from shadow_image.router.table import RouteTable, Upstream
+from shadow_image.router.table import RepeatedRouteHeader, RouteTable, Upstream
 
 log = logging.getLogger("router.h2")
 
@@ -466,10 +466,30 @@ class H2Downstream(Side[Stream]):
         except KeyError:
             self._reset_unrouted(sid)
             return
+        except RepeatedRouteHeader as exc:
+            self._bad_request(sid, str(exc), ended)
+            return
         stream = Stream(self, sid, upstream, forwarded_headers(headers, self.peer))
         stream.req.end = ended
         self.streams[sid] = stream
         self.pool.attach(stream)
+
+    def _bad_request(self, sid: int, reason: str, ended: bool) -> None:
+        """The router's own 400 on one stream (the others go on); a request body still coming is refused
+        with RST_STREAM NO_ERROR after the answer (RFC 9113 8.1)."""
+        log.info("400 to %s on stream %d: %s", self.peer, sid, reason)
+        body = f"ktproxy mesh: bad request: {reason}\n".encode()
+        if self.h2.local_flow_control_window(sid) < len(body):  # no room for the text: a stream error then
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        self.h2.send_headers(sid, [(b":status", b"400"), (b"content-type", b"text/plain; charset=utf-8"),
+                                   (b"content-length", str(len(body)).encode())])
+        self.h2.send_data(sid, body, end_stream=True)
+        if not ended:
+            try:
+                self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+            except StreamClosedError:
+                pass  # its END_STREAM came in the same read
 
     def _reset_unrouted(self, sid: int) -> None:
         log.warning("no upstream for port %s", self.listen_port)

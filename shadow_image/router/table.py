@@ -43,6 +43,13 @@ def parse_annotations_file(text: str) -> dict[str, str]:
     return out
 
 
+class RepeatedRouteHeader(ValueError):
+    """A request carries a route key's header more than once (its argument: the key)."""
+
+    def __str__(self) -> str:
+        return f"the route header {self.args[0].upper()} more than once"
+
+
 @dataclass(frozen=True)
 class Upstream:
     """Where one request goes. `label` names it in logs and in the 502 body when it cannot be reached."""
@@ -103,14 +110,27 @@ class RouteTable:
         return up
 
     def pick(self, listen_port: int, headers: Iterable[tuple[bytes, bytes]]) -> Upstream:
-        """The first header whose name is a route key and whose value is one of that key's values picks
-        the route; anything else (no such header, an unknown value) goes to the original pods."""
+        """The route whose key is a header name (any case) and whose value that header's value equals
+        (with several route keys present, the first such header); anything else (no such header, an
+        unknown value) goes to the original pods. A route key may appear once: a request that repeats one
+        (whatever the values) is ambiguous and raises RepeatedRouteHeader, which HTTP/1 answers with 400
+        and HTTP/2 with a 400 on that stream; it is never forwarded."""
         routes = self._routes
         if routes:
+            found: list[tuple[bytes, dict[bytes, str], bytes]] | None = None
             for name, value in headers:
-                values = routes.get(name.lower())
+                key = name.lower()
+                values = routes.get(key)
                 if values is not None:
+                    if found is None:
+                        found = [(key, values, value)]
+                    elif any(k == key for k, _, _ in found):
+                        raise RepeatedRouteHeader(key.decode("latin-1"))
+                    else:
+                        found.append((key, values, value))
+            if found is not None:
+                for key, values, value in found:
                     hit = values.get(value.strip())
                     if hit is not None:
-                        return self.for_route(name.lower().decode(), hit, listen_port)
+                        return self.for_route(key.decode(), hit, listen_port)
         return self.default(listen_port)

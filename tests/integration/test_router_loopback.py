@@ -284,6 +284,17 @@ def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, 
     assert ups.default.requests == [] and ups.route.requests == []
 
 
+@pytest.mark.parametrize("fields", [b"VERSION: nobody\r\nversion: abcde", b"version: abcde\r\nVersion: abcde",
+                                    b"VERSION: abcde\r\nVERSION: other"])
+def test_a_repeated_route_header_gets_400_and_is_never_forwarded(router, ups, fields):
+    with router.connect() as s:
+        s.sendall(b"GET /twice HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+    assert data.endswith(b"ktproxy mesh: bad request: the route header VERSION more than once\n"), data
+    assert ups.default.requests == [] and ups.route.requests == []
+
+
 def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):
     # llhttp ends an Upgrade request at its head; a declined h2c upgrade used to go on parsing its body as
     # the next request while the upstream waited for that body.

@@ -565,3 +565,24 @@ async def test_a_lingering_connection_closes_after_enough_bytes() -> None:
     assert not relay.down_wire.closed
     relay.down.data_received(b"x")
     assert relay.down_wire.closed
+
+
+async def test_a_repeated_route_header_gets_a_400_on_its_stream_alone() -> None:
+    relay = Relay()
+    relay.client.send_headers(1, [*REQ, (b"version", b"other"), (b"version", b"abcde")], end_stream=True)
+    relay.client.send_headers(3, [*REQ, (b"version", b"abcde"), (b"version", b"abcde")])  # a body to come
+    relay.client.send_data(3, b"body", end_stream=True)
+    relay.client.send_headers(5, [*REQ, (b"version", b"abcde")], end_stream=True)
+    await relay.settle()
+    for sid in (1, 3):
+        assert [dict(e.headers)[b":status"] for e in relay.client_events(ev.ResponseReceived, sid)] == [b"400"]
+        assert relay.body_at_client(sid) == b"ktproxy mesh: bad request: the route header VERSION more than once\n"
+    assert [u.route for u in relay.pool.picked] == [("version", "abcde")]  # only stream 5 went upstream
+    served = relay.server_events(ev.RequestReceived)
+    assert len(served) == 1
+    relay.server.send_headers(served[0].stream_id, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, 5)
+    sid = await request(relay, [*REQ, (b"version", b"abcde"), (b"VERSION", b"x")])  # its body never sent
+    assert [dict(e.headers)[b":status"] for e in relay.client_events(ev.ResponseReceived, sid)] == [b"400"]
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, sid)] == [ErrorCodes.NO_ERROR]
