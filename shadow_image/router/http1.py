@@ -61,9 +61,9 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
 
     The head is HTTP/1.1 whatever the client spoke (so upstream connections can be pooled), keeps Host and
     every end-to-end field, drops hop-by-hop ones, appends the client to X-Forwarded-For, and states the
-    framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a real protocol switch:
-    `Upgrade: h2c` on cleartext is dropped and the request served as plain HTTP/1.1. An HTTP/1.0 request
-    without Host gets `host` (HTTP/1.1 requires one).
+    framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a plain WebSocket
+    handshake (_websocket); any other Upgrade is dropped and the request served as plain HTTP/1.1. An
+    HTTP/1.0 request without Host gets `host` (HTTP/1.1 requires one).
     """
     if version == "1.1":
         http11 = True
@@ -134,16 +134,28 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         # (h2c, declined: smuggling) or held while the upstream waits for it (WebSocket): neither can go on.
         raise BadRequest("Upgrade: h2c with a body" if _tokens(protocols) <= {b"h2c"}
                          else "an Upgrade request with a body")
-    upgrade = upgrade and bool(protocols) and not _tokens(protocols) <= {b"h2c"}
+    if upgrade:
+        upgrade = _websocket(method, http11, protocols, headers)
     xff.append(client)
     out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
     if framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
-        out += [b"Upgrade: " + v + b"\r\n" for v in protocols]
-        out.append(b"Connection: upgrade\r\n")
+        out.append(b"Upgrade: websocket\r\nConnection: upgrade\r\n")
     out.append(b"\r\n")
     return b"".join(out), framing, upgrade
+
+
+def _websocket(method: bytes, http11: bool, protocols: list[bytes], headers: Headers) -> bool:
+    """Whether an Upgrade request llhttp flagged is a plain WebSocket opening handshake (RFC 6455 4.1: GET,
+    HTTP/1.1, one Upgrade field that is just `websocket`, Sec-WebSocket-Key and -Version): the only protocol
+    switch the router forwards and, on 101, splices. Anything else (h2c, a list such as `h2c, websocket`)
+    is served as plain HTTP/1.1, its Upgrade, HTTP2-Settings and Connection fields dropped like every
+    hop-by-hop field, so that each later request on the connection is still routed on its own."""
+    if method != b"GET" or not http11 or len(protocols) != 1 or protocols[0].strip().lower() != b"websocket":
+        return False
+    names = {n.lower() for n, _ in headers}
+    return b"sec-websocket-key" in names and b"sec-websocket-version" in names
 
 
 def format_trailers(trailers: Headers) -> bytes:

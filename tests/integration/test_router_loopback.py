@@ -189,6 +189,27 @@ def test_websocket_goes_where_its_handshake_was_routed(router, ups):
     assert ups.route.requests[0].header("x-forwarded-for") == "127.0.0.1"
 
 
+@pytest.mark.parametrize("upgrade", [b"h2c, websocket", b"websocket, h2c", b"websocket\r\nUpgrade: h2c"])
+def test_a_mixed_upgrade_is_served_as_plain_http_and_the_connection_stays_routed(router, ups, upgrade):
+    """A mixed Upgrade used to be forwarded as a protocol switch: spliced on 101 (every later request then
+    reached that upstream whatever its header) or closed after a 200 (a pipelined request lost)."""
+    first = (b"GET /mixed HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: " + upgrade
+             + b"\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n\r\n")
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(first + b"GET /next HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n")
+        buf = bytearray()
+        status, headers, body = _response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"default GET /mixed\n"
+        assert "upgrade" not in headers
+        status, _, body = _response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"route GET /next\n"
+    seen = ups.default.requests[0]
+    assert seen.header("upgrade") is None and seen.header("http2-settings") is None
+    assert "upgrade" not in (seen.header("connection") or "").lower()
+
+
 def test_non_http_bytes_go_to_the_original_pods_untouched_with_half_close(router, ups):
     with router.connect() as s:
         s.sendall(b"\x16\x03\x01\x00\x05hello")

@@ -63,12 +63,34 @@ def test_content_length_is_kept_as_a_plain_number_and_zero_means_no_body():
     assert _req([(b"Host", b"a"), (b"Content-Length", b"0")], method=b"POST")[1] == http1.NO_BODY
 
 
+WS = [(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"WebSocket"), (b"Sec-WebSocket-Key", b"k"),
+      (b"Sec-WebSocket-Version", b"13")]
+
+
 def test_websocket_upgrade_keeps_upgrade_and_says_connection_upgrade():
-    head, _, upgrade = _req([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
-                             (b"Sec-WebSocket-Key", b"k")], upgrade=True)
+    head, _, upgrade = _req(WS, upgrade=True)
     assert upgrade
-    assert _lines(head)[1:] == [b"Host: a", b"Sec-WebSocket-Key: k", b"X-Forwarded-For: 10.0.0.7",
-                                b"Upgrade: websocket", b"Connection: upgrade"]
+    assert _lines(head)[1:] == [b"Host: a", b"Sec-WebSocket-Key: k", b"Sec-WebSocket-Version: 13",
+                                b"X-Forwarded-For: 10.0.0.7", b"Upgrade: websocket", b"Connection: upgrade"]
+
+
+@pytest.mark.parametrize(("headers", "kw"), [
+    ([*WS[:2], (b"Upgrade", b"h2c, websocket"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket, h2c"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket"), (b"Upgrade", b"websocket"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket/13"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"foo"), *WS[3:]], {}),
+    (WS[:4], {}),  # no Sec-WebSocket-Version
+    ([*WS[:3], WS[4]], {}),  # no Sec-WebSocket-Key
+    (WS, {"method": b"OPTIONS"}),
+    (WS, {"version": "1.0"}),
+])
+def test_only_a_plain_websocket_handshake_is_a_protocol_switch(headers, kw):
+    """Anything else is plain HTTP/1.1 without the upgrade fields, so the connection is never spliced and
+    every later request on it is routed on its own."""
+    head, _, upgrade = _req(headers, upgrade=True, **kw)
+    assert not upgrade
+    assert b"upgrade" not in head.lower().replace(b"sec-websocket", b"")
 
 
 def test_h2c_upgrade_on_cleartext_is_served_as_plain_http11():
