@@ -330,8 +330,23 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
         elif kind == sniff.H2:
             self._start_h2(buf)
-        else:
+        elif kind == sniff.RAW:
             self._start_raw(buf)
+        else:
+            self._refuse_request_line(kind)
+
+    def _refuse_request_line(self, kind: str) -> None:
+        """An HTTP-shaped request line llhttp cannot parse: answered here (not passed raw to the original
+        pods, which would bypass routing), then the connection lingers closed."""
+        self.mode = H1
+        if kind == sniff.NOT_IMPLEMENTED:
+            status, text = 501, "ktproxy mesh: the request method is not one the router can route"
+        else:
+            status, text = 400, "ktproxy mesh: bad request: malformed request line"
+        log.info("%d to %s: %s", status, self.client.decode(), text)
+        self._out.append(http1.error_response(status, text, close=True))
+        self._close_after_flush = True
+        self.flush()
 
     def _sniff_timeout(self) -> None:
         self._timer = None

@@ -230,8 +230,9 @@ def _verbatim(status: int, reason: bytes, headers: Headers) -> bytes:
 
 
 def error_response(status: int, text: str, *, close: bool) -> bytes:
-    """A plain-text answer of the router's own (400, 502, 504)."""
-    reasons = {400: b"Bad Request", 502: b"Bad Gateway", 504: b"Gateway Timeout", 405: b"Method Not Allowed"}
+    """A plain-text answer of the router's own (400, 501, 502, 504)."""
+    reasons = {400: b"Bad Request", 502: b"Bad Gateway", 504: b"Gateway Timeout", 405: b"Method Not Allowed",
+               501: b"Not Implemented"}
     body = text.encode("utf-8", "replace") + b"\n"
     return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reasons.get(status, b"Error")),
                      b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),

@@ -228,6 +228,28 @@ def test_a_word_and_a_space_that_is_no_http_method_is_not_http(router, ups):
         assert s.recv(100) == b"default raw:SET key value\r\n"
 
 
+@pytest.mark.parametrize(("line", "status"), [(b"bad_method\x01 /x HTTP/1.1", b"400 Bad Request"),
+                                              (b"FOO /x HTTP/1.1", b"501 Not Implemented"),
+                                              (b"get /x HTTP/1.1", b"501 Not Implemented")])
+def test_an_http_shaped_request_line_the_router_cannot_parse_is_refused_not_passed_raw(router, ups, line, status):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(line + b"\r\nHost: a\r\nVERSION: abcde\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 " + status + b"\r\n"), data
+    assert b"Connection: close" in data
+    assert ups.default.raw == {} and ups.route.raw == {} and ups.default.requests == []
+
+
+def test_an_empty_line_before_the_request_line_is_ignored(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"\r\nGET /after-crlf HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+    assert data.endswith(b"route GET /after-crlf\n"), data
+    assert ups.default.raw == {}
+
+
 def test_a_silent_client_reaches_a_server_that_speaks_first(router, ups):
     with router.connect() as s:
         assert s.recv(100) == b"default greeting\r\n"
