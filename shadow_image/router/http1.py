@@ -9,6 +9,7 @@ essential ones so a parser upgrade that turns on a leniency cannot open a hole.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -32,6 +33,11 @@ _COMMON_CONNECTION = frozenset({b"close", b"keep-alive", b"Keep-Alive", b"Close"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Request fields prepare_request looks at (the rest are copied as they are).
 _NOTED = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for"}
+# Request field names that are not forwarded: with an underscore (nginx drops them too,
+# underscores_in_headers off; servers behind CGI-style or WSGI environs fold `_` and `-` together, so
+# `Transfer_Encoding` would become framing there), or with a doubled, leading or trailing hyphen
+# (`Transfer--Encoding`, look-alikes of the same kind).
+_LOOKALIKE = re.compile(rb"_|--|^-|-$").search
 _FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
 
 
@@ -60,10 +66,10 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     """(head for the upstream, body framing, is a real upgrade). Raises BadRequest.
 
     The head is HTTP/1.1 whatever the client spoke (so upstream connections can be pooled), keeps Host and
-    every end-to-end field, drops hop-by-hop ones, appends the client to X-Forwarded-For, and states the
-    framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a plain WebSocket
-    handshake (_websocket); any other Upgrade is dropped and the request served as plain HTTP/1.1. An
-    HTTP/1.0 request without Host gets `host` (HTTP/1.1 requires one).
+    every end-to-end field, drops hop-by-hop ones and look-alike names (_LOOKALIKE), appends the client to
+    X-Forwarded-For, and states the framing the router will produce. `upgrade` (llhttp's flag) is honoured
+    only for a plain WebSocket handshake (_websocket); any other Upgrade is dropped and the request served
+    as plain HTTP/1.1. An HTTP/1.0 request without Host gets `host` (HTTP/1.1 requires one).
     """
     if version == "1.1":
         http11 = True
@@ -83,7 +89,8 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     for name, value in headers:
         ln = name.lower()
         if ln not in _NOTED:
-            out += (name, b": ", value, b"\r\n")
+            if _LOOKALIKE(name) is None:
+                out += (name, b": ", value, b"\r\n")
         elif ln == b"host":
             hosts += 1
             out += (name, b": ", value, b"\r\n")
@@ -123,7 +130,8 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     if connection and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
         if named:  # fields the client declared hop-by-hop: copied above, so the rare second pass
-            out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named)
+            out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named
+                                                          and _LOOKALIKE(n) is None)
                              or n.lower() == b"host" for line in (n, b": ", v, b"\r\n")]
             if cls:
                 out.append(b"Content-Length: %d\r\n" % length)

@@ -338,6 +338,18 @@ def test_a_repeated_route_header_gets_400_and_is_never_forwarded(router, ups, fi
     assert ups.default.requests == [] and ups.route.requests == []
 
 
+def test_look_alike_framing_names_never_reach_an_upstream(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST /look HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent_Length: 99\r\n"
+                  b"Transfer---Encoding: chunked\r\nX-Kept: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        data = recv_all(s)
+    assert data.endswith(b"default POST /look\n"), data
+    (seen,) = ups.default.requests
+    assert [n for n, _ in seen.headers if "_" in n or "--" in n] == []
+    assert seen.header("x-kept") == "1" and seen.body == b"ok"
+
+
 def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):
     # llhttp ends an Upgrade request at its head; a declined h2c upgrade used to go on parsing its body as
     # the next request while the upstream waited for that body.

@@ -44,6 +44,16 @@ def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
     assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"Content-Length: 0", b"X-Forwarded-For: 10.0.0.7"]
 
 
+@pytest.mark.parametrize("name", [b"Transfer_Encoding", b"Content_Length", b"X_Forwarded_For", b"Transfer--Encoding",
+                                  b"Transfer---Encoding", b"-Content-Length", b"Content-Length-", b"x_dev"])
+def test_look_alike_field_names_are_not_forwarded(name):
+    """A server that folds `_` into `-` (CGI, WSGI) would read Transfer_Encoding as framing."""
+    for conn in ([], [(b"Connection", b"x-named")]):  # the second pass too
+        head, framing, _ = _req([(b"Host", b"a"), (name, b"chunked"), (b"X-Kept", b"1"), *conn], method=b"POST")
+        assert _lines(head) == [b"POST /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 1", b"X-Forwarded-For: 10.0.0.7"]
+        assert framing == http1.NO_BODY
+
+
 def test_http10_request_goes_upstream_as_http11_so_the_connection_can_be_pooled():
     head, _, _ = _req([], version="1.0")
     assert _lines(head)[0] == b"GET /p?q=1 HTTP/1.1"
