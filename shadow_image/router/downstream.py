@@ -125,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._bad: str | None = None
+        self._bad_status = 400
         self._eof = False
         self._closed = False
         self._holding = False  # client bytes go to _hold (after an upgrade request, before the answer)
@@ -440,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, http1.BadRequest):
-                self._reject(str(cause))
+                self._reject(str(cause), cause.status)
             else:
                 log.error("request callback failed", exc_info=cause)
                 self._reject("the router could not handle it")
@@ -527,11 +528,12 @@ class ClientConnection(asyncio.Protocol):
             ex.pending.append(http1.format_trailers(ex.trailers))
         ex.request_done = True
 
-    def _reject(self, reason: str) -> None:
-        """400 for a request that cannot be forwarded safely; nothing of it reaches an upstream that has
-        not already got its valid beginning, and that upstream connection is cut."""
-        log.info("400 to %s: %s", self.client.decode(), reason)
+    def _reject(self, reason: str, status: int = 400) -> None:
+        """400 (or 501) for a request that cannot be forwarded safely; nothing of it reaches an upstream
+        that has not already got its valid beginning, and that upstream connection is cut."""
+        log.info("%d to %s: %s", status, self.client.decode(), reason)
         self._bad = reason
+        self._bad_status = status
         self._parser = None
         self._holding = True
         self._hold = []
@@ -558,7 +560,11 @@ class ClientConnection(asyncio.Protocol):
             self._send_bad()
 
     def _send_bad(self) -> None:
-        self._out.append(http1.error_response(400, f"ktproxy mesh: bad request: {self._bad}", close=True))
+        if self._bad_status == 501:
+            text = f"ktproxy mesh: not implemented: {self._bad}"
+        else:
+            text = f"ktproxy mesh: bad request: {self._bad}"
+        self._out.append(http1.error_response(self._bad_status, text, close=True))
         self._close_after_flush = True
 
     # --- HTTP/1: upstream exchange -------------------------------------------------------------------

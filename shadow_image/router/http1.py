@@ -38,6 +38,7 @@ _NOTED = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for"}
 # `Transfer_Encoding` would become framing there), or with a doubled, leading or trailing hyphen
 # (`Transfer--Encoding`, look-alikes of the same kind).
 _LOOKALIKE = re.compile(rb"_|--|^-|-$").search
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
 _FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
 
 
@@ -46,7 +47,12 @@ class UnexpectedSwitch(Exception):
 
 
 class BadRequest(Exception):
-    """The request must get a 400 and the connection closed; the message is the body's reason."""
+    """The request must get a 400 (or `status`) and the connection closed; the message is the body's
+    reason."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def client_address(peer: object) -> bytes:
@@ -115,7 +121,13 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         if not http11:
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
         if len(te) > 1 or te[0].strip().lower() != b"chunked":
-            # Any coding besides chunked would have to travel on, and a proxy that re-frames must not.
+            # Any coding besides chunked would have to travel on, and a proxy that re-frames must not. Codings
+            # that end in chunked are valid HTTP the router does not implement: 501 (RFC 9112 6.1, as nginx);
+            # anything else is malformed framing: 400 (RFC 9112 6.3).
+            codings = [c.strip().lower() for v in te for c in v.split(b",")]
+            if codings[-1] == b"chunked" and b"chunked" not in codings[:-1] and all(
+                    c and _TOKEN.fullmatch(c) for c in codings):
+                raise BadRequest("Transfer-Encoding other than chunked", 501)
             raise BadRequest("Transfer-Encoding other than chunked")
         framing = CHUNKED
     elif cls:

@@ -311,7 +311,8 @@ def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, 
     cases = [
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",  # raw UTF-8 in the target: kept refused (README)
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
         b"GET / HTTP/1.1\nHost: a\n\n",
@@ -348,6 +349,16 @@ def test_look_alike_framing_names_never_reach_an_upstream(router, ups):
     (seen,) = ups.default.requests
     assert [n for n, _ in seen.headers if "_" in n or "--" in n] == []
     assert seen.header("x-kept") == "1" and seen.body == b"ok"
+
+
+def test_a_valid_transfer_coding_the_router_does_not_implement_gets_501(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), data
+    assert data.endswith(b"ktproxy mesh: not implemented: Transfer-Encoding other than chunked\n"), data
+    assert ups.default.requests == [] and ups.default.raw == {}
 
 
 def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):

@@ -135,7 +135,6 @@ def test_a_protocol_switch_request_with_a_body_is_refused(protocol, framing, rea
     ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Content-Length", b"1")], "1.1", "Content-Length"),
     ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")], "1.1", "both"),
     ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], "1.0", "HTTP/1.0"),
-    ([(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], "1.1", "chunked"),
     ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")], "1.1", "chunked"),
     ([(b"Host", b"a"), (b"Content-Length", b"-1")], "1.1", "Content-Length"),
     ([(b"Host", b"a"), (b"Content-Length", b"1" * 19)], "1.1", "Content-Length"),
@@ -143,6 +142,19 @@ def test_a_protocol_switch_request_with_a_body_is_refused(protocol, framing, rea
 def test_ambiguous_or_unsupported_requests_are_refused(headers, version, reason):
     with pytest.raises(BadRequest, match=reason):
         _req(headers, version=version, method=b"POST")
+
+
+@pytest.mark.parametrize(("te", "status"), [
+    ([b"gzip, chunked"], 501), ([b"gzip", b"chunked"], 501), ([b"x-custom ,Chunked"], 501),  # valid, unimplemented
+    ([b"chunked, gzip"], 400), ([b"gzip"], 400), ([b"chunked, chunked"], 400), ([b"chunked", b"chunked"], 400),
+    ([b"gzip;q=1, chunked"], 400), ([b", chunked"], 400),
+])
+def test_transfer_codings_other_than_chunked_are_refused_501_when_valid_400_when_not(te, status):
+    """RFC 9112 6.1: a coding the server does not implement gets 501; 6.3: a request whose final coding is
+    not chunked is malformed (400). Relaying them would mean forwarding a coding the router cannot frame."""
+    with pytest.raises(BadRequest, match="other than chunked") as err:
+        _req([(b"Host", b"a"), *((b"Transfer-Encoding", v) for v in te)], method=b"POST")
+    assert err.value.status == status
 
 
 def test_http10_needs_no_host_but_gets_the_services_name_upstream():
