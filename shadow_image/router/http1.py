@@ -38,6 +38,19 @@ _NOTED = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for"}
 # `Transfer_Encoding` would become framing there), or with a doubled, leading or trailing hyphen
 # (`Transfer--Encoding`, look-alikes of the same kind).
 _LOOKALIKE = re.compile(rb"_|--|^-|-$").search
+# Field name as received -> its lower-case form, or b"" for a look-alike: clients repeat the same few names,
+# so a dict lookup replaces both name.lower() and the search on the per-request path. Bounded: past the
+# bound new names are classified each time.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 4096
+
+
+def _field_name(name: bytes) -> bytes:
+    ln = b"" if _LOOKALIKE(name) is not None else name.lower()
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = ln
+    return ln
+
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
 _FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
 
@@ -92,10 +105,11 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     connection: list[bytes] = []
     xff: list[bytes] = []
     protocols: list[bytes] = []
+    names = _NAMES
     for name, value in headers:
-        ln = name.lower()
+        ln = names.get(name) or _field_name(name)
         if ln not in _NOTED:
-            if _LOOKALIKE(name) is None:
+            if ln:  # b"": a look-alike name, dropped
                 out += (name, b": ", value, b"\r\n")
         elif ln == b"host":
             hosts += 1

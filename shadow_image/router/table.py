@@ -74,6 +74,9 @@ class RouteTable:
         self._default_host = default_host or f"{service}-kt-stuntman"
         self._route_host = route_host or f"{service}-kt-mesh-{{value}}"
         self._routes: dict[bytes, dict[bytes, str]] = {}
+        # Field name as received -> (its lower-case form, that key's values or None): saves pick() a
+        # lower() per field; bounded, emptied with every new route set.
+        self._by_name: dict[bytes, tuple[bytes, dict[bytes, str] | None]] = {}
         self.routes: list[Route] = []
         # Upstreams depend only on the hosts and the port, so each is built once: pick() runs per request.
         self._made: dict[tuple[str, str, int], Upstream] = {}
@@ -86,6 +89,7 @@ class RouteTable:
                 by_key.setdefault(key.encode(), {})[value.encode()] = value
                 kept.append((key, value))
         self._routes = by_key
+        self._by_name = {}
         self.routes = kept
 
     @property
@@ -117,10 +121,16 @@ class RouteTable:
         and HTTP/2 with a 400 on that stream; it is never forwarded."""
         routes = self._routes
         if routes:
+            by_name = self._by_name
             found: list[tuple[bytes, dict[bytes, str], bytes]] | None = None
             for name, value in headers:
-                key = name.lower()
-                values = routes.get(key)
+                known = by_name.get(name)
+                if known is None:
+                    key = name.lower()
+                    known = (key, routes.get(key))
+                    if len(by_name) < 4096:
+                        by_name[name] = known
+                key, values = known
                 if values is not None:
                     if found is None:
                         found = [(key, values, value)]
