@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httptools
 
 from shadow_image.router import http1, sniff
-from shadow_image.router.table import RouteTable, Upstream
+from shadow_image.router.table import RepeatedRouteHeader, RouteTable, Upstream
 from shadow_image.router.upstream import Pool, UpstreamConnection, describe_error
 
 log = logging.getLogger("router")
@@ -125,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._bad: str | None = None
+        self._bad_status = 400
         self._eof = False
         self._closed = False
         self._holding = False  # client bytes go to _hold (after an upgrade request, before the answer)
@@ -330,8 +331,23 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
         elif kind == sniff.H2:
             self._start_h2(buf)
-        else:
+        elif kind == sniff.RAW:
             self._start_raw(buf)
+        else:
+            self._refuse_request_line(kind)
+
+    def _refuse_request_line(self, kind: str) -> None:
+        """An HTTP-shaped request line llhttp cannot parse: answered here (not passed raw to the original
+        pods, which would bypass routing), then the connection lingers closed."""
+        self.mode = H1
+        if kind == sniff.NOT_IMPLEMENTED:
+            status, text = 501, "ktproxy mesh: the request method is not one the router can route"
+        else:
+            status, text = 400, "ktproxy mesh: bad request: malformed request line"
+        log.info("%d to %s: %s", status, self.client.decode(), text)
+        self._out.append(http1.error_response(status, text, close=True))
+        self._close_after_flush = True
+        self.flush()
 
     def _sniff_timeout(self) -> None:
         self._timer = None
@@ -425,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, http1.BadRequest):
-                self._reject(str(cause))
+                self._reject(str(cause), cause.status)
             else:
                 log.error("request callback failed", exc_info=cause)
                 self._reject("the router could not handle it")
@@ -479,8 +495,11 @@ class ClientConnection(asyncio.Protocol):
         headers = self._headers
         head, framing, upgrade = http1.prepare_request(method, self._url, version, headers, self.client,
                                                        parser.should_upgrade(), self.ctx.host)
-        ex = Exchange(method, head, framing, upgrade, self.ctx.table.pick(self.listen_port, headers),
-                      parser.should_keep_alive(), version == "1.1")
+        try:
+            upstream = self.ctx.table.pick(self.listen_port, headers)
+        except RepeatedRouteHeader as exc:
+            raise http1.BadRequest(str(exc)) from None
+        ex = Exchange(method, head, framing, upgrade, upstream, parser.should_keep_alive(), version == "1.1")
         self._cur = self._last = ex
         self._framing = 0
         self._framed = True
@@ -509,11 +528,12 @@ class ClientConnection(asyncio.Protocol):
             ex.pending.append(http1.format_trailers(ex.trailers))
         ex.request_done = True
 
-    def _reject(self, reason: str) -> None:
-        """400 for a request that cannot be forwarded safely; nothing of it reaches an upstream that has
-        not already got its valid beginning, and that upstream connection is cut."""
-        log.info("400 to %s: %s", self.client.decode(), reason)
+    def _reject(self, reason: str, status: int = 400) -> None:
+        """400 (or 501) for a request that cannot be forwarded safely; nothing of it reaches an upstream
+        that has not already got its valid beginning, and that upstream connection is cut."""
+        log.info("%d to %s: %s", status, self.client.decode(), reason)
         self._bad = reason
+        self._bad_status = status
         self._parser = None
         self._holding = True
         self._hold = []
@@ -540,7 +560,11 @@ class ClientConnection(asyncio.Protocol):
             self._send_bad()
 
     def _send_bad(self) -> None:
-        self._out.append(http1.error_response(400, f"ktproxy mesh: bad request: {self._bad}", close=True))
+        if self._bad_status == 501:
+            text = f"ktproxy mesh: not implemented: {self._bad}"
+        else:
+            text = f"ktproxy mesh: bad request: {self._bad}"
+        self._out.append(http1.error_response(self._bad_status, text, close=True))
         self._close_after_flush = True
 
     # --- HTTP/1: upstream exchange -------------------------------------------------------------------

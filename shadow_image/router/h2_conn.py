@@ -14,7 +14,11 @@ from typing import Generic, TypeVar
 
 from h2.config import H2Configuration
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection, H2ConnectionStateMachine
+from h2.errors import ErrorCodes
+from h2.events import StreamReset
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import H2Stream
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -41,12 +45,57 @@ for _state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
     _TRANSITIONS[(_state, ConnectionInputs.RECV_GOAWAY)] = (None, _state)
 
 
+class MalformedHeaders(ProtocolError):
+    """A header block that decoded fine (so HPACK state is intact) but breaks RFC 9113 8.2/8.3: upper-case
+    name, value with surrounding whitespace, connection-specific field, bad pseudo-headers, invalid
+    content-length. A stream error (8.1.1), not a connection error."""
+
+
+class _RelayStream(H2Stream):
+    """h2's stream, with the checks it runs on a received header block (after the stream state machine
+    accepted it) raising MalformedHeaders instead of a connection-ending ProtocolError."""
+
+    def _initialize_content_length(self, headers):  # type: ignore[no-untyped-def]
+        try:
+            super()._initialize_content_length(headers)
+        except MalformedHeaders:
+            raise
+        except ProtocolError as e:
+            raise MalformedHeaders(str(e)) from e
+
+    def _process_received_headers(self, headers, header_validation_flags, header_encoding):  # type: ignore[no-untyped-def]
+        try:
+            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
+        except ProtocolError as e:
+            raise MalformedHeaders(str(e)) from e
+
+
+class RelayConnection(H2Connection):
+    """h2's connection where one malformed request (or response) resets its stream alone
+    (RST_STREAM PROTOCOL_ERROR) and is reported as a StreamReset event, so the streams beside it, and the
+    events of the same read, carry on. h2 itself would end the whole connection with GOAWAY."""
+
+    def _begin_new_stream(self, stream_id, allowed_ids):  # type: ignore[no-untyped-def]
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _RelayStream
+        return stream
+
+    def _receive_headers_frame(self, frame):  # type: ignore[no-untyped-def]
+        try:
+            return super()._receive_headers_frame(frame)
+        except MalformedHeaders as e:
+            self.config.logger.debug("malformed header block on stream %d: %s", frame.stream_id, e)
+            stream = self.streams[frame.stream_id]
+            event = StreamReset(stream_id=frame.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False)
+            return stream.reset_stream(ErrorCodes.PROTOCOL_ERROR), [event]
+
+
 def new_connection(client_side: bool) -> H2Connection:
     """An h2 connection with the relay's settings. Headers stay bytes; what we forward was validated
     on the way in, so outbound validation is skipped (it would only cost time)."""
     config = H2Configuration(client_side=client_side, header_encoding=None,
                              validate_outbound_headers=False, normalize_outbound_headers=False)
-    conn = H2Connection(config=config)
+    conn = RelayConnection(config=config)
     conn.state_machine._transitions = _TRANSITIONS  # type: ignore[misc]
     settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS}
     if client_side:

@@ -27,11 +27,15 @@ from hyperframe.frame import GoAwayFrame
 
 from shadow_image.router.h2_conn import Headers, Side, new_connection
 from shadow_image.router.h2_upstream import H2Pool, UpstreamConn, pool_for
-from shadow_image.router.table import RouteTable, Upstream
+from shadow_image.router.table import RepeatedRouteHeader, RouteTable, Upstream
 
 log = logging.getLogger("router.h2")
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
+# After a connection error: GOAWAY, half-close, and read on (discarding) this long or this much before
+# closing, so the client reads the GOAWAY instead of a TCP reset (as downstream.py does for HTTP/1).
+LINGER_TIME = 2.0
+LINGER_BYTES = 1 << 20
 _DOWN_STREAM_EVENTS = (ev.DataReceived, ev.StreamEnded, ev.TrailersReceived, ev.StreamReset)
 
 
@@ -404,10 +408,15 @@ class H2Downstream(Side[Stream]):
         self.pool = pool or pool_for(asyncio.get_running_loop())
         self.ending = False  # close once the last stream is done (the client half-closed, or we stop)
         self._last_stream: int | None = None  # after our GOAWAY: streams above this are refused
+        self._lingered = -1  # >= 0: bytes discarded since a connection error's GOAWAY
         self.mark()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            if self._lingered >= 0:
+                self._lingered += len(data)
+                if self._lingered > LINGER_BYTES and self.transport is not None:
+                    self.transport.close()
             return
         try:
             events = self.h2.receive_data(data)
@@ -457,10 +466,30 @@ class H2Downstream(Side[Stream]):
         except KeyError:
             self._reset_unrouted(sid)
             return
+        except RepeatedRouteHeader as exc:
+            self._bad_request(sid, str(exc), ended)
+            return
         stream = Stream(self, sid, upstream, forwarded_headers(headers, self.peer))
         stream.req.end = ended
         self.streams[sid] = stream
         self.pool.attach(stream)
+
+    def _bad_request(self, sid: int, reason: str, ended: bool) -> None:
+        """The router's own 400 on one stream (the others go on); a request body still coming is refused
+        with RST_STREAM NO_ERROR after the answer (RFC 9113 8.1)."""
+        log.info("400 to %s on stream %d: %s", self.peer, sid, reason)
+        body = f"ktproxy mesh: bad request: {reason}\n".encode()
+        if self.h2.local_flow_control_window(sid) < len(body):  # no room for the text: a stream error then
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        self.h2.send_headers(sid, [(b":status", b"400"), (b"content-type", b"text/plain; charset=utf-8"),
+                                   (b"content-length", str(len(body)).encode())])
+        self.h2.send_data(sid, body, end_stream=True)
+        if not ended:
+            try:
+                self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+            except StreamClosedError:
+                pass  # its END_STREAM came in the same read
 
     def _reset_unrouted(self, sid: int) -> None:
         log.warning("no upstream for port %s", self.listen_port)
@@ -471,7 +500,18 @@ class H2Downstream(Side[Stream]):
             stream.pump_response()
 
     def _abort(self) -> None:
-        self.close()
+        """A connection error: the GOAWAY h2 queued goes out, then a half-close; what the client still
+        sends is read and dropped for a while (closing with unread bytes would send a TCP reset, which
+        can destroy the GOAWAY before the client reads it)."""
+        transport = self.transport
+        if self.closed or transport is None or not transport.can_write_eof():  # type: ignore[attr-defined]
+            self.close()
+        else:
+            self.flush()
+            self.closed = True
+            self._lingered = 0
+            transport.write_eof()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(LINGER_TIME, transport.close)
         self._cancel_all()
 
     def _cancel_all(self) -> None:

@@ -9,6 +9,7 @@ essential ones so a parser upgrade that turns on a leniency cannot open a hole.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -32,6 +33,25 @@ _COMMON_CONNECTION = frozenset({b"close", b"keep-alive", b"Keep-Alive", b"Close"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Request fields prepare_request looks at (the rest are copied as they are).
 _NOTED = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for"}
+# Request field names that are not forwarded: with an underscore (nginx drops them too,
+# underscores_in_headers off; servers behind CGI-style or WSGI environs fold `_` and `-` together, so
+# `Transfer_Encoding` would become framing there), or with a doubled, leading or trailing hyphen
+# (`Transfer--Encoding`, look-alikes of the same kind).
+_LOOKALIKE = re.compile(rb"_|--|^-|-$").search
+# Field name as received -> its lower-case form, or b"" for a look-alike: clients repeat the same few names,
+# so a dict lookup replaces both name.lower() and the search on the per-request path. Bounded: past the
+# bound new names are classified each time.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 4096
+
+
+def _field_name(name: bytes) -> bytes:
+    ln = b"" if _LOOKALIKE(name) is not None else name.lower()
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = ln
+    return ln
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
 _FRAMING_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"}) | HOP_BY_HOP
 
 
@@ -40,7 +60,12 @@ class UnexpectedSwitch(Exception):
 
 
 class BadRequest(Exception):
-    """The request must get a 400 and the connection closed; the message is the body's reason."""
+    """The request must get a 400 (or `status`) and the connection closed; the message is the body's
+    reason."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def client_address(peer: object) -> bytes:
@@ -60,10 +85,10 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     """(head for the upstream, body framing, is a real upgrade). Raises BadRequest.
 
     The head is HTTP/1.1 whatever the client spoke (so upstream connections can be pooled), keeps Host and
-    every end-to-end field, drops hop-by-hop ones, appends the client to X-Forwarded-For, and states the
-    framing the router will produce. `upgrade` (llhttp's flag) is honoured only for a real protocol switch:
-    `Upgrade: h2c` on cleartext is dropped and the request served as plain HTTP/1.1. An HTTP/1.0 request
-    without Host gets `host` (HTTP/1.1 requires one).
+    every end-to-end field, drops hop-by-hop ones and look-alike names (_LOOKALIKE), appends the client to
+    X-Forwarded-For, and states the framing the router will produce. `upgrade` (llhttp's flag) is honoured
+    only for a plain WebSocket handshake (_websocket); any other Upgrade is dropped and the request served
+    as plain HTTP/1.1. An HTTP/1.0 request without Host gets `host` (HTTP/1.1 requires one).
     """
     if version == "1.1":
         http11 = True
@@ -80,10 +105,12 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     connection: list[bytes] = []
     xff: list[bytes] = []
     protocols: list[bytes] = []
+    names = _NAMES
     for name, value in headers:
-        ln = name.lower()
+        ln = names.get(name) or _field_name(name)
         if ln not in _NOTED:
-            out += (name, b": ", value, b"\r\n")
+            if ln:  # b"": a look-alike name, dropped
+                out += (name, b": ", value, b"\r\n")
         elif ln == b"host":
             hosts += 1
             out += (name, b": ", value, b"\r\n")
@@ -108,7 +135,13 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         if not http11:
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
         if len(te) > 1 or te[0].strip().lower() != b"chunked":
-            # Any coding besides chunked would have to travel on, and a proxy that re-frames must not.
+            # Any coding besides chunked would have to travel on, and a proxy that re-frames must not. Codings
+            # that end in chunked are valid HTTP the router does not implement: 501 (RFC 9112 6.1, as nginx);
+            # anything else is malformed framing: 400 (RFC 9112 6.3).
+            codings = [c.strip().lower() for v in te for c in v.split(b",")]
+            if codings[-1] == b"chunked" and b"chunked" not in codings[:-1] and all(
+                    c and _TOKEN.fullmatch(c) for c in codings):
+                raise BadRequest("Transfer-Encoding other than chunked", 501)
             raise BadRequest("Transfer-Encoding other than chunked")
         framing = CHUNKED
     elif cls:
@@ -123,7 +156,8 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
     if connection and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
         if named:  # fields the client declared hop-by-hop: copied above, so the rare second pass
-            out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named)
+            out = out[:4] + [line for n, v in headers if (n.lower() not in _NOTED and n.lower() not in named
+                                                          and _LOOKALIKE(n) is None)
                              or n.lower() == b"host" for line in (n, b": ", v, b"\r\n")]
             if cls:
                 out.append(b"Content-Length: %d\r\n" % length)
@@ -134,16 +168,28 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
         # (h2c, declined: smuggling) or held while the upstream waits for it (WebSocket): neither can go on.
         raise BadRequest("Upgrade: h2c with a body" if _tokens(protocols) <= {b"h2c"}
                          else "an Upgrade request with a body")
-    upgrade = upgrade and bool(protocols) and not _tokens(protocols) <= {b"h2c"}
+    if upgrade:
+        upgrade = _websocket(method, http11, protocols, headers)
     xff.append(client)
     out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
     if framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
-        out += [b"Upgrade: " + v + b"\r\n" for v in protocols]
-        out.append(b"Connection: upgrade\r\n")
+        out.append(b"Upgrade: websocket\r\nConnection: upgrade\r\n")
     out.append(b"\r\n")
     return b"".join(out), framing, upgrade
+
+
+def _websocket(method: bytes, http11: bool, protocols: list[bytes], headers: Headers) -> bool:
+    """Whether an Upgrade request llhttp flagged is a plain WebSocket opening handshake (RFC 6455 4.1: GET,
+    HTTP/1.1, one Upgrade field that is just `websocket`, Sec-WebSocket-Key and -Version): the only protocol
+    switch the router forwards and, on 101, splices. Anything else (h2c, a list such as `h2c, websocket`)
+    is served as plain HTTP/1.1, its Upgrade, HTTP2-Settings and Connection fields dropped like every
+    hop-by-hop field, so that each later request on the connection is still routed on its own."""
+    if method != b"GET" or not http11 or len(protocols) != 1 or protocols[0].strip().lower() != b"websocket":
+        return False
+    names = {n.lower() for n, _ in headers}
+    return b"sec-websocket-key" in names and b"sec-websocket-version" in names
 
 
 def format_trailers(trailers: Headers) -> bytes:
@@ -218,8 +264,9 @@ def _verbatim(status: int, reason: bytes, headers: Headers) -> bytes:
 
 
 def error_response(status: int, text: str, *, close: bool) -> bytes:
-    """A plain-text answer of the router's own (400, 502, 504)."""
-    reasons = {400: b"Bad Request", 502: b"Bad Gateway", 504: b"Gateway Timeout", 405: b"Method Not Allowed"}
+    """A plain-text answer of the router's own (400, 501, 502, 504)."""
+    reasons = {400: b"Bad Request", 502: b"Bad Gateway", 504: b"Gateway Timeout", 405: b"Method Not Allowed",
+               501: b"Not Implemented"}
     body = text.encode("utf-8", "replace") + b"\n"
     return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reasons.get(status, b"Error")),
                      b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),

@@ -43,6 +43,13 @@ def parse_annotations_file(text: str) -> dict[str, str]:
     return out
 
 
+class RepeatedRouteHeader(ValueError):
+    """A request carries a route key's header more than once (its argument: the key)."""
+
+    def __str__(self) -> str:
+        return f"the route header {self.args[0].upper()} more than once"
+
+
 @dataclass(frozen=True)
 class Upstream:
     """Where one request goes. `label` names it in logs and in the 502 body when it cannot be reached."""
@@ -67,6 +74,9 @@ class RouteTable:
         self._default_host = default_host or f"{service}-kt-stuntman"
         self._route_host = route_host or f"{service}-kt-mesh-{{value}}"
         self._routes: dict[bytes, dict[bytes, str]] = {}
+        # Field name as received -> (its lower-case form, that key's values or None): saves pick() a
+        # lower() per field; bounded, emptied with every new route set.
+        self._by_name: dict[bytes, tuple[bytes, dict[bytes, str] | None]] = {}
         self.routes: list[Route] = []
         # Upstreams depend only on the hosts and the port, so each is built once: pick() runs per request.
         self._made: dict[tuple[str, str, int], Upstream] = {}
@@ -79,6 +89,7 @@ class RouteTable:
                 by_key.setdefault(key.encode(), {})[value.encode()] = value
                 kept.append((key, value))
         self._routes = by_key
+        self._by_name = {}
         self.routes = kept
 
     @property
@@ -103,14 +114,33 @@ class RouteTable:
         return up
 
     def pick(self, listen_port: int, headers: Iterable[tuple[bytes, bytes]]) -> Upstream:
-        """The first header whose name is a route key and whose value is one of that key's values picks
-        the route; anything else (no such header, an unknown value) goes to the original pods."""
+        """The route whose key is a header name (any case) and whose value that header's value equals
+        (with several route keys present, the first such header); anything else (no such header, an
+        unknown value) goes to the original pods. A route key may appear once: a request that repeats one
+        (whatever the values) is ambiguous and raises RepeatedRouteHeader, which HTTP/1 answers with 400
+        and HTTP/2 with a 400 on that stream; it is never forwarded."""
         routes = self._routes
         if routes:
+            by_name = self._by_name
+            found: list[tuple[bytes, dict[bytes, str], bytes]] | None = None
             for name, value in headers:
-                values = routes.get(name.lower())
+                known = by_name.get(name)
+                if known is None:
+                    key = name.lower()
+                    known = (key, routes.get(key))
+                    if len(by_name) < 4096:
+                        by_name[name] = known
+                key, values = known
                 if values is not None:
+                    if found is None:
+                        found = [(key, values, value)]
+                    elif any(k == key for k, _, _ in found):
+                        raise RepeatedRouteHeader(key.decode("latin-1"))
+                    else:
+                        found.append((key, values, value))
+            if found is not None:
+                for key, values, value in found:
                     hit = values.get(value.strip())
                     if hit is not None:
-                        return self.for_route(name.lower().decode(), hit, listen_port)
+                        return self.for_route(key.decode(), hit, listen_port)
         return self.default(listen_port)

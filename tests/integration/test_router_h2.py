@@ -263,3 +263,46 @@ async def test_kept_alive_upstream_closed_under_a_request(mesh: Mesh) -> None:
     post = await client.request("/drop-once", method="POST", headers=[("version", "fghij")], body=b"once")
     assert post.status == 502 and b"the connection closed before a response" in post.body
     client.close()
+
+
+async def test_a_malformed_request_resets_its_stream_alone_on_a_real_connection(mesh: Mesh) -> None:
+    """RFC 9113 8.1.1: a stream error; the streams beside it (sent in the same write) are answered."""
+    client = await mesh.client()
+    client.conn.config.validate_outbound_headers = False
+    client.conn.config.normalize_outbound_headers = False
+    flush, client.flush = client.flush, lambda: None  # type: ignore[method-assign]  # one write for all three
+    _, good = client.start("/a", headers=[("version", "abcde")])
+    _, bad = client.start("/b", headers=[("version", " abcde")])
+    _, upper = client.start("/c", headers=[("Version", "abcde")])
+    _, other = client.start("/d")
+    client.flush = flush  # type: ignore[method-assign]
+    client.flush()
+    replies = [await wait_reply(f) for f in (good, bad, upper, other)]
+    assert [(r.status, r.reset) for r in replies] == [(200, None), (0, ErrorCodes.PROTOCOL_ERROR),
+                                                      (0, ErrorCodes.PROTOCOL_ERROR), (200, None)]
+    assert replies[0].json()["route"] == "abcde" and replies[3].json()["route"] == "stuntman"
+    assert (await client.request("/after", headers=[("version", "fghij")])).json()["route"] == "fghij"
+    client.close()
+
+
+async def test_a_connection_error_ends_with_goaway_and_a_half_close_not_a_reset(mesh: Mesh) -> None:
+    """The router used to close at once: the client's next bytes drew a TCP reset, which can destroy the
+    GOAWAY before it is read."""
+    reader, writer = await asyncio.open_connection(ROUTER, mesh.port)
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    zero_window_update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + zero_window_update)
+    data = await asyncio.wait_for(reader.read(), 10)  # up to the router's FIN, no reset
+    frames = []
+    while len(data) >= 9:
+        n = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9:9 + n]))
+        data = data[9 + n:]
+    goaways = [payload for kind, payload in frames if kind == 7]
+    assert [int.from_bytes(g[4:8], "big") for g in goaways] == [ErrorCodes.PROTOCOL_ERROR]
+    # The client still sending meanwhile is read and dropped, not answered with a reset.
+    for _ in range(3):
+        writer.write(b"\x00" * 65536)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    writer.close()

@@ -189,6 +189,27 @@ def test_websocket_goes_where_its_handshake_was_routed(router, ups):
     assert ups.route.requests[0].header("x-forwarded-for") == "127.0.0.1"
 
 
+@pytest.mark.parametrize("upgrade", [b"h2c, websocket", b"websocket, h2c", b"websocket\r\nUpgrade: h2c"])
+def test_a_mixed_upgrade_is_served_as_plain_http_and_the_connection_stays_routed(router, ups, upgrade):
+    """A mixed Upgrade used to be forwarded as a protocol switch: spliced on 101 (every later request then
+    reached that upstream whatever its header) or closed after a 200 (a pipelined request lost)."""
+    first = (b"GET /mixed HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: " + upgrade
+             + b"\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n\r\n")
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(first + b"GET /next HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\n\r\n")
+        buf = bytearray()
+        status, headers, body = _response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"default GET /mixed\n"
+        assert "upgrade" not in headers
+        status, _, body = _response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"route GET /next\n"
+    seen = ups.default.requests[0]
+    assert seen.header("upgrade") is None and seen.header("http2-settings") is None
+    assert "upgrade" not in (seen.header("connection") or "").lower()
+
+
 def test_non_http_bytes_go_to_the_original_pods_untouched_with_half_close(router, ups):
     with router.connect() as s:
         s.sendall(b"\x16\x03\x01\x00\x05hello")
@@ -205,6 +226,28 @@ def test_a_word_and_a_space_that_is_no_http_method_is_not_http(router, ups):
     with router.connect() as s:
         s.sendall(b"SET key value\r\n")  # a Redis inline command
         assert s.recv(100) == b"default raw:SET key value\r\n"
+
+
+@pytest.mark.parametrize(("line", "status"), [(b"bad_method\x01 /x HTTP/1.1", b"400 Bad Request"),
+                                              (b"FOO /x HTTP/1.1", b"501 Not Implemented"),
+                                              (b"get /x HTTP/1.1", b"501 Not Implemented")])
+def test_an_http_shaped_request_line_the_router_cannot_parse_is_refused_not_passed_raw(router, ups, line, status):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(line + b"\r\nHost: a\r\nVERSION: abcde\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 " + status + b"\r\n"), data
+    assert b"Connection: close" in data
+    assert ups.default.raw == {} and ups.route.raw == {} and ups.default.requests == []
+
+
+def test_an_empty_line_before_the_request_line_is_ignored(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"\r\nGET /after-crlf HTTP/1.1\r\nHost: a\r\nVERSION: abcde\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+    assert data.endswith(b"route GET /after-crlf\n"), data
+    assert ups.default.raw == {}
 
 
 def test_a_silent_client_reaches_a_server_that_speaks_first(router, ups):
@@ -268,7 +311,8 @@ def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, 
     cases = [
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",  # raw UTF-8 in the target: kept refused (README)
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
         b"GET / HTTP/1.1\nHost: a\n\n",
@@ -282,6 +326,39 @@ def test_malformed_and_smuggling_requests_get_400_and_reach_no_upstream(router, 
             data = recv_all(s)
         assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (case[:60], data)
     assert ups.default.requests == [] and ups.route.requests == []
+
+
+@pytest.mark.parametrize("fields", [b"VERSION: nobody\r\nversion: abcde", b"version: abcde\r\nVersion: abcde",
+                                    b"VERSION: abcde\r\nVERSION: other"])
+def test_a_repeated_route_header_gets_400_and_is_never_forwarded(router, ups, fields):
+    with router.connect() as s:
+        s.sendall(b"GET /twice HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+    assert data.endswith(b"ktproxy mesh: bad request: the route header VERSION more than once\n"), data
+    assert ups.default.requests == [] and ups.route.requests == []
+
+
+def test_look_alike_framing_names_never_reach_an_upstream(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST /look HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent_Length: 99\r\n"
+                  b"Transfer---Encoding: chunked\r\nX-Kept: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        data = recv_all(s)
+    assert data.endswith(b"default POST /look\n"), data
+    (seen,) = ups.default.requests
+    assert [n for n, _ in seen.headers if "_" in n or "--" in n] == []
+    assert seen.header("x-kept") == "1" and seen.body == b"ok"
+
+
+def test_a_valid_transfer_coding_the_router_does_not_implement_gets_501(router, ups):
+    with router.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+        data = recv_all(s)
+    assert data.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), data
+    assert data.endswith(b"ktproxy mesh: not implemented: Transfer-Encoding other than chunked\n"), data
+    assert ups.default.requests == [] and ups.default.raw == {}
 
 
 def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(router, ups):

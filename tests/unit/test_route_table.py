@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ktwire.routes import ROUTES_ANNOTATION, format_routes, is_route, parse_routes
-from shadow_image.router.table import RouteTable, parse_annotations_file
+from shadow_image.router.table import RepeatedRouteHeader, RouteTable, parse_annotations_file
 
 
 def table(*routes: tuple[str, str]) -> RouteTable:
@@ -67,6 +69,24 @@ def test_several_routes_and_keys_and_replacement():
     assert t.pick(8080, [(b"X-Dev", b"bob")]).route is None
     assert t.pick(8080, [(b"version", b"fghij")]).host == "tomcat-kt-mesh-fghij"
     assert t.routes == [("version", "fghij")]
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"version", b"other"), (b"VERSION", b"abcde")],  # used to pick abcde: the first *matching* field won
+    [(b"Version", b"abcde"), (b"version", b"abcde")],
+    [(b"version", b"abcde"), (b"x-dev", b"bob"), (b"x-dev", b"nobody")],
+])
+def test_a_repeated_route_header_is_ambiguous_whatever_its_values(headers):
+    t = table(("version", "abcde"), ("x-dev", "bob"))
+    with pytest.raises(RepeatedRouteHeader, match="more than once"):
+        t.pick(8080, headers)
+
+
+def test_other_repeated_headers_and_one_of_each_route_key_are_fine():
+    t = table(("version", "abcde"), ("x-dev", "bob"))
+    up = t.pick(8080, [(b"accept", b"a"), (b"Accept", b"b"), (b"version", b"abcde"), (b"x-dev", b"zz")])
+    assert up.route == ("version", "abcde")
+    assert RouteTable("svc", {1: 2}).pick(1, [(b"version", b"a"), (b"version", b"b")]).route is None  # no routes
 
 
 def test_overridden_hosts_for_tests_and_loopback():

@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from shadow_image.router import h2_conn
+from shadow_image.router import h2_conn, h2_route
 from shadow_image.router.h2_conn import Side, new_connection
 from shadow_image.router.h2_route import (
     H2Downstream,
@@ -51,9 +51,17 @@ class Wire:
     def __init__(self) -> None:
         self.buf = bytearray()
         self.closed = False
+        self.half_closable = False  # a TCP transport (True) can write_eof
+        self.eof = False
 
     def write(self, data: bytes) -> None:
         self.buf += data
+
+    def can_write_eof(self) -> bool:
+        return self.half_closable
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def close(self) -> None:
         self.closed = True
@@ -484,3 +492,97 @@ async def test_request_bodies_for_an_unreachable_upstream_give_the_window_back()
         got = relay.client_events(ev.ResponseReceived, sid)[0]
         assert dict(got.headers)[b":status"] == b"502"
     assert relay.client.outbound_flow_control_window == h2_conn.CONN_WINDOW
+
+
+@pytest.mark.parametrize("bad", [
+    [(b"version", b" abcde")], [(b"version", b"abcde ")], [(b"version", b"abcde\t")], [(b"Version", b"abcde")],
+    [(b"connection", b"close")], [(b"te", b"gzip")], [(b"content-length", b"x")], [(b":path", b"/again")],
+])
+async def test_a_malformed_request_resets_its_stream_alone_and_its_neighbours_are_answered(bad) -> None:
+    """RFC 9113 8.1.1: a malformed request is a stream error; h2 alone would end the connection."""
+    relay = Relay()
+    relay.client.config.validate_outbound_headers = False
+    relay.client.config.normalize_outbound_headers = False
+    relay.client.send_headers(1, [*REQ, (b"version", b"abcde")], end_stream=True)
+    relay.client.send_headers(3, [*REQ, *bad], end_stream=True)
+    relay.client.send_headers(5, REQ, end_stream=True)  # all three in one read
+    await relay.settle()
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, 3)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert not [e for e in relay.at_client if isinstance(e, ev.ConnectionTerminated)]
+    served = relay.server_events(ev.RequestReceived)
+    assert len(served) == 2 and [u.route for u in relay.pool.picked] == [("version", "abcde"), None]
+    for e in served:
+        relay.server.send_headers(e.stream_id, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, 1) and relay.client_events(ev.ResponseReceived, 5)
+    # The connection goes on.
+    sid = await request(relay, [*REQ, (b"version", b"abcde")], end=True)
+    assert sid == 7 and len(relay.server_events(ev.RequestReceived)) == 3
+
+
+async def test_malformed_trailers_reset_the_stream_both_ways() -> None:
+    relay = Relay()
+    relay.client.config.validate_outbound_headers = False
+    relay.client.config.normalize_outbound_headers = False
+    sid = await request(relay, [*REQ, (b"version", b"abcde")])
+    relay.client.send_headers(sid, [(b"X-Sum", b"1")], end_stream=True)
+    other = await request(relay, REQ, end=True)
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, sid)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert [e.error_code for e in relay.server_events(ev.StreamReset)] == [ErrorCodes.PROTOCOL_ERROR]
+    usid = relay.server_events(ev.RequestReceived)[-1].stream_id
+    relay.server.send_headers(usid, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, other)
+
+
+ZERO_WINDOW_UPDATE = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # a connection error
+
+
+async def test_a_connection_error_sends_goaway_half_closes_and_reads_on_for_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing at once with bytes unread would send a TCP reset that can destroy the GOAWAY."""
+    monkeypatch.setattr(h2_route, "LINGER_TIME", 0.05)
+    relay = Relay()
+    relay.down_wire.half_closable = True
+    await request(relay, end=True)
+    relay.down.data_received(ZERO_WINDOW_UPDATE)
+    events = relay.client.receive_data(relay.down_wire.take())
+    assert [e.error_code for e in events if isinstance(e, ev.ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert relay.down_wire.eof and not relay.down_wire.closed
+    relay.down.data_received(b"x" * 1000)  # read and dropped
+    assert not relay.down_wire.closed and not relay.down_wire.buf
+    assert [e.error_code for e in relay.server_events(ev.StreamReset)] == []  # not yet flushed upstream
+    await asyncio.sleep(0.1)
+    assert relay.down_wire.closed
+
+
+async def test_a_lingering_connection_closes_after_enough_bytes() -> None:
+    relay = Relay()
+    relay.down_wire.half_closable = True
+    relay.down.data_received(relay.client.data_to_send() + ZERO_WINDOW_UPDATE)
+    assert relay.down_wire.eof and not relay.down_wire.closed
+    relay.down.data_received(b"x" * h2_route.LINGER_BYTES)
+    assert not relay.down_wire.closed
+    relay.down.data_received(b"x")
+    assert relay.down_wire.closed
+
+
+async def test_a_repeated_route_header_gets_a_400_on_its_stream_alone() -> None:
+    relay = Relay()
+    relay.client.send_headers(1, [*REQ, (b"version", b"other"), (b"version", b"abcde")], end_stream=True)
+    relay.client.send_headers(3, [*REQ, (b"version", b"abcde"), (b"version", b"abcde")])  # a body to come
+    relay.client.send_data(3, b"body", end_stream=True)
+    relay.client.send_headers(5, [*REQ, (b"version", b"abcde")], end_stream=True)
+    await relay.settle()
+    for sid in (1, 3):
+        assert [dict(e.headers)[b":status"] for e in relay.client_events(ev.ResponseReceived, sid)] == [b"400"]
+        assert relay.body_at_client(sid) == b"ktproxy mesh: bad request: the route header VERSION more than once\n"
+    assert [u.route for u in relay.pool.picked] == [("version", "abcde")]  # only stream 5 went upstream
+    served = relay.server_events(ev.RequestReceived)
+    assert len(served) == 1
+    relay.server.send_headers(served[0].stream_id, [(b":status", b"204")], end_stream=True)
+    await relay.settle()
+    assert relay.client_events(ev.ResponseReceived, 5)
+    sid = await request(relay, [*REQ, (b"version", b"abcde"), (b"VERSION", b"x")])  # its body never sent
+    assert [dict(e.headers)[b":status"] for e in relay.client_events(ev.ResponseReceived, sid)] == [b"400"]
+    assert [e.error_code for e in relay.client_events(ev.StreamReset, sid)] == [ErrorCodes.NO_ERROR]

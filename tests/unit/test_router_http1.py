@@ -44,6 +44,16 @@ def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
     assert _lines(head) == [b"GET /p?q=1 HTTP/1.1", b"Host: a", b"Content-Length: 0", b"X-Forwarded-For: 10.0.0.7"]
 
 
+@pytest.mark.parametrize("name", [b"Transfer_Encoding", b"Content_Length", b"X_Forwarded_For", b"Transfer--Encoding",
+                                  b"Transfer---Encoding", b"-Content-Length", b"Content-Length-", b"x_dev"])
+def test_look_alike_field_names_are_not_forwarded(name):
+    """A server that folds `_` into `-` (CGI, WSGI) would read Transfer_Encoding as framing."""
+    for conn in ([], [(b"Connection", b"x-named")]):  # the second pass too
+        head, framing, _ = _req([(b"Host", b"a"), (name, b"chunked"), (b"X-Kept", b"1"), *conn], method=b"POST")
+        assert _lines(head) == [b"POST /p?q=1 HTTP/1.1", b"Host: a", b"X-Kept: 1", b"X-Forwarded-For: 10.0.0.7"]
+        assert framing == http1.NO_BODY
+
+
 def test_http10_request_goes_upstream_as_http11_so_the_connection_can_be_pooled():
     head, _, _ = _req([], version="1.0")
     assert _lines(head)[0] == b"GET /p?q=1 HTTP/1.1"
@@ -63,12 +73,34 @@ def test_content_length_is_kept_as_a_plain_number_and_zero_means_no_body():
     assert _req([(b"Host", b"a"), (b"Content-Length", b"0")], method=b"POST")[1] == http1.NO_BODY
 
 
+WS = [(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"WebSocket"), (b"Sec-WebSocket-Key", b"k"),
+      (b"Sec-WebSocket-Version", b"13")]
+
+
 def test_websocket_upgrade_keeps_upgrade_and_says_connection_upgrade():
-    head, _, upgrade = _req([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
-                             (b"Sec-WebSocket-Key", b"k")], upgrade=True)
+    head, _, upgrade = _req(WS, upgrade=True)
     assert upgrade
-    assert _lines(head)[1:] == [b"Host: a", b"Sec-WebSocket-Key: k", b"X-Forwarded-For: 10.0.0.7",
-                                b"Upgrade: websocket", b"Connection: upgrade"]
+    assert _lines(head)[1:] == [b"Host: a", b"Sec-WebSocket-Key: k", b"Sec-WebSocket-Version: 13",
+                                b"X-Forwarded-For: 10.0.0.7", b"Upgrade: websocket", b"Connection: upgrade"]
+
+
+@pytest.mark.parametrize(("headers", "kw"), [
+    ([*WS[:2], (b"Upgrade", b"h2c, websocket"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket, h2c"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket"), (b"Upgrade", b"websocket"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"websocket/13"), *WS[3:]], {}),
+    ([*WS[:2], (b"Upgrade", b"foo"), *WS[3:]], {}),
+    (WS[:4], {}),  # no Sec-WebSocket-Version
+    ([*WS[:3], WS[4]], {}),  # no Sec-WebSocket-Key
+    (WS, {"method": b"OPTIONS"}),
+    (WS, {"version": "1.0"}),
+])
+def test_only_a_plain_websocket_handshake_is_a_protocol_switch(headers, kw):
+    """Anything else is plain HTTP/1.1 without the upgrade fields, so the connection is never spliced and
+    every later request on it is routed on its own."""
+    head, _, upgrade = _req(headers, upgrade=True, **kw)
+    assert not upgrade
+    assert b"upgrade" not in head.lower().replace(b"sec-websocket", b"")
 
 
 def test_h2c_upgrade_on_cleartext_is_served_as_plain_http11():
@@ -103,7 +135,6 @@ def test_a_protocol_switch_request_with_a_body_is_refused(protocol, framing, rea
     ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Content-Length", b"1")], "1.1", "Content-Length"),
     ([(b"Host", b"a"), (b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")], "1.1", "both"),
     ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], "1.0", "HTTP/1.0"),
-    ([(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], "1.1", "chunked"),
     ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")], "1.1", "chunked"),
     ([(b"Host", b"a"), (b"Content-Length", b"-1")], "1.1", "Content-Length"),
     ([(b"Host", b"a"), (b"Content-Length", b"1" * 19)], "1.1", "Content-Length"),
@@ -111,6 +142,19 @@ def test_a_protocol_switch_request_with_a_body_is_refused(protocol, framing, rea
 def test_ambiguous_or_unsupported_requests_are_refused(headers, version, reason):
     with pytest.raises(BadRequest, match=reason):
         _req(headers, version=version, method=b"POST")
+
+
+@pytest.mark.parametrize(("te", "status"), [
+    ([b"gzip, chunked"], 501), ([b"gzip", b"chunked"], 501), ([b"x-custom ,Chunked"], 501),  # valid, unimplemented
+    ([b"chunked, gzip"], 400), ([b"gzip"], 400), ([b"chunked, chunked"], 400), ([b"chunked", b"chunked"], 400),
+    ([b"gzip;q=1, chunked"], 400), ([b", chunked"], 400),
+])
+def test_transfer_codings_other_than_chunked_are_refused_501_when_valid_400_when_not(te, status):
+    """RFC 9112 6.1: a coding the server does not implement gets 501; 6.3: a request whose final coding is
+    not chunked is malformed (400). Relaying them would mean forwarding a coding the router cannot frame."""
+    with pytest.raises(BadRequest, match="other than chunked") as err:
+        _req([(b"Host", b"a"), *((b"Transfer-Encoding", v) for v in te)], method=b"POST")
+    assert err.value.status == status
 
 
 def test_http10_needs_no_host_but_gets_the_services_name_upstream():

@@ -29,11 +29,35 @@ def test_a_method_prefix_waits(data):
     assert sniff.classify(data) is None
 
 
-@pytest.mark.parametrize("data", [b"\x16\x03\x01\x02\x00", b"SSH-2.0-OpenSSH\r\n", b"get / HTTP/1.1",
-                                  b"FOO / HTTP/1.1", b"PRI * HTTP/1.1\r\n", b"\x00", b"*1\r\n$4\r\nPING\r\n",
-                                  b"GETX / HTTP/1.1", b"A" * 30])
+@pytest.mark.parametrize("data", [b"\x16\x03\x01\x02\x00", b"SSH-2.0-OpenSSH\r\n", b"\x00", b"*1\r\n$4\r\nPING\r\n",
+                                  b"A" * 40, b"SET key value\r\n", b"EHLO mail.example\r\n", b"FOO /x HTTP/1.12\r\n",
+                                  b"FOO /x HTTP/a.1\r\n", b"FOO /x HTTP/1.1 x\r\n", b"FOO  HTTP/1.1\r\n",
+                                  b"\r\n\r\nGET / HTTP/1.1\r\n", b"GET\t/ HTTP/1.1\r\n", b"1GET / HTTP/1.1\r\n",
+                                  b"A" * 33 + b" / HTTP/1.1\r\n", b"FOO " + b"x" * 17000])
 def test_anything_else_is_raw(data):
     assert sniff.classify(data) == sniff.RAW
+
+
+@pytest.mark.parametrize(("data", "kind"), [
+    (b"bad_method\x01 /x HTTP/1.1\r\n", sniff.BAD),  # used to reach the original pods verbatim
+    (b"G\xc3\xa9T /x HTTP/1.1\r\n", sniff.BAD),
+    (b"FOO / HTTP/1.1\n", sniff.BAD),
+    (b"FOO / HTTP/1.1\r\n", sniff.NOT_IMPLEMENTED),
+    (b"get / HTTP/1.1\r\nHost: a\r\n", sniff.NOT_IMPLEMENTED),
+    (b"GETX /x HTTP/1.0\r\n", sniff.NOT_IMPLEMENTED),
+    (b"PRI * HTTP/1.1\r\n", sniff.NOT_IMPLEMENTED),
+    (b"\r\nFOO / HTTP/1.1\r\n", sniff.NOT_IMPLEMENTED),
+])
+def test_an_http_shaped_request_line_the_router_cannot_parse_is_refused(data, kind):
+    assert sniff.classify(data) == kind
+    for n in range(1, len(data)):  # in pieces: waits, never decides otherwise
+        assert sniff.classify(data[:n]) in (None, kind), data[:n]
+
+
+@pytest.mark.parametrize("data", [b"\r\nGET / HTTP/1.1\r\n", b"\nGET / HTTP/1.1\r\n", b"\r\nDELETE "])
+def test_one_empty_line_before_the_request_line_is_ignored(data):
+    assert sniff.classify(data) == sniff.H1
+    assert sniff.classify(b"\r") is None and sniff.classify(b"\r\n") is None
 
 
 @pytest.mark.parametrize("method", sorted(sniff.METHODS))
