@@ -31,7 +31,7 @@ from ktproxy.mesh.spec import (
 
 log = logging.getLogger("ktproxy.mesh.shared")
 
-GONE_TIMEOUT = 60.0  # a terminating router (grace 10 s) or shadow of the same name
+GONE_TIMEOUT = 60.0  # a terminating router (grace 15 s) or shadow of the same name
 # The set-up holds the lock while pods start: a second developer waits for it longer than exchange does.
 LOCK_TRIES = 60
 # On a leaving developer's shadow, written under the lock before it decides whether it is the last one
