@@ -67,7 +67,7 @@ async def check_free(kube: KubeClient, namespace: str, name: str, now: int, stal
     if beat.isdigit() and now - int(beat) <= stale_after:
         raise KtError(f"service '{name}' is already previewed by {ann.get(meta.KT_USER) or 'another user'}")
     log.info("Replacing stale preview service %s", name)
-    await delete_service(kube, namespace, name)
+    await delete_service(kube, namespace, name, uid=existing.metadata.uid)
 
 
 async def create_service(
@@ -89,17 +89,32 @@ async def create_service(
     return created
 
 
-async def delete_service(kube: KubeClient, namespace: str, name: str) -> None:
-    """Delete a preview Service of ours; anything else by that name is left alone."""
+async def delete_service(kube: KubeClient, namespace: str, name: str, uid: str | None = None) -> None:
+    """Delete a preview Service of ours; anything else by that name is left alone. With `uid` (the one
+    this session created, or the stale one it replaces) only that very object goes: once another
+    developer has replaced it (ours went stale during a sleep), theirs is not ours to delete. The UID is
+    also the delete's precondition, so a replacement between our read and our delete is safe too."""
+    from kubernetes.client import V1DeleteOptions, V1Preconditions
+
     try:
         existing = await kube.call(kube.core.read_namespaced_service, name, namespace,
                                    access=Access("get", "services", namespace))
         if not is_ours(existing):
             log.warning("service %s is not a ktctl preview; leaving it", name)
             return
+        if uid is not None and existing.metadata.uid != uid:
+            log.warning("service %s is now %s's preview (ours was replaced); leaving it", name,
+                        annotations_of(existing).get(meta.KT_USER) or "another user")
+            return
+        kw: dict[str, Any] = {}
+        if uid is not None:
+            kw["body"] = V1DeleteOptions(preconditions=V1Preconditions(uid=uid))
         await kube.call(kube.core.delete_namespaced_service, name, namespace,
-                        access=Access("delete", "services", namespace))
+                        access=Access("delete", "services", namespace), **kw)
         log.info("Deleted service %s", name)
     except KubeError as exc:
+        if exc.status == 409 and uid is not None:  # replaced between our read and our delete
+            log.warning("service %s was replaced meanwhile; leaving it", name)
+            return
         if exc.status != 404:
             raise

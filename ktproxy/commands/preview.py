@@ -71,8 +71,9 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     await shadow.start()
     user = shadow.shadow.options.user
     # Not interruptible: a create cancelled in flight could leave a Service with no delete registered.
-    await preview.create_service(kube, ns, name, ports, labels, user, external=args.external)
-    life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name)
+    created = await preview.create_service(kube, ns, name, ports, labels, user, external=args.external)
+    # Only this very Service (its UID): after a long sleep another developer may have replaced it.
+    life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name, created.metadata.uid)
     await shadow.wait_serving(name)
     beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
     life.on_cleanup("service heartbeat", reverse.cancel_task, beat)

@@ -2,8 +2,10 @@
 
 clean (run before the generic stale sweep, which never deletes a router or a stuntman itself): a
 participant whose shadow and mesh Service have both gone stale loses its route and its objects; a
-router left with no live route is the dead's last one out: the Service gets its selector back first,
-then router and stuntman go. A live participant's router and stuntman are never touched.
+router of ours left with no live route, no live participant and a stale heartbeat is the dead's last
+one out: the Service gets its selector back first, then router and stuntman go. A live participant's
+router and stuntman are never touched, and neither is a router ktctl did not make (kt-connect's keeps
+its routes in a file, so nothing here can tell whether its users are alive).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ktproxy.mesh.routes import read_router, remove_route, routes_of
 from ktproxy.mesh.shared import (
     delete_participant,
     delete_service,
+    is_foreign_router,
     is_meshed,
     remove_shared,
     restore_service,
@@ -68,6 +71,11 @@ def service_of(obj: Any) -> str | None:
     return service
 
 
+def _manual(obj: Any) -> bool:
+    """A manual-mode shadow: the Service selects it directly, it needs no router."""
+    return parse_kt_config(takeover.annotations_of(obj).get(meta.KT_CONFIG)).get("mode") == "manual"
+
+
 def _live(obj: Any | None, now: datetime, threshold: float, kind: str) -> bool:
     if obj is None or obj.metadata.deletion_timestamp:
         return False
@@ -89,10 +97,13 @@ class _View:
                 or _live(self.services.get((ns, name)), now, threshold, "service"))
 
     def any_participant_live(self, ns: str, service: str, now: datetime, threshold: float) -> bool:
-        for (pns, _), pod in self.pods.items():
-            if (pns == ns and _role(pod) == meta.ROLE_MESH_SHADOW and service_of(pod) == service
-                    and _live(pod, now, threshold, "pod")):
-                return True
+        """Any auto-mode participant of `service` (shadow pod or mesh Service, whatever its route) with
+        a fresh heartbeat: its ktctl may be re-joining, so the mesh is not the sweep's to undo."""
+        for kind, objs in (("pod", self.pods), ("service", self.services)):
+            for (ons, _), obj in objs.items():
+                if (ons == ns and _role(obj) == meta.ROLE_MESH_SHADOW and service_of(obj) == service
+                        and not _manual(obj) and _live(obj, now, threshold, kind)):
+                    return True
         return False
 
 
@@ -134,6 +145,13 @@ async def _sweep_router(kube: Any, view: _View, router: Any, ns: str, service: s
     from ktproxy.exchange.lock import service_lock
 
     lines: list[str] = []
+    if is_foreign_router(router):
+        # kt-connect's router keeps its routes in a file: no annotation tells who is alive, so its
+        # mesh is never ours to take apart (joining refuses it for the same reason).
+        if not _live(router, now, threshold, "pod") and not view.any_participant_live(ns, service, now, threshold):
+            lines.append(f"left the mesh of service {ns}/{service} alone: router pod {router.metadata.name} is "
+                         f"not ktctl's (`ktctl recover {service}` puts the service back)")
+        return lines
     routes = routes_of(router)
     live = [r for r in routes if view.participant_live(ns, service, r[1], now, threshold)]
     for key, value in routes:
@@ -145,6 +163,10 @@ async def _sweep_router(kube: Any, view: _View, router: Any, ns: str, service: s
             lines += [f"  {line}" for line in await delete_participant(kube, ns, service, value)]
     if live:
         return lines
+    if _live(router, now, threshold, "pod") or view.any_participant_live(ns, service, now, threshold):
+        # Someone still beats the router, or a participant whose route is missing lives (its keeper
+        # adds the route again): only a stale mesh with nobody left is undone.
+        return lines
     lines.append(f"restore selector of service {ns}/{service}, delete {router_name(service)} and "
                  f"{stuntman_name(service)} (no live mesh left)")
     if dry_run:
@@ -153,7 +175,7 @@ async def _sweep_router(kube: Any, view: _View, router: Any, ns: str, service: s
         # Under the lock, as a leaving developer decides: one joining meanwhile has added its route.
         async with service_lock(kube, ns, service):
             current = await read_router(kube, ns, router.metadata.name)
-            if current is not None and routes_of(current):
+            if current is not None and (is_foreign_router(current) or routes_of(current)):
                 lines[-1] = f"kept the mesh of service {ns}/{service} (a developer joined meanwhile)"
                 return lines
             await restore_service(kube, ns, service)

@@ -22,9 +22,11 @@ import os
 import re
 import secrets
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ktproxy.routing import normalise_name, parse_ip
 from ktwire.routes import is_route
@@ -159,12 +161,20 @@ def withdraw(path: Path) -> None:
         path.unlink()
 
 
+def _uid() -> int | None:
+    """This user's id; None where the OS has none (Windows: no os.getuid, st_uid is always 0 and who owns
+    a file is a matter of ACLs; the directory is in the user's own profile there)."""
+    getuid = getattr(os, "getuid", None)
+    return getuid() if getuid is not None else None
+
+
 def _private_dir(d: Path) -> None:
     """`d` exists, is a directory this user owns, and only this user can read or change it."""
     with contextlib.suppress(FileExistsError):
         d.mkdir(mode=0o700)
     st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+    uid = _uid()
+    if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
         raise PermissionError(errno.EPERM, "not a directory owned by this user", str(d))
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(d, 0o700)
@@ -194,8 +204,50 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 1:].split()
 
 
+# Windows: OpenProcess access right, GetLastError code and GetExitCodeProcess value of a running process.
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_ACCESS_DENIED = 5
+_STILL_ACTIVE = 259
+
+
+def _kernel32() -> Any:
+    import ctypes
+
+    return ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+
+
+def _last_error() -> int:
+    import ctypes
+
+    return int(ctypes.get_last_error())  # type: ignore[attr-defined]
+
+
+def _windows_pid_running(pid: int) -> bool:
+    """OpenProcess + GetExitCodeProcess (os.kill(pid, 0) on Windows sends CTRL_C_EVENT, it probes
+    nothing): a process we may not open exists all the same."""
+    import ctypes
+
+    kernel32 = _kernel32()
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return _last_error() == _ERROR_ACCESS_DENIED
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # it exists; its state is unknown
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def pid_running(pid: int) -> bool:
-    """Signal 0: whether a process with this pid exists (a permission error means it does)."""
+    """Whether a process with this pid exists. POSIX: signal 0 (a permission error means it does);
+    Windows: see _windows_pid_running."""
+    if sys.platform == "win32":
+        try:
+            return _windows_pid_running(pid)
+        except (OSError, AttributeError):  # no kernel32 to ask: keep the mark rather than drop a live one
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -311,7 +363,7 @@ class MeshMarks:
 
     def _load(self) -> list[_Entry]:
         out: list[_Entry] = []
-        uid = os.getuid()
+        uid = _uid()
         try:
             listing = list(os.scandir(self.directory))
         except OSError as exc:
@@ -325,7 +377,8 @@ class MeshMarks:
                 fd = os.open(item.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
                 with os.fdopen(fd, "rb") as f:
                     st = os.fstat(f.fileno())
-                    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_size > MAX_FILE:
+                    if (not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid)
+                            or st.st_size > MAX_FILE):
                         continue
                     mark = Mark.from_json(f.read(MAX_FILE).decode("utf-8"))
             except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

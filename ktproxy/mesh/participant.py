@@ -5,7 +5,9 @@ user sees)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ktproxy import lifecycle
@@ -55,6 +57,34 @@ async def join_manual(life: lifecycle.Lifecycle, kube: Any, options: ReverseOpti
             reverse.prove_service(shadow.tunnel, name, cluster_ip, p) for p in ports))
 
 
+@contextlib.asynccontextmanager
+async def stoppable_lock(kube: Any, namespace: str, name: str,
+                         wait: Callable[[Awaitable[Any]], Awaitable[Any]]) -> AsyncIterator[None]:
+    """The Service's kt-lock (exchange/lock.py service_lock), waited for through `wait` (the lifecycle's
+    until_stopped or interruptible) so that Ctrl-C ends a wait for another developer's lock at once.
+    Only the pause between tries goes through `wait`: a read or write of the lock is never cut off
+    half-way (a write that lands after its cancellation would leave a lock nobody releases)."""
+    from ktproxy.exchange import lock
+    from ktproxy.mesh.shared import LOCK_TRIES
+
+    held = None
+    for attempt in range(LOCK_TRIES):
+        try:
+            held = await lock.acquire(kube, namespace, name, tries=1, retry_interval=0)
+            break
+        except KtError:  # held by someone else (or a write lost a race): look again after a pause
+            if attempt == LOCK_TRIES - 1:
+                raise
+        await wait(asyncio.sleep(lock.RETRY_INTERVAL))
+    try:
+        yield
+    finally:
+        try:
+            await asyncio.shield(lock.release(kube, namespace, name, held=held))
+        except KtError as exc:  # a stale lock is harmless (180 s), the set-up's own error matters more
+            log.warning("could not unlock service %s: %s", name, exc)
+
+
 class AutoMesh:
     """One developer's share of an auto-mode mesh: own shadow and Service, a route in the shared router."""
 
@@ -80,6 +110,7 @@ class AutoMesh:
         self.shadow = reverse.ReverseShadow(life, kube, options, spec)
         self.full: list[Any] = []  # every TCP port of the service (the router serves them all)
         self.joined = False  # from here on, leaving has shared state to put right
+        self.beat_shared = False  # the heartbeat stamps router and stuntman too (joined, not leaving)
         self.probe = probe_request(self.name, mark)
 
     @property
@@ -96,9 +127,8 @@ class AutoMesh:
     async def start(self) -> None:
         from ktproxy.cluster.client import Access
         from ktproxy.cluster.heartbeat import heartbeat_loop
-        from ktproxy.exchange.lock import service_lock
         from ktproxy.exchange.takeover import original_selector
-        from ktproxy.mesh.shared import LOCK_TRIES, check_value_free
+        from ktproxy.mesh.shared import check_value_free
         from ktproxy.mesh.spec import resolve_port_map, stuntman_name
 
         life, kube, ns = self.life, self.kube, self.ns
@@ -112,16 +142,18 @@ class AutoMesh:
             Access("patch", "pods", ns), Access("list", "pods", ns)]))
         await life.until_stopped(check_value_free(kube, ns, self.name, self.mark.value))
         # Own objects first, outside the lock (their name is ours alone): the lock is held only while
-        # the shared ones change.
+        # the shared ones change. Each is labelled and beats from here on (the shadow's session beats
+        # pod and Secret), so a ktctl killed while it waits for the lock leaves only what clean sweeps.
         await self._own_service()
+        beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, self.own)] + (
+            [("pod", ns, self.router), ("service", ns, stuntman_name(self.name))] if self.beat_shared else [])))
+        life.on_cleanup("mesh heartbeat", reverse.cancel_task, beat)
         await self.shadow.start()
         life.on_cleanup(f"mesh route of service {self.name}", self.leave)
-        async with service_lock(kube, ns, self.name, tries=LOCK_TRIES):
+        async with stoppable_lock(kube, ns, self.name, life.until_stopped):
             await self._join()
+        self.beat_shared = True
         await self._prove_cluster_ip()
-        beat = asyncio.create_task(heartbeat_loop(kube, lambda: [
-            ("service", ns, self.own), ("pod", ns, self.router), ("service", ns, stuntman_name(self.name))]))
-        life.on_cleanup("mesh heartbeat", reverse.cancel_task, beat)
         keeper = asyncio.create_task(self.keep())
         life.on_cleanup("mesh router keeper", reverse.cancel_task, keeper)
         if self.auto_header:
@@ -256,14 +288,14 @@ class AutoMesh:
         """Own route out; the last one out (decided under the lock, on the annotation) puts the Service
         back and removes router and stuntman. Own shadow and Service go after this step, once the
         router no longer sends this developer anything."""
-        from ktproxy.exchange.lock import service_lock
         from ktproxy.mesh import shared as mesh
         from ktproxy.mesh.routes import read_router, remove_route, routes_of
 
+        self.beat_shared = False
         if not self.joined:
             return
         kube, ns, name = self.kube, self.ns, self.name
-        async with service_lock(kube, ns, name, tries=mesh.LOCK_TRIES):
+        async with stoppable_lock(kube, ns, name, self._interruptible_wait):
             # Before deciding: a developer leaving after us, while our shadow still exists, must not
             # count us as staying (two leavers would each leave the undoing to the other).
             await mesh.mark_leaving(kube, ns, self.own)
@@ -283,6 +315,13 @@ class AutoMesh:
                 await self._last_out(router_ip, own_route=self.mark.route in routes)
                 return
         await self._wait_reloaded(router_ip)
+
+    async def _interruptible_wait(self, aw: Any) -> None:
+        """During clean-up (leave): a further Ctrl-C ends only the wait for the lock, and the rest of the
+        clean-up still runs (the route left in the router is swept by `clean` once the shadow is gone)."""
+        if not await self.life.interruptible(aw):
+            raise KtError(f"stopped waiting for the kt-lock of service {self.name}; route '{self.mark.header}' "
+                          "stays in the router until `ktctl clean`")
 
     async def _last_out(self, router_ip: str | None, own_route: bool) -> None:
         from ktproxy.mesh import shared as mesh

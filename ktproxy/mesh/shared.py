@@ -31,7 +31,7 @@ from ktproxy.mesh.spec import (
 
 log = logging.getLogger("ktproxy.mesh.shared")
 
-GONE_TIMEOUT = 60.0  # a terminating router (grace 10 s) or shadow of the same name
+GONE_TIMEOUT = 60.0  # a terminating router (grace 15 s) or shadow of the same name
 # The set-up holds the lock while pods start: a second developer waits for it longer than exchange does.
 LOCK_TRIES = 60
 # On a leaving developer's shadow, written under the lock before it decides whether it is the last one
@@ -81,13 +81,22 @@ async def refuse_if_exchanged(kube: Any, namespace: str, service: Any) -> None:
     await takeover.refuse_if_taken(kube, namespace, service)
 
 
+def is_foreign_router(router: Any) -> bool:
+    """A router pod ktctl did not make: kt-connect's nginx router keeps its routes in a file, so it has
+    no kt-mesh-routes annotation (ours always has one, empty when no route is left)."""
+    from ktwire.routes import ROUTES_ANNOTATION
+
+    return ROUTES_ANNOTATION not in takeover.annotations_of(router)
+
+
 async def refuse_foreign_router(kube: Any, namespace: str, service: str) -> None:
     """kt-connect's nginx router keeps its routes in a file, not in kt-mesh-routes: joining it would add
-    a route nothing reads, and leaving would take it for an empty mesh and undo it under its users."""
+    a route nothing reads, and leaving would take it for an empty mesh and undo it under its users
+    (clean leaves such a mesh alone for the same reason: mesh/clean.py)."""
     from ktwire.routes import ROUTES_ANNOTATION
 
     router = await read_router(kube, namespace, router_name(service))
-    if router is not None and ROUTES_ANNOTATION not in takeover.annotations_of(router):
+    if router is not None and is_foreign_router(router):
         raise KtError(f"service '{service}' is meshed by another tool (router pod {router_name(service)} has no "
                       f"{ROUTES_ANNOTATION} annotation, as kt-connect's has not); ktctl cannot join it")
 

@@ -34,8 +34,9 @@ ROUTER_ANNOTATIONS_FILE = f"{ROUTER_MOUNT}/annotations"
 ROUTER_HEALTH_NAME = "kt-health"
 ROUTER_HEALTH_PORTS = (2280, 2281, 2282, 2283, 2284)
 # Long enough for the router to finish the requests it carries when the last developer leaves (it is
-# deleted only after the Service's cluster IP stopped leading to it).
-ROUTER_GRACE_SECONDS = 10
+# deleted only after the Service's cluster IP stopped leading to it): its drain (shadow_image/router/
+# server.py DRAIN, 10 s) plus a margin to close and exit, else the kubelet kills it as the drain ends.
+ROUTER_GRACE_SECONDS = 15
 
 def router_name(service: str) -> str:
     return f"{service}-kt-router"

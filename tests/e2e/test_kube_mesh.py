@@ -341,6 +341,66 @@ def test_clean_removes_only_a_stale_participants_share(app, kubectl, pristine):
     assert _get(kubectl, app, "bob") == DEMO
 
 
+def _kt_connect_mesh(kubectl, ns: str, base_image: str, beat: int) -> None:
+    """tomcat meshed as kt-connect leaves it: its router pod (here a stand-in that only sleeps: kt-connect's
+    nginx keeps its routes in a file, so the pod has no kt-mesh-routes), the stuntman, one developer's
+    shadow pod and Service, every heartbeat `beat`, and the Service switched to the router."""
+    target = "k" * 20
+    beat_ann = {"kt-last-heart-beat": str(beat)}
+
+    def pod_(name: str, labels: dict, annotations: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "labels": {"control-by": "kt", **labels}, "annotations": annotations},
+                "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
+                         "containers": [{"name": "c", "image": base_image, "imagePullPolicy": "IfNotPresent",
+                                         "command": ["sleep", "infinity"]}]}}
+
+    def svc_(name: str, selector: dict, labels: dict, annotations: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "labels": {"control-by": "kt", **labels}, "annotations": annotations},
+                "spec": {"selector": selector, "ports": [{"name": "kt-8080", "port": 8080, "targetPort": 8080}]}}
+
+    items = [
+        pod_("tomcat-kt-router", {"kt-role": "router", "kt-target": target},
+             {"kt-config": "service=tomcat", "kt-ref-count": "1", **beat_ann}),
+        svc_("tomcat-kt-stuntman", {"app": "tomcat"}, {}, {"kt-config": "service=tomcat", **beat_ann}),
+        pod_("tomcat-kt-mesh-abcde", {"kt-role": "shadow-mesh", "kt-target": "abcde"},
+             {"kt-config": "service=tomcat-kt-mesh-abcde", "kt-user": "kt-connect-user", **beat_ann}),
+        svc_("tomcat-kt-mesh-abcde", {"kt-role": "shadow-mesh", "kt-target": "abcde"},
+             {"kt-role": "shadow-mesh"}, {"kt-user": "kt-connect-user", **beat_ann}),
+    ]
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/tomcat-kt-router", "--timeout=120s", timeout=150)
+    kubectl("annotate", "-n", ns, "service/tomcat", "--overwrite", 'kt-selector={"app":"tomcat"}',
+            "kt-user=kt-connect-user")
+    kubectl("patch", "-n", ns, "service/tomcat", "--type=json", "-p", json.dumps(
+        [{"op": "replace", "path": "/spec/selector", "value": {"kt-role": "router", "kt-target": target}}]))
+
+
+def test_clean_leaves_a_live_kt_connect_mesh_alone(app, kubectl, pristine, cluster):
+    """Issue 18 G2: kt-connect's router keeps its routes in a file; clean read its missing kt-mesh-routes as
+    'no live mesh left', put the selector back and deleted router and stuntman under its live users."""
+    try:
+        _kt_connect_mesh(kubectl, app, cluster.base_image, int(time.time()))
+        meshed = _svc(kubectl, app)
+        objects = _kt_objects(kubectl, app)
+        uids = {o: json.loads(kubectl("get", "-n", app, o, "-o", "json").stdout)["metadata"]["uid"] for o in objects}
+        r = _ktctl("clean", ns=app)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "restore selector" not in r.stdout and "delete" not in r.stdout.lower(), r.stdout
+        after = _svc(kubectl, app)
+        assert after["spec"]["selector"] == meshed["spec"]["selector"]
+        assert after["metadata"]["annotations"].get("kt-selector") == '{"app":"tomcat"}'
+        assert _kt_objects(kubectl, app) == objects
+        for o, uid in uids.items():  # the same objects, not re-created ones
+            got = json.loads(kubectl("get", "-n", app, o, "-o", "json").stdout)["metadata"]
+            assert got["uid"] == uid and not got.get("deletionTimestamp"), o
+    finally:
+        r = _ktctl("recover", "tomcat", ns=app)
+        assert r.returncode == 0, r.stdout + r.stderr
+    _assert_as_before(kubectl, app, pristine)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 def test_exchange_and_mesh_refuse_each_other_naming_the_holder(app, kubectl, pristine):
     with _laptop("laptop") as port:

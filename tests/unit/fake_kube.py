@@ -113,10 +113,18 @@ class Store:
         name = body["metadata"]["name"]
         if (kind, ns, name) in self.objects:
             raise KubeError(f'{kind}s "{name}" already exists', 409, "AlreadyExists")
-        return model(kind, self.put(kind, json.loads(json.dumps(body))))
+        obj = json.loads(json.dumps(body))
+        self.version += 1
+        obj["metadata"].setdefault("uid", f"uid-{name}-{self.version}")  # each creation its own, as the API's
+        return model(kind, self.put(kind, obj))
 
-    def delete(self, kind: str, name: str, ns: str, **_: Any) -> None:
-        self.get(kind, ns, name)
+    def delete(self, kind: str, name: str, ns: str, body: Any = None, **_: Any) -> None:
+        obj = self.get(kind, ns, name)
+        preconditions = getattr(body, "preconditions", None)
+        wanted = getattr(preconditions, "uid", None)
+        if wanted is not None and wanted != obj["metadata"].get("uid"):
+            raise KubeError(f"Precondition failed: UID in precondition: {wanted}, UID in object meta: "
+                            f"{obj['metadata'].get('uid')}", 409, "Conflict")
         del self.objects[(kind, ns, name)]
         self.changed.set()
 

@@ -91,6 +91,30 @@ async def test_preview_live_one_is_refused_stale_one_replaced(kube):
         kube.store.get("service", "default", "pv")
 
 
+async def test_preview_exit_never_deletes_the_preview_that_replaced_ours(kube):
+    """Issue 18 G7: Alice's laptop slept, her stale preview was replaced by Bob's; her exit deleted Bob's
+    Service (only labels were checked). Only the Service this session created (its UID) goes."""
+    alice = await preview.create_service(kube, "default", "pv", PV_PORTS, SEL, "alice")
+    kube.now = NOW.replace(minute=10)
+    await preview.create_service(kube, "default", "pv", PV_PORTS, {**SEL, "kt-target": "u"}, "bob")
+    await preview.delete_service(kube, "default", "pv", alice.metadata.uid)  # alice's clean-up
+    bob = kube.store.get("service", "default", "pv")
+    assert bob["metadata"]["annotations"]["kt-user"] == "bob"
+    await preview.delete_service(kube, "default", "pv", bob["metadata"]["uid"])  # bob's own clean-up
+    assert ("service", "default", "pv") not in kube.store.objects
+
+
+async def test_preview_delete_is_guarded_by_uid_against_a_replacement_after_the_read(kube, monkeypatch):
+    """Bob replaces it between Alice's read and her delete: the delete's UID precondition refuses."""
+    alice = await preview.create_service(kube, "default", "pv", PV_PORTS, SEL, "alice")
+    stale_read = kube.store.read("service", "pv", "default")
+    kube.store.delete("service", "pv", "default")
+    await preview.create_service(kube, "default", "pv", PV_PORTS, {**SEL, "kt-target": "u"}, "bob")
+    monkeypatch.setattr(kube.core, "read_namespaced_service", lambda *_a, **_k: stale_read, raising=False)
+    await preview.delete_service(kube, "default", "pv", alice.metadata.uid)
+    assert kube.store.get("service", "default", "pv")["metadata"]["annotations"]["kt-user"] == "bob"
+
+
 # ------------------------------------------------------------------------------------------------ recover
 SHADOW = {"control-by": "kt", "kt-role": "shadow-exchange", "kt-target": "abc"}
 

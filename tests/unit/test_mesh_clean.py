@@ -203,3 +203,66 @@ async def test_a_kt_connect_router_is_not_joined() -> None:
         await mesh.refuse_foreign_router(kube, "default", "tomcat")
     _mesh(kube, {"alice": FRESH})
     await mesh.refuse_foreign_router(kube, "default", "tomcat")  # ours: joined
+
+
+def _kt_connect_mesh(kube: FakeKube, beat: str = FRESH) -> None:
+    """tomcat meshed by kt-connect: its nginx router keeps the routes in a file (no kt-mesh-routes), one
+    participant; every heartbeat `beat`."""
+    s = kube.store
+    s.put("service", service("tomcat", ROUTER_LABELS, PORTS, annotations={
+        "kt-selector": '{"app":"tomcat"}', "kt-user": "alice"}))
+    s.put("pod", pod("tomcat", {"app": "tomcat"}, ip="10.244.0.5"))
+    s.put("service", service("tomcat-kt-stuntman", {"app": "tomcat"}, PORTS, labels={"control-by": "kt"},
+                             annotations={"kt-last-heart-beat": beat, "kt-config": "service=tomcat"}))
+    s.put("pod", pod("tomcat-kt-router", {"control-by": "kt", **ROUTER_LABELS}, annotations={
+        "kt-config": "service=tomcat", "kt-ref-count": "1", "kt-last-heart-beat": beat}))
+    s.put("pod", pod("tomcat-kt-mesh-abcde", {"control-by": "kt", "kt-role": "shadow-mesh", "kt-target": "a" * 8},
+                     annotations={"kt-config": "service=tomcat-kt-mesh-abcde", "kt-last-heart-beat": beat}))
+
+
+async def test_clean_leaves_a_live_kt_connect_mesh_alone() -> None:
+    """G2: kt-connect's router has no kt-mesh-routes; read as 'no live route' it was undone (selector
+    restored, router and stuntman deleted) under developers whose every heartbeat was fresh."""
+    kube = FakeKube()
+    _kt_connect_mesh(kube)
+    before = _names(kube)
+    result = await _clean(kube)
+    assert _names(kube) == before
+    assert kube.store.read("service", "tomcat", "default").spec.selector == ROUTER_LABELS
+    assert not result.recovered and not result.removed, (result.recovered, result.removed)
+    await clean(kube, "default", threshold=300, before=first_hooks())  # connect's start-up sweep
+    assert _names(kube) == before
+
+
+async def test_clean_never_undoes_a_kt_connect_mesh_even_when_it_looks_dead() -> None:
+    """Not ours: nothing here can tell its users apart; it is named, and `recover` is the way back."""
+    kube = FakeKube()
+    _kt_connect_mesh(kube, beat=STALE)
+    result = await _clean(kube)
+    assert kube.store.read("service", "tomcat", "default").spec.selector == ROUTER_LABELS
+    assert {"pod/tomcat-kt-router", "service/tomcat-kt-stuntman"} <= _names(kube)
+    assert any("not ktctl's" in line for line in result.recovered), result.recovered
+
+
+async def test_clean_keeps_our_mesh_while_a_participant_lives_without_a_route() -> None:
+    """A participant whose route went missing (its keeper adds it back) but whose Service still beats:
+    the mesh is not the dead's last one out."""
+    kube = FakeKube()
+    _mesh(kube, {"alice": STALE}, router_beat=STALE, stuntman_beat=STALE)
+    kube.store.put("service", service("tomcat-kt-mesh-bob", {"kt-role": "shadow-mesh", "kt-target": "b" * 4}, PORTS,
+                                      labels={"control-by": "kt", "kt-role": "shadow-mesh"},
+                                      annotations={"kt-config": "service=tomcat,route=version:bob",
+                                                   "kt-last-heart-beat": FRESH}))
+    await _clean(kube)
+    assert kube.store.read("service", "tomcat", "default").spec.selector == ROUTER_LABELS
+    assert {"pod/tomcat-kt-router", "service/tomcat-kt-stuntman", "service/tomcat-kt-mesh-bob"} <= _names(kube)
+    assert not {n for n in _names(kube) if "alice" in n}
+
+
+async def test_clean_keeps_our_mesh_while_its_router_still_beats() -> None:
+    """Router heartbeats come from live participants' processes: a fresh one means someone is there."""
+    kube = FakeKube()
+    _mesh(kube, {"alice": STALE}, router_beat=FRESH, stuntman_beat=STALE)
+    await _clean(kube)
+    assert kube.store.read("service", "tomcat", "default").spec.selector == ROUTER_LABELS
+    assert "pod/tomcat-kt-router" in _names(kube)

@@ -295,3 +295,57 @@ def test_publish_sweeps_marks_of_processes_that_are_gone(child_mark: tuple[subpr
     mine = _publish(marks_dir, value="fghij")
     assert sorted(marks_dir.iterdir()) == [mine]
     assert not dead.exists()
+
+
+# -- Windows (issue 18 G10) -------------------------------------------------------------------------------
+def test_publish_and_read_without_os_getuid(marks_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows has no os.getuid: its AttributeError escaped mesh's (OSError, ValueError) and --auto-header
+    crashed mesh at its last step. Without it, ownership is not compared (st_uid is always 0 there)."""
+    monkeypatch.delattr(os, "getuid")
+    path = _publish(marks_dir)
+    assert MeshMarks("default", "cluster.local", marks_dir).header_for("tomcat", 8080) == HEADER
+    withdraw(path)
+
+
+class _FakeKernel32:
+    """OpenProcess / GetExitCodeProcess / CloseHandle as kernel32 answers them for `processes`
+    (pid -> exit code; STILL_ACTIVE while running); `denied` pids exist but may not be opened."""
+
+    def __init__(self, processes: dict[int, int], denied: tuple[int, ...] = ()) -> None:
+        self.processes = processes
+        self.denied = denied
+        self.closed: list[int] = []
+        self.error = 0
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        assert access == 0x1000 and inherit is False
+        if pid in self.processes:
+            return 1000 + pid
+        self.error = 5 if pid in self.denied else 87  # ERROR_ACCESS_DENIED, ERROR_INVALID_PARAMETER
+        return 0
+
+    def GetExitCodeProcess(self, handle: int, code: object) -> int:
+        code._obj.value = self.processes[handle - 1000]  # type: ignore[attr-defined]
+        return 1
+
+    def CloseHandle(self, handle: int) -> int:
+        self.closed.append(handle)
+        return 1
+
+
+def test_liveness_on_windows_asks_openprocess_never_sends_a_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Windows os.kill(pid, 0) sends CTRL_C_EVENT to the process group: it must never be the probe."""
+    kernel32 = _FakeKernel32({10: 259, 11: 0}, denied=(12,))
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(mesh_marks, "_kernel32", lambda: kernel32)
+    monkeypatch.setattr(mesh_marks, "_last_error", lambda: kernel32.error)
+
+    def no_kill(*_a: object) -> None:
+        raise AssertionError("os.kill called on Windows")
+
+    monkeypatch.setattr(os, "kill", no_kill)
+    assert mesh_marks.pid_running(10) is True  # STILL_ACTIVE
+    assert mesh_marks.pid_running(11) is False  # exited, handle still held somewhere
+    assert mesh_marks.pid_running(12) is True  # exists, not ours to open
+    assert mesh_marks.pid_running(13) is False  # no such process
+    assert kernel32.closed == [1010, 1011]

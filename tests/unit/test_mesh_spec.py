@@ -178,3 +178,14 @@ def test_stuntman_and_mesh_services() -> None:
     assert own["metadata"]["labels"] == {"kt-role": "shadow-mesh", "control-by": "kt"}
     assert own["metadata"]["annotations"]["kt-config"] == "service=tomcat,route=version:abcde"
     assert own["metadata"]["annotations"]["kt-user"] == "alice"
+
+
+def test_the_router_pods_grace_outlasts_its_drain() -> None:
+    """Issue 18 G8: a grace equal to the router's drain let the kubelet kill it exactly as the drain ended;
+    the pod's grace must leave a margin after the drain to close connections and exit."""
+    from ktproxy.mesh.spec import ROUTER_GRACE_SECONDS, router_pod
+    from shadow_image.router.server import DRAIN
+
+    assert ROUTER_GRACE_SECONDS >= DRAIN + 3, (ROUTER_GRACE_SECONDS, DRAIN)
+    body = router_pod("tomcat", "default", [], {"kt-role": "router"}, [], "img", 0)
+    assert body["spec"]["terminationGracePeriodSeconds"] == ROUTER_GRACE_SECONDS
