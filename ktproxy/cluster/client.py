@@ -38,6 +38,14 @@ log = logging.getLogger("ktproxy.kube")
 
 T = TypeVar("T")
 
+# What urllib3 may send again after a read error, when the request may already have been applied:
+# reads, and DELETE (a second one answers 404, which every caller takes as "already gone"). Never POST
+# (a duplicate create fails with AlreadyExists), PATCH or PUT: our writes carry the resourceVersion they
+# were computed from, so a resent write that had landed answers 409 and turns our own success into
+# "someone else wrote first". Those callers re-read after a failed write and recognise their own value
+# (exchange/takeover.py switch_selector, exchange/lock.py acquire).
+RETRIED_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
 
 class _TimeoutApiClient(k8s.ApiClient):
     """ApiClient whose calls get a short connect timeout unless the caller gives one (watches do)."""
@@ -96,11 +104,10 @@ class KubeClient:
         # a transient reset without making an unreachable server take long (at most ~10 s).
         if configuration.retries is None:
             # A pooled keep-alive connection the server dropped surfaces as a read error ("Connection
-            # aborted"): one retry for idempotent calls, PATCH included (we only merge annotations and
-            # selectors). POST (create) is never retried: a duplicate would fail with AlreadyExists.
+            # aborted"): one retry, for the methods a lost answer makes safe to send again. A connect
+            # error (nothing was sent) is retried for every method.
             configuration.retries = urllib3.util.Retry(
-                total=2, connect=1, read=1, redirect=3, status=0,
-                allowed_methods=urllib3.util.Retry.DEFAULT_ALLOWED_METHODS | {"PATCH"})
+                total=2, connect=1, read=1, redirect=3, status=0, allowed_methods=RETRIED_METHODS)
         self.api = _TimeoutApiClient(configuration)
         self.core = k8s.CoreV1Api(self.api)
         self.apps = k8s.AppsV1Api(self.api)

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Lifecycle) -> int:
+    from ktproxy.exchange.holder import refuse_if_taken
     from ktproxy.exchange.session import take_by_scale, take_selector
-    from ktproxy.exchange.takeover import original_selector, refuse_if_taken
+    from ktproxy.exchange.takeover import original_selector
     from ktproxy.exchange.target import resolve_exchange_target
     from ktproxy.expose import resolve_expose
 

@@ -17,7 +17,7 @@ from ktproxy.cluster import meta
 from ktproxy.cluster.client import KubeClient
 from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError, UsageError
-from ktproxy.exchange.takeover import annotations_of, original_selector
+from ktproxy.exchange.takeover import CONFLICT_RETRIES, annotations_of, original_selector
 
 log = logging.getLogger("ktproxy.exchange.scale")
 
@@ -86,19 +86,76 @@ async def _patch(kube: KubeClient, namespace: str, name: str, body: dict[str, An
                            access=Access("patch", "deployments.apps", namespace))
 
 
-async def scale_down(kube: KubeClient, namespace: str, deployment: Any) -> int:
-    """Record the replicas on the Deployment and set them to 0; returns the original count.
+async def scale_down(kube: KubeClient, namespace: str, deployment: Any, user: str | None = None,
+                     tries: int = CONFLICT_RETRIES) -> int:
+    """Record the replicas (and `user`, whom selector exchanges and meshes name as the holder) on the
+    Deployment and set them to 0; returns the original count. Each write carries the resourceVersion of
+    the Deployment it was computed from (`deployment` first, then a fresh read after a 409).
 
-    A Deployment already at 0 with a recorded count (a crashed earlier exchange) keeps that count."""
+    A Deployment already at 0 with a recorded count (a crashed earlier exchange) keeps that count; so does
+    our own write whose answer was lost (a 409 or no answer, then the read shows it)."""
     name = deployment.metadata.name
-    current = deployment.spec.replicas if deployment.spec.replicas is not None else 1
-    replicas = recorded_replicas(deployment) if current == 0 and recorded_replicas(deployment) else current
-    log.info("Scaling deployment %s from %d to 0", name, current)
-    await _patch(kube, namespace, name, {
-        "metadata": {"annotations": {meta.KT_CONFIG: format_kt_config({"replicas": replicas})}},
-        "spec": {"replicas": 0},
-    })
-    return replicas
+    for _ in range(tries):
+        current = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+        replicas = recorded_replicas(deployment) if current == 0 and recorded_replicas(deployment) else current
+        if current == 0 and user is not None and annotations_of(deployment).get(meta.KT_USER) == user \
+                and recorded_replicas(deployment):
+            return replicas  # ours already (a lost answer); the kt-lock keeps other exchanges out
+        log.info("Scaling deployment %s from %d to 0", name, current)
+        annotations: dict[str, str] = {meta.KT_CONFIG: format_kt_config({"replicas": replicas})}
+        if user is not None:
+            annotations[meta.KT_USER] = user
+        try:
+            await _patch(kube, namespace, name, {
+                "metadata": {"annotations": annotations, "resourceVersion": deployment.metadata.resource_version},
+                "spec": {"replicas": 0},
+            })
+            return replicas
+        except KubeError as exc:
+            if exc.status not in (409, None):
+                raise
+        deployment = await read_deployment(kube, namespace, name)
+    raise KtError(f"deployment '{name}' keeps changing under us; gave up after {tries} tries, try again later")
+
+
+async def read_deployment(kube: KubeClient, namespace: str, name: str) -> Any:
+    return await kube.call(kube.apps.read_namespaced_deployment, name, namespace,
+                           access=Access("get", "deployments.apps", namespace))
+
+
+def scaled_by(deployment: Any) -> str | None:
+    """Who scaled this Deployment to 0 in an exchange (its kt-user, else "another user"); None if nobody."""
+    if recorded_replicas(deployment) is None or deployment.spec.replicas:
+        return None
+    return annotations_of(deployment).get(meta.KT_USER) or "another user"
+
+
+async def scale_holder(kube: KubeClient, namespace: str, service: Any) -> str | None:
+    """Who holds `service` through a scale-mode exchange, for holder.refuse_if_taken: a live scale-mode shadow
+    wearing the Service's (original) selector, or a Deployment behind it scaled to 0 by an exchange.
+    A user who may not list deployments is checked by the shadows alone."""
+    selector = original_selector(service)
+    if not selector:
+        return None
+    terms = ",".join(f"{k}={v}" for k, v in sorted({**selector, meta.KT_ROLE: meta.ROLE_EXCHANGE_SHADOW}.items()))
+    pods = await kube.call(kube.core.list_namespaced_pod, namespace, label_selector=terms,
+                           access=Access("list", "pods", namespace))
+    for pod in pods.items or []:
+        if not pod.metadata.deletion_timestamp and "app" in parse_kt_config(annotations_of(pod).get(meta.KT_CONFIG)):
+            return annotations_of(pod).get(meta.KT_USER) or "another user"
+    try:
+        resp = await kube.call(kube.apps.list_namespaced_deployment, namespace,
+                               access=Access("list", "deployments.apps", namespace))
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        return None
+    for dep in sorted(resp.items or [], key=lambda d: d.metadata.name):
+        if all(template_labels(dep).get(k) == v for k, v in selector.items()):
+            who = scaled_by(dep)
+            if who:
+                return who
+    return None
 
 
 async def scale_back(kube: KubeClient, namespace: str, name: str, replicas: int) -> None:
@@ -106,7 +163,7 @@ async def scale_back(kube: KubeClient, namespace: str, name: str, replicas: int)
     log.info("Recovering deployment %s to %d replicas", name, replicas)
     try:
         await _patch(kube, namespace, name, {
-            "metadata": {"annotations": {meta.KT_CONFIG: None}},
+            "metadata": {"annotations": {meta.KT_CONFIG: None, meta.KT_USER: None}},
             "spec": {"replicas": replicas},
         })
     except KubeError as exc:

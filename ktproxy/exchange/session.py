@@ -23,8 +23,9 @@ async def take_selector(life: lifecycle.Lifecycle, kube: Any, options: ReverseOp
     """Selector mode: shadow up and proven, then the Service's selector switched to it under the kt-lock,
     guarded, and put back (then waited out) at clean-up."""
     from ktproxy.cluster.client import Access
+    from ktproxy.exchange.holder import refuse_if_taken
     from ktproxy.exchange.lock import service_lock
-    from ktproxy.exchange.takeover import guard_selector, read, refuse_if_taken, switch_selector, target_labels
+    from ktproxy.exchange.takeover import encode_selector, guard_selector, read, switch_selector, target_labels
 
     ns = kube.namespace
     name = target.service_name
@@ -35,23 +36,32 @@ async def take_selector(life: lifecycle.Lifecycle, kube: Any, options: ReverseOp
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "services", ns)]))
     user = shadow.shadow.options.user
-    async with service_lock(kube, ns, name):
+    # Ctrl-C while another user holds the lock ends the wait at once (nothing of ours exists yet).
+    async with service_lock(kube, ns, name, until=life.until_stopped):
         # Read again under the lock: another exchange may have finished its set-up meanwhile.
         await life.until_stopped(refuse_if_taken(kube, ns, await read(kube, ns, name)))
         await shadow.start()
         # Not interruptible: a switch cancelled half-way could leave the selector changed with no
         # restore registered; it is one PATCH.
         original = await switch_selector(kube, ns, name, labels, user)
-        life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name, shadow)
         guard = asyncio.create_task(guard_selector(kube, ns, name, labels, original, user))
+        owner = (labels, encode_selector(original), user)
+        life.on_cleanup(f"original selector of service {name}", _restore, kube, ns, name, shadow, guard, owner)
         life.on_cleanup("selector guard", reverse.cancel_task, guard)
     await shadow.wait_serving(name)
 
 
-async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow) -> None:
+async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow, guard: asyncio.Task[str],
+                   owner: tuple[dict[str, str], str, str]) -> None:
+    """The original selector back, unless someone else holds the Service now: the guard stood down
+    (recover, another developer), or took over since its last look (restore_selector checks `owner`
+    under the resourceVersion it writes with). Then only our shadow goes."""
     from ktproxy.exchange.takeover import restore_selector
 
-    await asyncio.shield(restore_selector(kube, ns, name))
+    if guard.done() and not guard.cancelled() and guard.exception() is None:
+        log.info("Leaving service %s to %s (this exchange stood down)", name, guard.result())
+        return
+    await asyncio.shield(restore_selector(kube, ns, name, owner=owner))
     # The shadow goes only once the cluster IP leads to the original pods again: deleted at once, the
     # requests kube-proxy still sent its way were refused (make demo's first curl after Ctrl-C got a 502).
     await shadow.wait_released(name)
@@ -60,17 +70,22 @@ async def _restore(kube: Any, ns: str, name: str, shadow: reverse.ReverseShadow)
 async def take_by_scale(life: lifecycle.Lifecycle, kube: Any, options: ReverseOptions, target: ExchangeTarget,
                         ports: list[ExposedPort], recover_wait: float) -> None:
     """Scale mode: a shadow wearing the Deployment's labels, the Deployment at 0, and back (waited for) at
-    clean-up."""
+    clean-up. Set up under the Service's kt-lock, like selector mode and mesh: the Service and the
+    Deployment are read again under it, so a second scale-mode exchange, a selector exchange or a mesh
+    that finished its set-up meanwhile is refused naming its holder; the Deployment's kt-user then names
+    us to the ones that come later (refuse_if_taken)."""
     from ktproxy.cluster.client import Access
     from ktproxy.exchange import scale
+    from ktproxy.exchange.holder import refuse_if_taken
+    from ktproxy.exchange.lock import service_lock
+    from ktproxy.exchange.takeover import read
 
     ns = kube.namespace
+    svc = target.service_name
     deployment = target.deployment or await life.until_stopped(
         scale.deployment_for_service(kube, ns, target.service))
     name = deployment.metadata.name
-    if scale.recorded_replicas(deployment) is not None and not deployment.spec.replicas:
-        raise KtError(f"deployment '{name}' is already scaled to 0 by another exchange "
-                      f"(`ktctl recover {target.service_name}` puts it back if that exchange is gone)")
+    _refuse_if_scaled(deployment, svc)
     replicas = deployment.spec.replicas if deployment.spec.replicas is not None else 1
     spec = reverse.ReverseSpec(role=meta.ROLE_EXCHANGE_SHADOW, name_prefix=f"{name}-kt-exchange-", ports=ports,
                        labels=scale.shadow_labels(deployment),
@@ -78,12 +93,28 @@ async def take_by_scale(life: lifecycle.Lifecycle, kube: Any, options: ReverseOp
     shadow = reverse.ReverseShadow(life, kube, options, spec)
     await shadow.preflight()
     await life.until_stopped(kube.require([Access("patch", "deployments.apps", ns),
-                                           Access("get", "deployments.apps", ns)]))
-    await shadow.start()
-    original = await scale.scale_down(kube, ns, deployment)
-    life.on_cleanup(f"replicas of deployment {name}", _scale_back, life, kube, ns, name, original,
-                    recover_wait)
-    await shadow.wait_serving(target.service_name)
+                                           Access("get", "deployments.apps", ns),
+                                           Access("patch", "services", ns)]))
+    user = shadow.shadow.options.user
+    async with service_lock(kube, ns, svc, until=life.until_stopped):
+        await life.until_stopped(refuse_if_taken(kube, ns, await read(kube, ns, svc)))
+        deployment = await life.until_stopped(scale.read_deployment(kube, ns, name))
+        _refuse_if_scaled(deployment, svc)
+        await shadow.start()
+        # Not interruptible, like the selector switch: one PATCH, and its undo is registered right after.
+        original = await scale.scale_down(kube, ns, deployment, user)
+        life.on_cleanup(f"replicas of deployment {name}", _scale_back, life, kube, ns, name, original,
+                        recover_wait)
+    await shadow.wait_serving(svc)
+
+
+def _refuse_if_scaled(deployment: Any, service: str) -> None:
+    from ktproxy.exchange import scale
+
+    who = scale.scaled_by(deployment)
+    if who:
+        raise KtError(f"deployment '{deployment.metadata.name}' is already scaled to 0 by another exchange "
+                      f"({who}; `ktctl recover {service}` puts it back if that exchange is gone)")
 
 
 async def _scale_back(life: lifecycle.Lifecycle, kube: Any, ns: str, name: str, replicas: int,

@@ -75,7 +75,12 @@ async def update_with_retry(
     retries: int = CONFLICT_RETRIES,
 ) -> Any:
     """Read the Service, let `change` compute a patch (None: nothing to do), write it guarded by the
-    resourceVersion just read; on 409 read again. Returns the Service as last read or written."""
+    resourceVersion just read; on 409 read again. Returns the Service as last read or written.
+
+    A 409 (or a write that got no answer) may also mean our own write landed and its answer was lost:
+    `change` then sees the Service as it wrote it, so it must recognise its own result and return None
+    rather than treat it as someone else's (switch_selector does)."""
+    unanswered = 0
     for _ in range(retries):
         service = await read(kube, namespace, name)
         body = change(service)
@@ -85,6 +90,10 @@ async def update_with_retry(
         try:
             return await patch(kube, namespace, name, body)
         except KubeError as exc:
+            if exc.status is None and unanswered == 0:  # no answer: it may have landed; look once
+                unanswered += 1
+                log.debug("no answer to our write of service %s/%s; reading it again", namespace, name)
+                continue
             if exc.status != 409:
                 raise
             log.debug("service %s/%s changed while we wrote it; retrying", namespace, name)
@@ -124,8 +133,9 @@ async def mesh_users(kube: KubeClient, namespace: str, service: str) -> list[str
     return sorted(users)
 
 
-async def refuse_if_taken(kube: KubeClient, namespace: str, service: Any) -> None:
-    """One line naming the holder when another exchange or mesh has the Service."""
+async def refuse_if_switched(kube: KubeClient, namespace: str, service: Any) -> None:
+    """One line naming the holder when another selector exchange or mesh switched the Service's selector.
+    A scale-mode exchange leaves the Service alone: holder.refuse_if_taken checks both."""
     name = service.metadata.name
     selector = service.spec.selector or {}
     if meta.KT_SELECTOR in annotations_of(service):
@@ -142,6 +152,45 @@ async def refuse_if_taken(kube: KubeClient, namespace: str, service: Any) -> Non
                       "it cannot be exchanged")
 
 
+def is_ours(service: Any, labels: dict[str, str], user: str) -> bool:
+    """Exactly as switch_selector leaves it: our labels as the selector, kt-user us, kt-selector saved."""
+    ann = annotations_of(service)
+    return (dict(service.spec.selector or {}) == labels and ann.get(meta.KT_USER) == user
+            and meta.KT_SELECTOR in ann)
+
+
+def other_holder(service: Any, labels: dict[str, str], saved: str, user: str) -> str | None:
+    """Who holds the Service now when it is no longer this exchange's; None while it is still ours
+    (even with its selector overwritten: that is what the guard puts back).
+
+    Someone else holds it when any of these is true (in this order, the first names the holder):
+    - kt-selector is gone: `ktctl recover` (or a clean-up sweep, or anyone restoring it) put the original
+      back; a kt tool always writes kt-selector with its selector, so without it nothing is ours;
+    - kt-user names another user: that developer's exchange or mesh switched it after us;
+    - the selector points at other kt pods (a kt-role or kt-target that is not our kt-target): another
+      exchange, a mesh router or a preview, possibly our own user's second session;
+    - kt-selector holds another original than the one we saved: someone took over a Service whose
+      selector had changed meanwhile.
+    What stays ours: kt-selector as we saved it, kt-user us (or absent) and a selector without foreign
+    kt labels, e.g. a `kubectl apply` that put the original selector back over our exchange."""
+    ann = annotations_of(service)
+    if meta.KT_SELECTOR not in ann:
+        return "ktctl recover"
+    holder = ann.get(meta.KT_USER)
+    if holder and holder != user:
+        return holder
+    selector = dict(service.spec.selector or {})
+    if (meta.KT_ROLE in selector or meta.KT_TARGET in selector) and \
+            selector.get(meta.KT_TARGET) != labels.get(meta.KT_TARGET):
+        who = holder or "another user"
+        role = selector.get(meta.KT_ROLE)
+        return f"{who} ({'a mesh router' if role == meta.ROLE_ROUTER else 'another session'}, " \
+               f"{meta.KT_TARGET}={selector.get(meta.KT_TARGET, '?')})"
+    if ann[meta.KT_SELECTOR] != saved:
+        return holder or "another user"
+    return None
+
+
 async def switch_selector(
     kube: KubeClient, namespace: str, name: str, labels: dict[str, str], user: str
 ) -> dict[str, str]:
@@ -150,6 +199,12 @@ async def switch_selector(
     original: dict[str, str] = {}
 
     def change(service: Any) -> dict[str, Any] | None:
+        taken.clear()
+        if is_ours(service, labels, user):
+            # Our own write, landed although its answer was lost (a 409 or no answer, then this read).
+            original.clear()
+            original.update(original_selector(service))
+            return None
         if meta.KT_SELECTOR in annotations_of(service) or meta.KT_ROLE in (service.spec.selector or {}):
             taken.append(service)
             return None
@@ -166,13 +221,18 @@ async def switch_selector(
 
     await update_with_retry(kube, namespace, name, change)
     if taken:
-        await refuse_if_taken(kube, namespace, taken[-1])
+        await refuse_if_switched(kube, namespace, taken[-1])
     log.info("Service %s now selects %s", name, encode_selector(labels))
     return original
 
 
-async def restore_selector(kube: KubeClient, namespace: str, name: str) -> bool:
-    """Put the selector saved in kt-selector back and drop our annotations; False if nothing was saved."""
+async def restore_selector(kube: KubeClient, namespace: str, name: str,
+                           owner: tuple[dict[str, str], str, str] | None = None) -> bool:
+    """Put the selector saved in kt-selector back and drop our annotations; False if nothing was saved.
+
+    With `owner` (our labels, our encoded original, our user: an exchange ending) nothing is written once
+    someone else holds the Service (other_holder): putting it back would end their exchange. Without it
+    (recover, clean) whatever kt-selector holds goes back."""
     restored: list[bool] = []
 
     def change(service: Any) -> dict[str, Any] | None:
@@ -180,6 +240,11 @@ async def restore_selector(kube: KubeClient, namespace: str, name: str) -> bool:
         ann = annotations_of(service)
         if meta.KT_SELECTOR not in ann:
             return None
+        if owner is not None:
+            holder = other_holder(service, *owner)
+            if holder is not None:
+                log.info("Service %s is held by %s now; leaving its selector as it is", name, holder)
+                return None
         original = original_selector(service)
         restored.append(True)
         return {
@@ -213,30 +278,55 @@ async def guard_selector(
     original: dict[str, str],
     user: str,
     interval: float = GUARD_INTERVAL,
-) -> None:
+) -> str:
     """Until cancelled: when someone rewrites the Service's selector (or drops kt-selector), put ours
     back. Polling (not a watch): a cancelled poll leaves no thread blocked in a watch behind.
 
     Like kt-connect, nothing is re-applied while no live pod carries our labels: then the shadow is
     being replaced (we re-apply once it is back) or `ktctl recover` is putting the Service back.
+
+    The guard stands down for good, with one WARNING, once someone else holds the Service (other_holder:
+    kt-selector removed by recover or a sweep, another kt-user, a selector pointing at other kt pods, or
+    another saved original); it then returns that holder, and the exchange must not restore the selector
+    at exit (restore_selector(owner=...) checks the same). Checked again in the write itself, under the
+    resourceVersion read, so a takeover between our read and our write is never overwritten.
     Cancel this before restoring the original selector."""
     saved = encode_selector(original)
     gone_logged = False
+    holder: list[str] = []
 
     def change(service: Any) -> dict[str, Any] | None:
-        if dict(service.spec.selector or {}) == labels and annotations_of(service).get(meta.KT_SELECTOR) == saved:
+        other = other_holder(service, labels, saved, user)
+        if other is not None:
+            holder[:] = [other]
+            return None
+        if dict(service.spec.selector or {}) == labels and annotations_of(service).get(meta.KT_USER) == user:
             return None
         return {
             "metadata": {"annotations": {meta.KT_SELECTOR: saved, meta.KT_USER: user}},
             "spec": {"selector": selector_patch(dict(service.spec.selector or {}), labels)},
         }
 
+    def stand_down() -> str:
+        who = holder[0]
+        if who == "ktctl recover":
+            log.warning("Service %s was put back (ktctl recover, or a clean-up sweep); this exchange stands "
+                        "down and leaves it as it is (its traffic no longer comes here)", name)
+        else:
+            log.warning("Service %s is now held by %s; this exchange stands down and leaves it to them "
+                        "(its traffic no longer comes here)", name, who)
+        return who
+
     while True:
         await asyncio.sleep(interval)
         try:
             service = await read(kube, namespace, name)
             gone_logged = False
-            if change(service) is None or not await _shadow_alive(kube, namespace, labels):
+            if change(service) is None:
+                if holder:
+                    return stand_down()
+                continue
+            if not await _shadow_alive(kube, namespace, labels):
                 continue
             log.warning("Selector of service %s was changed by someone else; putting ours back", name)
             # The PATCH runs in a worker thread that cancelling cannot stop: let it land before this
@@ -247,6 +337,8 @@ async def guard_selector(
             except asyncio.CancelledError:
                 await asyncio.wait([write])
                 raise
+            if holder:
+                return stand_down()
             log.info("Service %s recovered", name)
         except KubeError as exc:
             if exc.status == 404:

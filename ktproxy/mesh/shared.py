@@ -16,7 +16,7 @@ from typing import Any
 from ktproxy.cluster import meta
 from ktproxy.cluster.errors import Access, KubeError
 from ktproxy.errors import KtError
-from ktproxy.exchange import takeover
+from ktproxy.exchange import holder, takeover
 from ktproxy.mesh.routes import read_router
 from ktproxy.mesh.spec import (
     MeshPort,
@@ -78,7 +78,7 @@ async def refuse_if_exchanged(kube: Any, namespace: str, service: Any) -> None:
     one selecting kt pods by hand, is refused naming the holder."""
     if is_meshed(service):
         return
-    await takeover.refuse_if_taken(kube, namespace, service)
+    await holder.refuse_if_taken(kube, namespace, service)
 
 
 def is_foreign_router(router: Any) -> bool:

@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -139,6 +140,66 @@ def test_overwritten_selector_is_put_back(ktctl: Ktctl, settled: str, client_pod
     _assert_pristine(settled, client_pod)
 
 
+def test_recover_sticks_while_the_exchange_lives(ktctl: Ktctl, settled: str, client_pod: ClientPod) -> None:
+    """G1: `ktctl recover` on a live exchange (the "already exchanged ... ktctl recover" message invites
+    it): the exchange's guard stands down and says so, the Service stays recovered although the exchange
+    re-creates its shadow, and its exit leaves the Service exactly as recover did."""
+    before = service(settled, "tomcat")
+    # Its own local port (not the module's 8080): these two exchanges need no fixed port on the machine.
+    with serve_page(free_port(), LOCAL) as port:
+        _recover_while_alive(ktctl, settled, client_pod, f"{port}:8080", before)
+
+
+def _recover_while_alive(ktctl: Ktctl, settled: str, client_pod: ClientPod, expose: str, before: dict) -> None:
+    ex = ktctl.start("exchange", "tomcat", "--expose", expose, KTCTL_USER="alice")
+    ex.wait_banner(BANNER)
+    client_pod.wait_for(URL, LOCAL, timeout=5)
+    r = ktctl.run("recover", "tomcat", KTCTL_USER="bob")
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for("the exchange to stand down", lambda: "stands down" in ex.output(), timeout=30)
+    stood = [line for line in ex.output().splitlines() if "stands down" in line]
+    assert len(stood) == 1 and " WRN " in stood[0] and "ktctl recover" in stood[0], ex.output()
+    # The exchange lives on and brings its shadow back; > 3 guard intervals (2 s) later the Service
+    # still selects the original pods.
+    wait_for("the exchange's shadow back", lambda: any(o.startswith("pod/tomcat-kt-exchange-")
+                                                       for o in kt_objects(settled)), timeout=120)
+    for _ in range(8):
+        svc = service(settled, "tomcat")
+        assert svc["spec"]["selector"] == {"app": "tomcat"} and kt_annotations(svc) == {}, svc["metadata"]
+        time.sleep(1)
+    client_pod.wait_for(URL, DEMO)
+    assert ex.proc.poll() is None, ex.output()
+    assert ex.stop() in (0, 130)
+    after = service(settled, "tomcat")
+    assert after["spec"] == before["spec"] and kt_annotations(after) == {}
+    assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    _assert_pristine(settled, client_pod)
+
+
+def test_guard_leaves_the_service_to_the_next_developer(ktctl: Ktctl, settled: str, client_pod: ClientPod) -> None:
+    """G1: alice's exchange is recovered while alive and bob exchanges; alice's guard stands down naming
+    bob (no flip-flop), and alice's exit does not end bob's exchange."""
+    with serve_page(free_port(), LOCAL) as a, serve_page(free_port(), LOCAL) as b:
+        _next_developer(ktctl, settled, client_pod, f"{a}:8080", f"{b}:8080")
+
+
+def _next_developer(ktctl: Ktctl, settled: str, client_pod: ClientPod, alice_port: str, bob_port: str) -> None:
+    alice = ktctl.start("exchange", "tomcat", "--expose", alice_port, KTCTL_USER="alice")
+    alice.wait_banner(BANNER)
+    assert ktctl.run("recover", "tomcat", KTCTL_USER="bob").returncode == 0
+    bob = ktctl.start("exchange", "tomcat", "--expose", bob_port, KTCTL_USER="bob")
+    bob.wait_banner(BANNER)
+    bobs = _selector(settled)
+    wait_for("alice to stand down", lambda: "stands down" in alice.output(), timeout=30)
+    time.sleep(7)  # > 3 guard intervals
+    assert _selector(settled) == bobs and kt_annotations(service(settled, "tomcat"))["kt-user"] == "bob"
+    assert alice.stop() in (0, 130)
+    assert _selector(settled) == bobs, alice.output()
+    client_pod.wait_for(URL, LOCAL)
+    assert bob.stop() in (0, 130)
+    _assert_pristine(settled, client_pod)
+
+
 def test_shadow_pod_deleted_mid_exchange(ktctl: Ktctl, settled: str, client_pod: ClientPod, local_server: int) -> None:
     ex = ktctl.start("exchange", "tomcat", "--expose", "8080")
     ex.wait_banner(BANNER)
@@ -162,7 +223,8 @@ def test_scale_mode_round_trip(ktctl: Ktctl, settled: str, client_pod: ClientPod
     second = ktctl.run("exchange", "deployment/tomcat", "--expose", "8080", "--mode", "scale", timeout=120)
     errors = error_lines(second.stderr)
     assert second.returncode != 0 and len(errors) == 1, second.stderr
-    assert "already scaled to 0 by another exchange" in errors[0], second.stderr
+    # Refused naming the holder (the first exchange's shadow and the Deployment's kt-user say who).
+    assert "already exchanged (scale mode) by" in errors[0], second.stderr
     assert ex.stop() in (0, 130)
     ready = kubectl("-n", settled, "get", "deploy", "tomcat", "-o", "jsonpath={.status.readyReplicas}").stdout
     assert ready == "1", "exit waits for the original pods to be ready"

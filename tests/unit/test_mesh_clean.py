@@ -169,7 +169,7 @@ async def test_exchange_refuses_a_meshed_service_naming_every_developer() -> Non
     kube = FakeKube()
     _mesh(kube, {"alice": FRESH, "bob": FRESH})
     with pytest.raises(KtError, match="already meshed by alice, bob"):
-        await takeover.refuse_if_taken(kube, "default", kube.store.read("service", "tomcat", "default"))
+        await takeover.refuse_if_switched(kube, "default", kube.store.read("service", "tomcat", "default"))
     await mesh.refuse_if_exchanged(kube, "default", kube.store.read("service", "tomcat", "default"))  # joins
 
 
