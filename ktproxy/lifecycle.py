@@ -6,6 +6,9 @@
 - Clean-up: each resource registers its clean-up as soon as it exists. Steps run in reverse order and a
   step that raises is logged without skipping the steps after it.
 - `until_stopped(aw)`: await a start-up step unless a stop signal comes first.
+- `end(line)`: a running command whose state was lost for good (after a sleep or an API outage longer
+  than the clean threshold, what it held was swept or taken over) stops itself with one WARNING line
+  naming what was lost; the command then exits 1 after the same clean-up a stop signal runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger("ktproxy")
 T = TypeVar("T")
 
 EXIT_INTERRUPTED = 130
+EXIT_ENDED = 1  # the command ended itself (Lifecycle.end): what it held is gone or someone else's
 LEFTOVERS_HINT = "`ktctl clean` removes leftovers"
 
 
@@ -60,6 +64,7 @@ class Lifecycle:
         self._loop_handlers: list[int] = []
         self._plain_handlers: dict[int, Any] = {}
         self._interruptible: asyncio.Future[Any] | None = None
+        self.exit_code = 0
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
@@ -114,6 +119,17 @@ class Lifecycle:
                 log.warning("clean-up incomplete (%s); %s", ", ".join(self.failed), self.hint)
         finally:
             self._uninstall()
+
+    def end(self, line: str | None) -> None:
+        """End the command from within: log `line` (one WARNING: what was lost and that the command
+        ends; None when the caller already said so) and start the orderly clean-up. The command's main
+        returns `exit_code` (EXIT_ENDED) after `wait()`. Only the first call counts."""
+        if self.stopping.is_set():
+            return
+        if line:
+            log.warning("%s", line)
+        self.exit_code = EXIT_ENDED
+        self.stopping.set()
 
     # -- clean-up --------------------------------------------------------------------------------
     def on_cleanup(self, what: str, fn: Callable[..., Any], *args: Any) -> None:

@@ -2,6 +2,12 @@
 
 A name taken by a Service that is not ours is refused (kt-connect let the create fail with a raw
 AlreadyExists); one of ours whose heartbeat is stale (a killed preview) is replaced.
+
+After a sleep or an API outage longer than the clean threshold (issue 18, G3) the sweep has deleted the
+Service (and the shadow, which the session brings back on its next reconnect). The heartbeat's 404 (or
+its gap) calls `reassert_service`: the Service is created again while the name is free (RE-ASSERT);
+once another developer's preview or a Service not created by ktctl has the name, the preview EXITS with
+one line naming it (never taken back from another holder).
 """
 
 from __future__ import annotations
@@ -118,3 +124,28 @@ async def delete_service(kube: KubeClient, namespace: str, name: str, uid: str |
             return
         if exc.status != 404:
             raise
+
+
+async def reassert_service(
+    kube: KubeClient, namespace: str, name: str, ports: list[ExposedPort], selector: dict[str, str],
+    user: str, uid: str | None, external: bool = False,
+) -> str | None:
+    """After the heartbeat found the Service gone (or a gap): our Service `uid` is still there (its UID
+    returned), or was created again (the new UID). KtError (one line naming the new owner) when someone
+    else has the name now."""
+    try:
+        existing = await kube.call(kube.core.read_namespaced_service, name, namespace,
+                                   access=Access("get", "services", namespace))
+    except KubeError as exc:
+        if exc.status != 404:
+            raise
+        existing = None
+    if existing is not None:
+        if existing.metadata.uid == uid:
+            return uid
+        owner = f"{annotations_of(existing).get(meta.KT_USER) or 'another user'}'s preview" if is_ours(existing) \
+            else "a Service not created by ktctl"
+        raise KtError(f"service '{name}' was swept while this preview was away and is now {owner}")
+    log.warning("service %s was deleted while this preview was away (ktctl clean); creating it again", name)
+    created = await create_service(kube, namespace, name, ports, selector, user, external=external)
+    return created.metadata.uid

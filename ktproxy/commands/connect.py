@@ -156,5 +156,5 @@ async def _main(args: argparse.Namespace, given: ConnectInput, life: lifecycle.L
         print(line, flush=True)
     print(f"# PAC: {plane.pac_url}", flush=True)
     await life.wait()
-    return 0
+    return life.exit_code
 

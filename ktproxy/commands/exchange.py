@@ -81,4 +81,4 @@ async def _main(args: argparse.Namespace, pairs: list[Any], life: lifecycle.Life
         await take_selector(life, kube, options, target, ports)
     print_banner(banner(target))
     await life.wait()
-    return 0
+    return life.exit_code

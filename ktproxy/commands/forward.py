@@ -91,4 +91,4 @@ async def _main(args: argparse.Namespace, local: int | None, remote: Remote | No
     await server.start_serving()
     print_banner(banner(plan, args.address, port))
     await life.wait()
-    return 0
+    return life.exit_code

@@ -102,7 +102,7 @@ async def _main(args: argparse.Namespace, pairs: list[Any], mark: Any, life: lif
         await auto.start()
         print_banner(auto_banner(mark))
     await life.wait()
-    return 0
+    return life.exit_code
 
 
 async def _read_service(kube: Any, ns: str, name: str) -> Any:

@@ -4,6 +4,10 @@ NAME in the cluster (ClusterIP, or LoadBalancer with --external), backed by a sh
 A name already taken by a Service that is not ours is refused before anything is created; the Service
 is created only once a connection made in the shadow pod has reached the laptop, and deleted first on
 exit.
+
+After a sleep or an outage that let `ktctl clean` sweep the Service, it is created again within one
+heartbeat while the name is free; otherwise the preview ends with one line naming the new owner
+(ktproxy/preview.py, reassert_service).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ktproxy import lifecycle
 from ktproxy.cluster import meta
 from ktproxy.commands import add_reverse_flags, check_timeout, open_kube, print_banner
 from ktproxy.commands.options import reverse_options
-from ktproxy.errors import UsageError
+from ktproxy.errors import KtError, UsageError
 from ktproxy.shadow import reverse
 
 log = logging.getLogger("ktproxy")
@@ -72,14 +76,24 @@ async def _main(args: argparse.Namespace, ports: list[Any], life: lifecycle.Life
     user = shadow.shadow.options.user
     # Not interruptible: a create cancelled in flight could leave a Service with no delete registered.
     created = await preview.create_service(kube, ns, name, ports, labels, user, external=args.external)
-    # Only this very Service (its UID): after a long sleep another developer may have replaced it.
-    life.on_cleanup(f"service {name}", preview.delete_service, kube, ns, name, created.metadata.uid)
+    # Only this very Service (its UID, which changes when it is created again after a sweep): after a
+    # long sleep another developer may have replaced it.
+    uid = {"now": created.metadata.uid}
+    life.on_cleanup(f"service {name}", lambda: preview.delete_service(kube, ns, name, uid["now"]))
     await shadow.wait_serving(name)
-    beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)]))
+
+    async def on_lost(_lost: Any) -> None:
+        try:
+            uid["now"] = await preview.reassert_service(kube, ns, name, ports, labels, user, uid["now"],
+                                                        external=args.external)
+        except KtError as exc:
+            life.end(f"{exc}; the preview has ended")
+
+    beat = asyncio.create_task(heartbeat_loop(kube, lambda: [("service", ns, name)], on_lost=on_lost))
     life.on_cleanup("service heartbeat", reverse.cancel_task, beat)
     print_banner(banner(name))
     await life.wait()
-    return 0
+    return life.exit_code
 
 
 async def _check_free(kube: Any, ns: str, name: str) -> None:

@@ -288,8 +288,10 @@ async def guard_selector(
     The guard stands down for good, with one WARNING, once someone else holds the Service (other_holder:
     kt-selector removed by recover or a sweep, another kt-user, a selector pointing at other kt pods, or
     another saved original); it then returns that holder, and the exchange must not restore the selector
-    at exit (restore_selector(owner=...) checks the same). Checked again in the write itself, under the
-    resourceVersion read, so a takeover between our read and our write is never overwritten.
+    at exit (restore_selector(owner=...) checks the same); the exchange then ends (exchange/session.py,
+    G3: after a sleep the sweep's recover hook is such a holder, so the exchange does not run on half-alive).
+    Checked again in the write itself, under the resourceVersion read, so a takeover between our read
+    and our write is never overwritten.
     Cancel this before restoring the original selector."""
     saved = encode_selector(original)
     gone_logged = False
@@ -310,11 +312,11 @@ async def guard_selector(
     def stand_down() -> str:
         who = holder[0]
         if who == "ktctl recover":
-            log.warning("Service %s was put back (ktctl recover, or a clean-up sweep); this exchange stands "
-                        "down and leaves it as it is (its traffic no longer comes here)", name)
+            log.warning("Service %s was put back (ktctl recover, or a clean-up sweep after a sleep or an "
+                        "outage); this exchange stands down, leaves it as it is and has ended", name)
         else:
-            log.warning("Service %s is now held by %s; this exchange stands down and leaves it to them "
-                        "(its traffic no longer comes here)", name, who)
+            log.warning("Service %s is now held by %s; this exchange stands down, leaves it to them and has "
+                        "ended", name, who)
         return who
 
     while True:

@@ -1,6 +1,18 @@
 """One developer's part in a mesh: manual mode's shadow, and auto mode's own shadow, Service and route in the
 shared router, kept while the command runs and given back when it leaves (see commands/mesh.py for what a
-user sees)."""
+user sees).
+
+After a sleep or an API outage longer than the clean threshold (issue 18, G3) the sweep has deleted this
+developer's shadow and `<svc>-kt-mesh-<value>` Service and taken its route out of the router (and, with
+nobody else meshing, put the Service back and removed router and stuntman). Auto mode's keeper then:
+- RE-ASSERTS while the Service still points at a mesh router (other developers kept it meshed): own
+  Service first (its name is this developer's alone unless another developer has taken the value
+  meanwhile), then the route; the session brings the shadow pod back on its next reconnect. A route
+  re-added in front of a missing Service would send header requests to nothing (502s).
+- EXITS with one line when the Service no longer points at a mesh router (a sweep or `ktctl recover`
+  put it back: like an exchange's guard (G1), a mesh never takes a Service back), or when another
+  developer now owns the value's Service.
+"""
 
 from __future__ import annotations
 
@@ -238,23 +250,24 @@ class AutoMesh:
     async def keep(self, interval: float = KEEP_INTERVAL) -> None:
         """While meshing: the router and this developer's route stay (kt-connect did nothing when its
         router vanished, fault c): a lost router is created again (others re-add their routes the same
-        way), a lost route re-added (a `clean` that judged this session dead)."""
+        way), a lost route re-added (a `clean` that judged this session dead), after this developer's own
+        Service (G3: the module's docstring); a Service no longer meshed ends the command."""
         from ktproxy.exchange import takeover
         from ktproxy.mesh import shared as mesh
         from ktproxy.mesh.routes import add_route, read_router, routes_of
 
-        unmeshed_logged = False
         while True:
             await asyncio.sleep(interval)
             try:
                 service = await takeover.read(self.kube, self.ns, self.name)
                 if not mesh.is_meshed(service):
-                    if not unmeshed_logged:
-                        log.warning("service %s no longer points at a mesh router (`ktctl recover`?): requests "
-                                    "with '%s' reach its pods now", self.name, self.mark.header)
-                        unmeshed_logged = True
-                    continue
-                unmeshed_logged = False
+                    # G3/G1: a sweep (after a sleep) or `ktctl recover` put it back; never taken back.
+                    self.life.end(f"service {self.name} was put back while this mesh ran (ktctl clean after a "
+                                  f"sleep, or ktctl recover): requests with '{self.mark.header}' reach its pods; "
+                                  "the mesh has ended")
+                    return
+                if not await self._keep_own_service():
+                    return
                 router = await read_router(self.kube, self.ns, self.router)
                 if router is None or router.metadata.deletion_timestamp:
                     await self._recreate_router()
@@ -264,6 +277,42 @@ class AutoMesh:
                     await add_route(self.kube, self.ns, self.router, self.mark.route)
             except Exception as exc:  # the keeper must outlive any one bad answer
                 log.warning("checking the mesh of service %s failed: %s", self.name, exc)
+
+    async def _keep_own_service(self) -> bool:
+        """This developer's `<svc>-kt-mesh-<value>` Service is there (created again when a sweep deleted
+        it); False when another developer has taken the value meanwhile (the mesh has then ended)."""
+        from ktproxy.cluster.errors import KubeError
+        from ktproxy.exchange.takeover import annotations_of
+
+        try:
+            found = await self.kube.call(self.kube.core.read_namespaced_service, self.own, self.ns)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            found = None
+        if found is not None:
+            selector = dict((found.spec.selector or {}) if found.spec else {})
+            if selector.get(meta.KT_TARGET) == self.labels[meta.KT_TARGET]:
+                return True
+            who = annotations_of(found).get(meta.KT_USER) or "another developer"
+            self.life.end(f"service {self.own} is now {who}'s (this mesh's was swept while it was away): "
+                          f"requests with '{self.mark.header}' go to them; the mesh has ended")
+            return False
+        from ktproxy.mesh import shared as mesh
+        from ktproxy.mesh.spec import mesh_service
+
+        log.warning("service %s was deleted while this mesh was away (ktctl clean); creating it again",
+                    self.own)
+        now = int((await self.kube.cluster_time()).timestamp())
+
+        body = mesh_service(self.name, self.ns, self.mark.route, self.full, self.labels, self.options.user, now)
+        try:
+            await mesh.create_service(self.kube, self.ns, body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            return True  # created meanwhile: looked at again next round
+        return True
 
     async def _recreate_router(self) -> None:
         from ktproxy.exchange import takeover

@@ -3,6 +3,11 @@ over the port-forward.
 
 `connect(options)` is the SSHTunnel's connector: every (re)connect checks the pod first and creates a
 new one when the old one is gone, so deleting the shadow pod mid-session costs one reconnect.
+
+After a sleep or an API outage longer than the clean threshold the sweep has deleted the pod and its
+Secret: the tunnel's next reconnect creates them again (connect and forward own nothing else, so that
+is all they re-assert). Commands that hold more (exchange's scale, ...) register `on_lost`: it runs
+when the heartbeat finds the pod gone or a gap (heartbeat.Lost), and after a pod was replaced.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import asyncssh
 from ktproxy.cluster.client import KubeClient
 from ktproxy.cluster.discovery import discover
 from ktproxy.cluster.errors import Access, KubeError
-from ktproxy.cluster.heartbeat import ObjectRef, heartbeat_loop
+from ktproxy.cluster.heartbeat import Lost, ObjectRef, OnLost, heartbeat_loop
 from ktproxy.shadow.pod import (
     CONNECT,
     ShadowOptions,
@@ -56,6 +61,8 @@ class ShadowSession:
         # neither abort the creation (and so delete a pod about to be ready) nor start a second one.
         self._creating: asyncio.Task[ShadowPod] | None = None
         self._replace_lock = asyncio.Lock()
+        self.on_lost: list[OnLost] = []  # what else the command re-asserts once the pod was lost
+        self._lost_tasks: set[asyncio.Task[None]] = set()
 
     async def preflight(self) -> None:
         """Read-only checks, so a missing namespace or permission fails before we create anything."""
@@ -76,7 +83,14 @@ class ShadowSession:
     async def start(self, timeout: float) -> None:  # noqa: ASYNC109 - the pod's readiness budget (see wait_ready)
         self.options = dataclasses.replace(self.options, ready_timeout=timeout)
         await self._create()
-        self._heartbeat = asyncio.create_task(heartbeat_loop(self.kube, self._objects))
+        self._heartbeat = asyncio.create_task(heartbeat_loop(self.kube, self._objects, on_lost=self._lost))
+
+    async def _lost(self, lost: Lost) -> None:
+        for callback in list(self.on_lost):
+            try:
+                await callback(lost)
+            except Exception as exc:  # one owner's failure must not keep the others from re-asserting
+                log.warning("re-asserting after a lost object failed: %s", exc)
 
     def _objects(self) -> list[ObjectRef]:
         """(kind, namespace, name) of every object this session keeps alive."""
@@ -120,6 +134,11 @@ class ShadowSession:
             if old is not None:
                 await delete_shadow(self.kube, old, quiet=True)
             await self._create()
+            if self.on_lost and old is not None:
+                # Not awaited here: the reconnect must not wait for what the command re-asserts.
+                task = asyncio.create_task(self._lost(Lost(gone=[("pod", old.namespace, old.name)])))
+                self._lost_tasks.add(task)
+                task.add_done_callback(self._lost_tasks.discard)
 
     async def connect(self, options: SSHOptions) -> asyncssh.SSHClientConnection:
         """SSH to the shadow over a fresh port-forward, replacing the pod first when it is gone."""
@@ -138,7 +157,7 @@ class ShadowSession:
         and its Secret. Every step runs whatever the one before did; a delete that fails is logged with
         the way out. True when nothing is known to be left behind."""
         clean_exit = True
-        for task in (self._heartbeat, self._creating):
+        for task in (self._heartbeat, self._creating, *self._lost_tasks):
             if task is not None and not task.done():
                 task.cancel()
                 # asyncio.wait never raises: a task's own failure must not skip the deletes.

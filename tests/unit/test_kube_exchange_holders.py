@@ -210,7 +210,8 @@ class FakeShadow:
 
     def __init__(self, life: Any, kube: FakeKube, options: Any, spec: reverse.ReverseSpec) -> None:
         self.kube, self.spec = kube, spec
-        self.shadow = type("S", (), {"options": type("O", (), {"user": options})()})()
+        self.shadow = type("S", (), {"options": type("O", (), {"user": options})(), "on_lost": []})()
+        self.pod_name = "?"
 
     async def preflight(self) -> None:
         return None

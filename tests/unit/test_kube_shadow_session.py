@@ -136,6 +136,29 @@ async def test_replacement_survives_a_caller_that_gives_up():
     await session.close()
 
 
+async def test_swept_pod_comes_back_and_the_owner_hears_of_it():
+    """G3, connect and forward: after a sleep the sweep deleted the pod and its Secret; the next reconnect
+    creates both again (all these commands own) and tells the owners (exchange's scale mode re-asserts)."""
+    session, core = _session()
+    heard: list[heartbeat.Lost] = []
+
+    async def on_lost(lost: heartbeat.Lost) -> None:
+        heard.append(lost)
+
+    session.on_lost.append(on_lost)
+    await session.start(timeout=30)
+    first = session.pod.name
+    core.objects.pop(("pod", first))  # `ktctl clean` after the laptop slept
+    core.objects.pop(("secret", first))
+    assert not await session._pod_usable()
+    await session._replace_pod()  # what connect() does before the SSH dial
+    assert session.pod.name != first and core.names("pod") == [session.pod.name]
+    assert core.names("secret") == [session.pod.secret]
+    await _until(lambda: bool(heard), "the owner told")
+    assert heard[0].gone == [("pod", "team", first)]
+    await session.close()
+
+
 async def test_close_runs_every_step_and_names_clean(caplog):
     """R7: a failing pod delete neither skips the Secret's delete nor escapes; the user hears of clean."""
     session, core = _session()
