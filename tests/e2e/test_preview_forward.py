@@ -224,3 +224,30 @@ def test_preview_without_permission_to_create_services(ktctl: Ktctl, demo: str, 
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "no permission to create services" in errors[0], r.stderr
     assert kt_objects(demo) == before
+
+
+def test_preview_comes_back_after_a_sweep_while_stopped(ktctl: Ktctl, demo: str, local_server: int,
+                                                         client_pod: ClientPod) -> None:
+    """G3: the laptop "sleeps" (SIGSTOP) while `ktctl clean` with a short threshold sweeps the preview's
+    Service and shadow; woken (SIGCONT), it creates both again within one heartbeat (60 s) and the
+    cluster reaches the laptop by name again."""
+    import os
+    import signal
+    import time
+
+    p = ktctl.start("preview", "tomcat-v4", "--expose", "8080")
+    p.wait_banner("by name 'tomcat-v4'")
+    os.kill(p.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(8)
+        r = ktctl.run("clean", "--threshold-in-minutes", "0.05", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not [o for o in kt_objects(demo) if "tomcat-v4" in o], kt_objects(demo)
+    finally:
+        os.kill(p.proc.pid, signal.SIGCONT)
+    wait_for("the preview's Service back", lambda: "service/tomcat-v4" in kt_objects(demo), timeout=100)
+    assert "was deleted while this preview was away (ktctl clean); creating it again" in p.output(), p.output()
+    client_pod.wait_for("http://tomcat-v4:8080", LOCAL, timeout=120)
+    assert p.proc.poll() is None, p.output()
+    assert p.stop() in (0, 130)
+    assert not [o for o in kt_objects(demo) if "tomcat-v4" in o]
