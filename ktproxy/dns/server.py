@@ -24,12 +24,13 @@ import functools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from types import MappingProxyType
 from typing import Any
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from ktproxy import aio
 from ktproxy.dns.cache import Entry, Packed, ReplyCache, cache_key
 from ktproxy.dns.cluster import Address, ClusterResolver, OpenConnection, TunnelPool
 from ktproxy.dns.names import label_text, reverse_name_to_ip, split_service_labels
@@ -173,8 +174,8 @@ class DNSStub:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = aio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -193,7 +194,7 @@ class DNSStub:
         self._spawn(answer())
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        me = asyncio.current_task()
+        me = asyncio.current_task(aio.running_loop())
         if me is not None:
             self._tasks.add(me)
             me.add_done_callback(self._tasks.discard)
@@ -214,8 +215,10 @@ class DNSStub:
         try:
             while True:
                 try:
-                    (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 30))
-                    data = await asyncio.wait_for(reader.readexactly(length), 10)
+                    async with aio.Deadline(30):
+                        (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    async with aio.Deadline(10):
+                        data = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, TimeoutError, OSError):
                     break
                 out = self._fast_answer(data, True)
@@ -236,7 +239,7 @@ class DNSStub:
                             await writer.drain()
                     break
                 await slots.acquire()
-                task = asyncio.ensure_future(answer(record, data))
+                task = aio.create_task(answer(record, data))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
             if inflight:
@@ -316,7 +319,7 @@ class DNSStub:
         if reply is None:
             route, resolver = self._route(query)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with aio.Deadline(self.timeout):
                     reply = await resolver.resolve(query, started + self.timeout)
             except (TimeoutError, ConnectionError, OSError) as exc:
                 self._note_failure(route, exc)
