@@ -2,7 +2,8 @@
 
 Each entry also keeps its replies as packed bytes (`Packed`), one per kind of query asking for it
 (`wire.fast_key`), indexed in `ReplyCache.fast`: the stub's fast path answers a repeated question from
-those bytes alone. They live and die with their entry (expiry, eviction, replacement, clear).
+those bytes alone. A UDP query seen before byte for byte (but its id) finds them in `ReplyCache.exact`
+without even `fast_key`. They live and die with their entry (expiry, eviction, replacement, clear).
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ def cache_key(query: DNSRecord) -> CacheKey:
 
 
 # Packed replies kept per entry at most: each distinct query form (flags, EDNS size, transport) has
-# its own, and a client varying them must not grow the memory without bound.
+# its own, and a client varying them must not grow the memory without bound. Likewise the exact query
+# bytes that lead to them (a 0x20 client spells each query anew: it stays with fast_key).
 MAX_PACKED_PER_ENTRY = 8
+MAX_EXACT_PER_ENTRY = 8
 
 
 class Entry:
     """One cached reply, as stored (TTLs not aged), and its packed forms' keys in `ReplyCache.fast`."""
 
-    __slots__ = ("key", "packed", "reply", "stored", "ttl")
+    __slots__ = ("exact", "key", "packed", "reply", "stored", "ttl")
 
     def __init__(self, key: CacheKey, reply: DNSRecord, stored: float, ttl: float) -> None:
         self.key = key
@@ -41,6 +44,7 @@ class Entry:
         self.stored = stored
         self.ttl = ttl
         self.packed: list[bytes] = []
+        self.exact: list[bytes] = []
 
 
 class Packed:
@@ -69,6 +73,7 @@ class ReplyCache:
     def __init__(self, maxsize: int, clock: Callable[[], float], negative_ttl: int, max_ttl: int) -> None:
         self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
         self.fast: dict[bytes, Packed] = {}
+        self.exact: dict[bytes, Packed] = {}  # a UDP query after its id -> what fast_key found for it
         self._maxsize = maxsize
         self._clock = clock
         self._negative_ttl = negative_ttl
@@ -80,12 +85,15 @@ class ReplyCache:
     def clear(self) -> None:
         self._entries.clear()
         self.fast.clear()
+        self.exact.clear()
 
     def _drop(self, key: CacheKey) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             for fast_key in entry.packed:
                 self.fast.pop(fast_key, None)
+            for query in entry.exact:
+                self.exact.pop(query, None)
 
     def lifetime(self, reply: DNSRecord) -> int:
         rcode = reply.header.rcode
@@ -133,6 +141,13 @@ class ReplyCache:
             entry.packed.append(fast_key)
         self.fast[fast_key] = packed
         return True
+
+    def add_exact(self, packed: Packed, query: bytes) -> None:
+        """Remember that the UDP query `query` (after its id), which fast_key accepted, leads to `packed`."""
+        entry = packed.entry
+        if len(entry.exact) < MAX_EXACT_PER_ENTRY and self._entries.get(entry.key) is entry:
+            entry.exact.append(query)
+            self.exact[query] = packed
 
     def get(self, key: CacheKey) -> DNSRecord | None:
         entry = self.entry(key)

@@ -98,6 +98,7 @@ class DNSStub:
         self._clock = clock
         self._fast_path = fast_path  # False: every query takes the general path (tests compare the two)
         self._fast = self._cache.fast  # the fast path's index: fast key -> Packed
+        self._exact = self._cache.exact  # and UDP query bytes after the id -> Packed
         self._udp: _UDPServer | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -257,6 +258,7 @@ class DNSStub:
     # -- query handling --------------------------------------------------------------------------
     async def handle(self, data: bytes, *, tcp: bool = False) -> bytes | None:
         """Answer one wire-format query; None means drop it (no parsable header, or not a query)."""
+        data = bytes(data)
         out = self._fast_answer(data, tcp)
         if out is not None:
             return out
@@ -272,15 +274,19 @@ class DNSStub:
 
         Exactly what `_resolve` would answer: the packed reply is `finish`'s for a query of the same
         form (same `fast_key`), its TTLs aged by the same whole seconds, the entry's expiry and LRU
-        place kept. No dnslib, a handful of calls; never raises, whatever the bytes."""
+        place kept. No dnslib, a handful of calls; never raises, whatever the bytes (bytes, not bytearray)."""
         if not self._fast_path:
             return None
-        found = fast_key(data, tcp)
-        if found is None:
-            return None
-        packed = self._fast.get(found[0])
+        packed = None if tcp else self._exact.get(data[2:])
         if packed is None:
-            return None
+            found = fast_key(data, tcp)
+            if found is None:
+                return None
+            packed = self._fast.get(found[0])
+            if packed is None:
+                return None
+            if not tcp:
+                self._cache.add_exact(packed, data[2:])  # the same bytes next time skip fast_key
         entry = packed.entry
         age = self._clock() - entry.stored
         if age >= entry.ttl:
@@ -289,9 +295,10 @@ class DNSStub:
         aged = int(age) if age > 0 else 0
         if aged != packed.aged:
             packed.age(aged)
+        qend = packed.qend
         if _debug_on():
-            log.debug("cache (fast path) %r", data[12:found[1]])
-        return b"".join((data[:2], packed.head, data[12:found[1]], packed.tail))
+            log.debug("cache (fast path) %r", data[12:qend])
+        return b"".join((data[:2], packed.head, data[12:qend], packed.tail))
 
     def _route(self, query: DNSRecord) -> tuple[str, Resolver]:
         """Which resolver answers `query`, and the route name for the outage log."""

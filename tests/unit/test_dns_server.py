@@ -1120,7 +1120,8 @@ async def test_fast_hit_makes_no_task_no_dnslib_call_and_no_tunnel_query(
     dnslib are not called. Without the fast path this fails: every query takes them."""
     assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
     assert addrs(await tcp_query(env.port, "Tomcat")) == ["10.96.0.20"]  # the TCP form, from the cache
-    queries = [_query_bytes(name, "A", qid=7 + i) for i, name in enumerate(["tomcat", "TOMCAT", "tomCAT"])]
+    queries = [bytes(_query_bytes(name, "A", qid=7 + i))
+               for i, name in enumerate(["tomcat", "TOMCAT", "tomCAT", "tomcat", "TOMCAT"])]
     calls: collections.Counter[str] = collections.Counter()
 
     def counting(name: str, fn: Any) -> Any:
@@ -1171,8 +1172,9 @@ async def test_fast_path_keeps_lru_order_and_dies_with_its_entry(upstream: Any) 
         await stub.handle(q["kubernetes"])
         assert cluster.total() == 4
         assert len(stub._cache.fast) == 2  # the evicted entries' packed replies went with them
+        assert list(stub._cache.exact) == [q["tomcat"][2:]]  # the repeated UDP query, byte for byte
         stub.clear_cache()
-        assert stub._cache.fast == {}
+        assert stub._cache.fast == {} and stub._cache.exact == {}
         await stub.handle(q["tomcat"])
         assert cluster.total() == 5
     finally:
