@@ -19,6 +19,7 @@ object is left. Requests come from a client pod with and without the headers (me
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import shutil
@@ -132,8 +133,6 @@ def _developer(name: str, user, namespace: str, port: int, where: Path) -> Devel
 
 
 def _b64(path: Path) -> str:
-    import base64
-
     return base64.b64encode(path.read_bytes()).decode()
 
 
@@ -149,9 +148,11 @@ def developers(unprivileged_user, user_ktctl, demo: str) -> Iterator[tuple[Devel
             alice = _developer("alice", unprivileged_user, demo, pa, where)
             bob = _developer("bob", unprivileged_user, demo, pb, where)
             for dev in (alice, bob):  # the premise: two identities, each with rights in this namespace only
-                who = kubectl("--kubeconfig", dev.kubeconfig, "auth", "whoami", "-o",
-                              "jsonpath={.status.userInfo.username}", check=False).stdout.strip()
-                assert who in (dev.name, ""), who  # (`auth whoami` needs a recent API server)
+                as_dev = ("--kubeconfig", dev.kubeconfig)
+                who = kubectl(*as_dev, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout
+                assert who.strip() == dev.name
+                assert kubectl(*as_dev, "auth", "can-i", "patch", "services", "-n", demo).stdout.strip() == "yes"
+                assert kubectl(*as_dev, "auth", "can-i", "list", "pods", "-A", check=False).stdout.strip() == "no"
             yield alice, bob
             for dev in (alice, bob):
                 dev.stop_all()
@@ -207,7 +208,7 @@ def test_exchange_vs_exchange(devs, client: MeshClient, demo: str, pristine: dic
     held = service_state(demo, SVC)
     objects = kt_objects(demo)
     line = bob.refused("exchange", SVC, "--expose", f"{bob.port}:8080")
-    assert "alice" in line and "tomcat" in line, line
+    assert "'tomcat' is already exchanged by alice" in line, line
     # bob left nothing and changed nothing: alice's exchange is untouched.
     assert owned_by(demo, "bob") == [] and kt_objects(demo) == objects
     assert service_state(demo, SVC) == held and _holder(demo) == "alice"
@@ -242,7 +243,7 @@ def test_exchange_vs_mesh(devs, client: MeshClient, demo: str, pristine: dict, f
     objects = kt_objects(demo)
     routes = router_routes(demo, SVC)
     line = bob.refused(*second)
-    assert "alice" in line and "tomcat" in line, line
+    assert f"'tomcat' is already {'exchanged' if first == 'exchange' else 'meshed'} by alice" in line, line
     assert owned_by(demo, "bob") == [] and kt_objects(demo) == objects
     assert service_state(demo, SVC) == held and router_routes(demo, SVC) == routes
     if first == "exchange":
