@@ -12,6 +12,7 @@ from typing import Any
 
 from dnslib import RCODE, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+from ktproxy import aio
 from ktproxy.dns.names import candidate_names, label_text, reverse_name_to_ip, split_service_labels, text_to_label
 from ktproxy.dns.wire import new_id, reply_from
 from ktproxy.routing import ClusterRules
@@ -35,7 +36,7 @@ class TunnelConn:
         self.closed = False
         self.last_rx = time.monotonic()
         self.used = False
-        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.task = aio.create_task(self._read_loop())
 
     async def _read_loop(self) -> None:
         try:
@@ -64,7 +65,7 @@ class TunnelConn:
                 fut.set_exception(ConnectionError("tunnel DNS stream closed"))
         with contextlib.suppress(Exception):
             self.writer.close()
-        if self.task is not asyncio.current_task():
+        if self.task is not asyncio.current_task(aio.running_loop()):
             self.task.cancel()
 
     async def exchange(self, query: DNSRecord, deadline: float) -> bytes:
@@ -76,11 +77,11 @@ class TunnelConn:
             qid = new_id()
         query.header.id = qid
         packet = query.pack()
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bytes] = aio.running_loop().create_future()
         self.pending[qid] = fut
         sent = time.monotonic()
         try:
-            async with asyncio.timeout(deadline - sent):
+            async with aio.Deadline(deadline - sent):
                 self.writer.write(struct.pack("!H", len(packet)) + packet)
                 await self.writer.drain()
                 return await fut
@@ -143,7 +144,8 @@ class TunnelPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            conn = await asyncio.wait_for(self._get(), remaining)
+            async with aio.Deadline(remaining):
+                conn = await self._get()
             reused = conn.used
             try:
                 raw = await conn.exchange(query, deadline)

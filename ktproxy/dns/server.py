@@ -5,6 +5,13 @@ does not use socks5h) would otherwise never see cluster names. The stub listens 
 port), applies the pod's search list to short names, and caches answers for their TTL so that the
 tunnel sees each name once per TTL rather than once per lookup.
 
+A repeated question is answered from bytes (the fast path, `DNSStub._fast_answer`): the reply as
+`finish` packed it for the first such query is kept with its cache entry, and a later query of the
+same form (`wire.fast_key`: flags, the name in any case, type, class, EDNS size and DO, transport) gets
+it with its own id and spelling spliced in and the TTLs aged, without dnslib or a Task. A query of any
+other shape (several questions or records, compression in the question, trailing bytes) takes the
+general path; EDNS options are fine (the reply never depends on them).
+
 Which names and reverse addresses belong to the cluster is decided only by `ClusterRules`, so the
 proxy, the PAC file and the stub never disagree.
 """
@@ -13,25 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from types import MappingProxyType
 from typing import Any
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from ktproxy.dns.cache import ReplyCache, cache_key
+from ktproxy import aio
+from ktproxy.dns.cache import Entry, Packed, ReplyCache, cache_key
 from ktproxy.dns.cluster import Address, ClusterResolver, OpenConnection, TunnelPool
-from ktproxy.dns.names import label_text, reverse_name_to_ip, rewrite_owner, split_service_labels
+from ktproxy.dns.names import label_text, reverse_name_to_ip, split_service_labels
 from ktproxy.dns.resolver import NXDomainFallback, Resolver
 from ktproxy.dns.upstream import UpstreamResolver, system_upstreams
-from ktproxy.dns.wire import Malformed, finish, parse_query, reply_skeleton
+from ktproxy.dns.wire import Malformed, fast_key, finish, parse_query, render, reply_skeleton, ttl_fields
 from ktproxy.routing import ClusterRules
 
 log = logging.getLogger("ktproxy.dns")
 
+_debug_on = functools.partial(log.isEnabledFor, logging.DEBUG)
 _WHERE = MappingProxyType({"cluster": "cluster DNS (through the tunnel)", "upstream": "upstream DNS"})
 
 
@@ -44,7 +54,12 @@ class _UDPServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]  # always a datagram transport here
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.stub._on_datagram(self, data, addr)
+        # A repeated question is answered here and now: no Task, no dnslib (see DNSStub._fast_answer).
+        out = self.stub._fast_answer(data, False)
+        if out is None:
+            self.stub._on_datagram(self, data, addr)
+        elif self.transport is not None:
+            self.transport.sendto(out, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from clients that went away must not stop the server.
@@ -70,6 +85,7 @@ class DNSStub:
         max_ttl: int = 3600,
         pool_size: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        fast_path: bool = True,
     ) -> None:
         self.rules = rules
         self.cluster_dns = cluster_dns
@@ -79,6 +95,10 @@ class DNSStub:
         self._cluster = ClusterResolver(rules, self._pool)
         self._cluster_then_upstream = NXDomainFallback(self._cluster, self._upstream)
         self._cache = ReplyCache(cache_size, clock, negative_ttl, max_ttl)
+        self._clock = clock
+        self._fast_path = fast_path  # False: every query takes the general path (tests compare the two)
+        self._fast = self._cache.fast  # the fast path's index: fast key -> Packed
+        self._exact = self._cache.exact  # and UDP query bytes after the id -> Packed
         self._udp: _UDPServer | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -155,8 +175,8 @@ class DNSStub:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = aio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -175,7 +195,7 @@ class DNSStub:
         self._spawn(answer())
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        me = asyncio.current_task()
+        me = asyncio.current_task(aio.running_loop())
         if me is not None:
             self._tasks.add(me)
             me.add_done_callback(self._tasks.discard)
@@ -183,9 +203,9 @@ class DNSStub:
         slots = asyncio.Semaphore(32)
         inflight: set[asyncio.Task[None]] = set()
 
-        async def answer(record: DNSRecord) -> None:
+        async def answer(record: DNSRecord, data: bytes) -> None:
             try:
-                reply = await self._resolve(record, tcp=True)
+                reply = await self._resolve(record, tcp=True, data=data)
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 await writer.drain()
             except (OSError, RuntimeError):
@@ -196,10 +216,20 @@ class DNSStub:
         try:
             while True:
                 try:
-                    (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 30))
-                    data = await asyncio.wait_for(reader.readexactly(length), 10)
+                    async with aio.Deadline(30):
+                        (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    async with aio.Deadline(10):
+                        data = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, TimeoutError, OSError):
                     break
+                out = self._fast_answer(data, True)
+                if out is not None:
+                    try:
+                        writer.write(struct.pack("!H", len(out)) + out)
+                        await writer.drain()  # a client that does not read waits on its own socket buffers
+                    except (OSError, RuntimeError):
+                        break
+                    continue
                 try:
                     record = parse_query(data)
                 except Malformed as bad:
@@ -210,7 +240,7 @@ class DNSStub:
                             await writer.drain()
                     break
                 await slots.acquire()
-                task = asyncio.ensure_future(answer(record))
+                task = aio.create_task(answer(record, data))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
             if inflight:
@@ -228,12 +258,47 @@ class DNSStub:
     # -- query handling --------------------------------------------------------------------------
     async def handle(self, data: bytes, *, tcp: bool = False) -> bytes | None:
         """Answer one wire-format query; None means drop it (no parsable header, or not a query)."""
+        data = bytes(data)
+        out = self._fast_answer(data, tcp)
+        if out is not None:
+            return out
         try:
             record = parse_query(data)
         except Malformed as bad:
             log.debug("malformed query (%d bytes)", len(data))
             return bad.reply
-        return await self._resolve(record, tcp=tcp)
+        return await self._resolve(record, tcp=tcp, data=data)
+
+    def _fast_answer(self, data: bytes, tcp: bool) -> bytes | None:
+        """The reply to a repeated question from its packed bytes, or None: ask the general path.
+
+        Exactly what `_resolve` would answer: the packed reply is `finish`'s for a query of the same
+        form (same `fast_key`), its TTLs aged by the same whole seconds, the entry's expiry and LRU
+        place kept. No dnslib, a handful of calls; never raises, whatever the bytes (bytes, not bytearray)."""
+        if not self._fast_path:
+            return None
+        packed = None if tcp else self._exact.get(data[2:])
+        if packed is None:
+            found = fast_key(data, tcp)
+            if found is None:
+                return None
+            packed = self._fast.get(found[0])
+            if packed is None:
+                return None
+            if not tcp:
+                self._cache.add_exact(packed, data[2:])  # the same bytes next time skip fast_key
+        entry = packed.entry
+        age = self._clock() - entry.stored
+        if age >= entry.ttl:
+            return None  # expired: the general path drops the entry and asks again
+        self._cache.touch(entry.key)
+        aged = int(age) if age > 0 else 0
+        if aged != packed.aged:
+            packed.age(aged)
+        qend = packed.qend
+        if _debug_on():
+            log.debug("cache (fast path) %r", data[12:qend])
+        return b"".join((data[:2], packed.head, data[12:qend], packed.tail))
 
     def _route(self, query: DNSRecord) -> tuple[str, Resolver]:
         """Which resolver answers `query`, and the route name for the outage log."""
@@ -251,16 +316,17 @@ class DNSStub:
             return "cluster", self._cluster_then_upstream
         return "cluster", self._cluster
 
-    async def _resolve(self, query: DNSRecord, *, tcp: bool) -> bytes:
+    async def _resolve(self, query: DNSRecord, *, tcp: bool, data: bytes | None = None) -> bytes:
         q = query.q
         key = cache_key(query)
         started = time.monotonic()
         route = "cache"
-        reply = self._cache.get(key)
+        entry = self._cache.entry(key)
+        reply = None if entry is None else self._cache.aged(entry)
         if reply is None:
             route, resolver = self._route(query)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with aio.Deadline(self.timeout):
                     reply = await resolver.resolve(query, started + self.timeout)
             except (TimeoutError, ConnectionError, OSError) as exc:
                 self._note_failure(route, exc)
@@ -270,14 +336,34 @@ class DNSStub:
                 reply = reply_skeleton(query, RCODE.SERVFAIL)
             else:
                 self._note_success(route)
-                self._cache.put(key, reply)
-        else:
-            # The cache serves all spellings of a name; answer in the spelling asked (0x20 clients).
-            reply.rr = rewrite_owner(reply.rr, reply.q.qname, q.qname)
+                entry = self._cache.put(key, reply)
+        # The cache serves all spellings of a name; `finish` answers in the spelling asked (0x20).
         out = finish(query, reply, tcp)
+        if entry is not None and data is not None and self._fast_path:
+            self._keep_packed(entry, query, data, tcp, out)
         log.debug("%s %s %s -> %s (%d rr, %.1f ms)", route, q.qname, QTYPE.get(q.qtype),
                   RCODE.get(reply.header.rcode), len(reply.rr), (time.monotonic() - started) * 1000)
         return out
+
+    def _keep_packed(self, entry: Entry, query: DNSRecord, data: bytes, tcp: bool, out: bytes) -> None:
+        """Keep `entry`'s reply packed for queries of `data`'s form, for `_fast_answer`.
+
+        Kept only when what the fast path would answer `data` right now is byte for byte `out`, what
+        this path answered: a query form the fast path would get wrong is never served by it."""
+        found = fast_key(data, tcp)
+        if found is None or found[0] in self._fast:
+            return
+        template = render(query, entry.reply, tcp)
+        ttls = ttl_fields(template)
+        if ttls is None:
+            return
+        packed = Packed(entry, template, ttls, found[1])
+        age = self._clock() - entry.stored
+        packed.age(int(age) if age > 0 else 0)
+        if b"".join((data[:2], packed.head, data[12:found[1]], packed.tail)) != out:
+            log.debug("no fast path for %s %s: its bytes would differ", query.q.qname, QTYPE.get(query.q.qtype))
+            return
+        self._cache.add_packed(entry, found[0], packed)
 
     def _note_failure(self, route: str, exc: BaseException) -> None:
         what = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__

@@ -13,6 +13,7 @@ from typing import Any
 
 from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
+from ktproxy import aio
 from ktproxy.dns.wire import OUR_UDP_SIZE, new_id, reply_from, wants_dnssec
 
 Address = tuple[str, int]
@@ -83,7 +84,7 @@ def _windows_upstreams() -> list[Address]:
 class _UDPExchange(asyncio.DatagramProtocol):
     def __init__(self, qid: int) -> None:
         self.qid = qid
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.answer: asyncio.Future[bytes] = aio.running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         # A connected socket only hears from the upstream; the id check rejects stale answers.
@@ -100,18 +101,19 @@ class _UDPExchange(asyncio.DatagramProtocol):
 
 
 async def _exchange_udp(server: Address, packet: bytes, qid: int, seconds: float) -> bytes:
-    loop = asyncio.get_running_loop()
+    loop = aio.running_loop()
     # A fresh socket per query gives a random source port: the cheap defence against spoofed answers.
     transport, proto = await loop.create_datagram_endpoint(lambda: _UDPExchange(qid), remote_addr=server)
     try:
         transport.sendto(packet)
-        return await asyncio.wait_for(proto.answer, seconds)
+        async with aio.Deadline(seconds):
+            return await proto.answer
     finally:
         transport.close()
 
 
 async def _exchange_tcp(server: Address, packet: bytes, deadline: float) -> bytes:
-    async with asyncio.timeout(deadline - time.monotonic()):
+    async with aio.Deadline(deadline - time.monotonic()):
         reader, writer = await asyncio.open_connection(*server)
         try:
             writer.write(struct.pack("!H", len(packet)) + packet)

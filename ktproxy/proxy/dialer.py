@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from ktproxy import aio
 from ktproxy.routing import ClusterRules, parse_ip
 
 log = logging.getLogger("ktproxy.proxy")
@@ -72,7 +73,7 @@ class Dialer:
         try:
             # The tunnel's open waits for the session without ever cancelling its rebuild, and closes
             # a channel confirmed after this deadline (R2, R7).
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with aio.Deadline(CONNECT_TIMEOUT):
                 return await self.tunnel.open_connection(host, port)
         except asyncssh.ChannelOpenError as exc:
             # The shadow reports the pod-side failure text; map the common ones.
@@ -94,7 +95,8 @@ class Dialer:
         if self.resolve is not None and parse_ip(host) is None:
             target = await self._resolve(host)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), CONNECT_TIMEOUT)
+            async with aio.Deadline(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(target, port)
         except TimeoutError as exc:
             raise DialError("timeout", f"{host}:{port}: timed out") from exc
         except socket.gaierror as exc:
@@ -111,7 +113,7 @@ class Dialer:
     async def _resolve(self, host: str) -> str:
         assert self.resolve is not None
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with aio.Deadline(CONNECT_TIMEOUT):
                 addresses = await self.resolve(host)
         except TimeoutError as exc:
             raise DialError("timeout", f"{host}: no answer from the resolver") from exc

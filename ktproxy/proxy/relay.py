@@ -14,6 +14,8 @@ import contextlib
 from types import TracebackType
 from typing import Any, Protocol
 
+from ktproxy import aio
+
 CHUNK = 256 * 1024
 # Long: an idle database or SSH session through the proxy is legitimate; a day-old dead one is not.
 IDLE_TIMEOUT = 3600.0
@@ -40,8 +42,8 @@ class Idle:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._timeout = asyncio.timeout(None)
-        self._loop = asyncio.get_running_loop()
+        self._loop = aio.running_loop()
+        self._deadline = aio.Deadline(None, self._loop)
         self.last = self._loop.time()
         self._check_handle: asyncio.TimerHandle | None = None
 
@@ -51,12 +53,12 @@ class Idle:
     def _check(self) -> None:
         deadline = self.last + self.seconds
         if self._loop.time() >= deadline:
-            self._timeout.reschedule(self._loop.time())  # expire now: asyncio.timeout cancels the task
+            self._deadline.expire()  # cancels the task; the block raises TimeoutError
         else:
             self._check_handle = self._loop.call_at(deadline, self._check)
 
     async def __aenter__(self) -> Idle:
-        await self._timeout.__aenter__()
+        await self._deadline.__aenter__()
         self.touch()
         self._check_handle = self._loop.call_at(self.last + self.seconds, self._check)
         return self
@@ -65,7 +67,8 @@ class Idle:
                         tb: TracebackType | None) -> bool | None:
         if self._check_handle is not None:
             self._check_handle.cancel()
-        return await self._timeout.__aexit__(exc_type, exc, tb)
+        await self._deadline.__aexit__(exc_type, exc, tb)
+        return None
 
 
 class Touching:
@@ -106,14 +109,13 @@ async def pipe(reader: Reader, writer: Writer, idle: Idle | None = None) -> int:
 async def relay(a_reader: Reader, a_writer: Writer, b_reader: Reader, b_writer: Writer) -> None:
     """Both directions until both end, either side fails or nothing moves for IDLE_TIMEOUT (then
     TimeoutError); both are closed in every case."""
-    tasks: list[asyncio.Future[int]] = []
+    tasks: list[asyncio.Task[int]] = []
     try:
         async with Idle(IDLE_TIMEOUT) as idle:
-            tasks = [asyncio.ensure_future(pipe(a_reader, b_writer, idle)),
-                     asyncio.ensure_future(pipe(b_reader, a_writer, idle))]
-            pending: set[asyncio.Future[int]] = set(tasks)
+            tasks = [aio.create_task(pipe(a_reader, b_writer, idle)), aio.create_task(pipe(b_reader, a_writer, idle))]
+            pending: set[asyncio.Future[Any]] = set(tasks)
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await aio.wait_first(pending)
                 # A reset on one side makes the other direction pointless: stop it rather than leave it hanging.
                 if any(t.exception() is not None for t in done if not t.cancelled()):
                     break

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncssh
 
+from ktproxy import aio
 from ktproxy.errors import KtError
 from ktproxy.mesh.marks import MeshMarks
 from ktproxy.pac import CONTENT_TYPE as PAC_TYPE
@@ -109,7 +110,7 @@ class ProxyServer:
                 await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(aio.running_loop())
         assert task is not None
         self._tasks.add(task)
         self.active += 1
@@ -133,7 +134,8 @@ class ProxyServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), HANDSHAKE_TIMEOUT)
+            async with aio.Deadline(HANDSHAKE_TIMEOUT):
+                first = await reader.readexactly(1)
         except (TimeoutError, asyncio.IncompleteReadError):
             return
         if first[0] == socks.SOCKS5:
@@ -179,7 +181,7 @@ class ProxyServer:
     # -- SOCKS ----------------------------------------------------------------------------------
     async def _socks5(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):  # greeting, user/password and request alike
+            async with aio.Deadline(HANDSHAKE_TIMEOUT):  # greeting, user/password and request alike
                 req = await self._socks5_handshake(reader, writer)
         except socks.SocksError as exc:
             log.info("bad SOCKS5 request: %s", exc)
@@ -221,7 +223,8 @@ class ProxyServer:
             writer.write(socks.socks4_reply(False))
             return
         try:
-            req = await asyncio.wait_for(socks.read_socks4_request(reader), HANDSHAKE_TIMEOUT)
+            async with aio.Deadline(HANDSHAKE_TIMEOUT):
+                req = await socks.read_socks4_request(reader)
         except (TimeoutError, socks.SocksError) as exc:
             log.info("bad SOCKS4 request: %s", exc or "timed out")
             writer.write(socks.socks4_reply(False))
@@ -240,7 +243,8 @@ class ProxyServer:
         what = "HTTP proxy"
         try:
             try:
-                req = await asyncio.wait_for(http1.read_request(reader, first), HANDSHAKE_TIMEOUT)
+                async with aio.Deadline(HANDSHAKE_TIMEOUT):
+                    req = await http1.read_request(reader, first)
             except TimeoutError:
                 log.info("HTTP client sent no complete request in %g s", HANDSHAKE_TIMEOUT)
                 return
@@ -256,7 +260,8 @@ class ProxyServer:
                 if not await self._forward(req, reader, writer, upstream):
                     return
                 try:
-                    req = await asyncio.wait_for(http1.read_request(reader), KEEPALIVE_TIMEOUT)
+                    async with aio.Deadline(KEEPALIVE_TIMEOUT):
+                        req = await http1.read_request(reader)
                 except TimeoutError:
                     log.debug("idle HTTP client connection closed after %g s", KEEPALIVE_TIMEOUT)
                     return
@@ -337,8 +342,8 @@ class ProxyServer:
                 up_writer.write(http.upstream_head(req, path, host, port, add))
                 # The body goes up while the response is awaited: a client waiting for "100 Continue"
                 # and an origin answering early both work. Whichever fails first decides.
-                body = asyncio.ensure_future(http1.copy_body(reader, body_up, req_len, status=400))
-                head = asyncio.ensure_future(self._final_head(up_reader, client, idle))
+                body = aio.create_task(http1.copy_body(reader, body_up, req_len, status=400))
+                head = aio.create_task(self._final_head(up_reader, client, idle))
                 try:
                     try:
                         resp = await self._race(body, head, reader)
@@ -375,7 +380,7 @@ class ProxyServer:
         """The final response head; a request body that fails first ends the exchange instead."""
         pending: set[asyncio.Future[Any]] = {body, head}
         while not head.done():
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await aio.wait_first(pending)
             failed = body.exception() if body in done else None
             # Bad framing or a client gone mid-body: the origin waits for the rest for ever.
             if isinstance(failed, http1.HTTPError) or (failed and client.exception() is not None):

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import asyncssh
 
+from ktproxy import aio
+
 log = logging.getLogger("ktproxy.tunnel")
 
 T = TypeVar("T")
@@ -22,7 +24,7 @@ async def open_shielded(opening: Awaitable[T], discard: Callable[[T], None]) -> 
     """Await a channel open; if the caller is cancelled (its deadline), the open goes on and a channel
     confirmed after that is discarded. Cancelling asyncssh's open instead leaves a channel the shadow
     confirmed open for the life of the session, with its TCP connection in the pod (finding R7)."""
-    task = asyncio.ensure_future(opening)
+    task = aio.create_task(opening) if asyncio.iscoroutine(opening) else asyncio.ensure_future(opening)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

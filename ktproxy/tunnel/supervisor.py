@@ -14,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
+from ktproxy import aio
+
 log = logging.getLogger("ktproxy.tunnel")
 
 
@@ -81,7 +83,7 @@ class Supervisor(Generic[S]):
         `deadline` is a loop.time(); `stale` is a session the caller saw die (it may not know yet).
         Raises TunnelDown when the attempt being waited for fails, TimeoutError at the deadline.
         """
-        async with asyncio.timeout_at(deadline):
+        async with aio.Deadline(None if deadline is None else deadline - aio.running_loop().time()):
             while True:
                 session = self.session
                 if session is not None and session is not stale and not session.is_closed():

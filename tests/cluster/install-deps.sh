@@ -3,7 +3,8 @@
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables iproute2 conntrack socat ethtool
       dnsutils curl openssl debootstrap openssh-server openssh-client nginx-light chromium
-      procps psmisc util-linux kmod gcc libc6-dev nodejs)
+      procps psmisc util-linux kmod gcc libc6-dev nodejs strace)
+# strace: tests/unit/test_aio.py counts getpid syscalls per proxied connection.
 # nodejs: tests/unit/test_pac.py evaluates the generated PAC file with node. A node installed some other
 # way (nodesource, nvm) will do: then Debian's is not added next to it.
 missing=()

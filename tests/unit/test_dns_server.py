@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1007,3 +1007,227 @@ async def test_outage_is_logged_once_not_per_query(env: Env, caplog: pytest.LogC
     lines = [r.getMessage() for r in caplog.records if r.name == "ktproxy.dns"]
     assert sum("unreachable" in line for line in lines) == 1
     assert sum("reachable again" in line for line in lines) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The cached-answer fast path: the same bytes as the general path, without dnslib, a Task or the tunnel
+# --------------------------------------------------------------------------------------------------
+def _query_bytes(name: str, qtype: str, *, qid: int, edns: str | None = None) -> bytes:
+    """A query; edns None (no OPT), "plain", "do", "small" (512 bytes) or "cookie" (an option)."""
+    q = DNSRecord(DNSHeader(id=qid), q=DNSQuestion(name, getattr(QTYPE, qtype)))
+    if edns is not None:
+        opt = EDNS0(udp_len=4096 if edns != "small" else 512, flags="do" if edns == "do" else "")
+        if edns == "cookie":  # as dig sends by default: options never change the answer
+            opt.rdata.append(EDNSOption(10, bytes(range(8))))
+        q.add_ar(opt)
+    return q.pack()
+
+
+# (name as first asked, the other spelling asked later, type, EDNS): A, AAAA, SRV, PTR (v4, v6),
+# CNAME chain, NXDOMAIN and NODATA (negative caching), upstream names, truncation.
+FAST_CASES = [
+    ("tomcat", "TomCat", "A", None),
+    ("tomcat.default", "TOMCAT.DEFAULT", "AAAA", None),
+    ("_http._tcp.tomcat", "_HTTP._Tcp.Tomcat", "SRV", None),
+    ("20.0.96.10.in-addr.arpa", "20.0.96.10.IN-ADDR.ARPA", "PTR", None),
+    (ipaddress.ip_address("fd00:96::20").reverse_pointer, ipaddress.ip_address("fd00:96::20").reverse_pointer.upper(),
+     "PTR", "plain"),
+    ("alias", "aLiAs", "A", None),
+    ("alias.default.svc.cluster.local.", "ALIAS.Default.svc.CLUSTER.local.", "A", "do"),
+    ("nosuchsvc", "NoSuchSvc", "A", None),
+    ("tomcat", "TOMCAT", "TXT", None),  # NODATA
+    ("www.example.com", "WwW.ExAmPlE.CoM", "A", "cookie"),
+    ("nope.example.com", "NOPE.example.com", "A", None),  # upstream NXDOMAIN
+    ("big.example.com", "BIG.example.com", "TXT", None),  # truncated over UDP, whole over TCP
+    ("big.example.com", "Big.Example.Com", "TXT", "small"),
+    ("web.other", "Web.Other", "A", "plain"),
+]
+
+
+@pytest.fixture
+async def twin(upstream: tuple[UpstreamResolver, tuple[str, int]]) -> AsyncIterator[tuple[DNSStub, DNSStub, Any]]:
+    """Two stubs on one clock, one cluster and one upstream: with and without the fast path."""
+    _, addr = upstream
+    cluster = ClusterDNS()
+    await cluster.start()
+    tunnel = Tunnel()
+    now = [1000.0]
+    stubs = [DNSStub(make_rules(), tunnel.open_connection, (LOOP, cluster.port), upstream=[addr], timeout=1.0,
+                     clock=lambda: now[0], fast_path=fast) for fast in (True, False)]
+    try:
+        yield stubs[0], stubs[1], (now, cluster)
+    finally:
+        for stub in stubs:
+            await stub.close()
+        await cluster.stop()
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_fast_path_answers_the_general_paths_bytes(
+    twin: tuple[DNSStub, DNSStub, Any], tcp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, slow, (now, cluster) = twin
+    qid = 100
+
+    def ask(name: str, qtype: str, edns: str | None) -> bytes:
+        nonlocal qid
+        qid += 1
+        return _query_bytes(name, qtype, qid=qid, edns=edns)
+
+    for first, _, qtype, edns in FAST_CASES:
+        data = ask(first, qtype, edns)
+        assert await fast.handle(data, tcp=tcp) == await slow.handle(data, tcp=tcp), first
+    asked = cluster.total()
+    assert len(fast._cache.fast) == len(FAST_CASES)
+
+    # From here on the fast stub must answer without dnslib: parse and pack raise.
+    def forbidden(*a: Any, **k: Any) -> Any:
+        raise AssertionError("dnslib used on a cache hit")
+
+    for step in (0, 7, 0.5, 3):  # seconds: the TTLs age by whole seconds, the second changes or not
+        now[0] += step
+        for first, other, qtype, edns in FAST_CASES:
+            for name in (first, other):
+                data = ask(name, qtype, edns)
+                expected = await slow.handle(data, tcp=tcp)
+                with monkeypatch.context() as m:
+                    m.setattr(DNSRecord, "parse", forbidden)
+                    m.setattr(DNSRecord, "pack", forbidden)
+                    got = await fast.handle(data, tcp=tcp)
+                assert got == expected, (name, qtype, edns, step)
+                reply = DNSRecord.parse(got)
+                assert reply.header.id == qid and str(reply.q.qname).rstrip(".") == name.rstrip(".")
+                # The answers owned by the name asked read in the spelling asked.
+                assert all(str(rr.rname).rstrip(".") == name.rstrip(".") for rr in reply.rr[:1]
+                           if rr.rname == reply.q.qname)
+    assert cluster.total() == asked  # no hit went through the tunnel
+    ttl = DNSRecord.parse(await fast.handle(ask("TOMCAT", "A", None), tcp=tcp)).rr[0].ttl
+    assert ttl == 30 - 10  # 10.5 s after it was cached
+    # Past the TTL neither path serves the entry: both ask again, and the fresh answer has full TTLs.
+    now[0] += 20
+    data = ask("tomcat", "A", None)
+    got = await fast.handle(data, tcp=tcp)
+    assert got == await slow.handle(data, tcp=tcp)
+    assert DNSRecord.parse(got).rr[0].ttl == 30
+    assert cluster.total() == asked + 2
+
+
+async def test_fast_hit_makes_no_task_no_dnslib_call_and_no_tunnel_query(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real UDP and TCP sockets: a repeated question is answered in datagram_received (UDP) or the
+    connection's read loop (TCP): the general path (_on_datagram, which spawns the Task; _resolve) and
+    dnslib are not called. Without the fast path this fails: every query takes them."""
+    assert addrs(await udp_query(env.port, "tomcat")) == ["10.96.0.20"]
+    assert addrs(await tcp_query(env.port, "Tomcat")) == ["10.96.0.20"]  # the TCP form, from the cache
+    queries = [bytes(_query_bytes(name, "A", qid=7 + i))
+               for i, name in enumerate(["tomcat", "TOMCAT", "tomCAT", "tomcat", "TOMCAT"])]
+    calls: collections.Counter[str] = collections.Counter()
+
+    def counting(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    stub = env.stub
+    monkeypatch.setattr(stub, "_on_datagram", counting("_on_datagram", stub._on_datagram))
+    monkeypatch.setattr(stub, "_resolve", counting("_resolve", stub._resolve))
+    monkeypatch.setattr(DNSRecord, "parse", counting("parse", DNSRecord.parse.__func__).__get__(DNSRecord))
+    monkeypatch.setattr(DNSRecord, "pack", counting("pack", DNSRecord.pack))
+    replies = [await udp_raw(env.port, q) for q in queries]
+    reader, writer = await asyncio.open_connection(LOOP, env.port)
+    try:
+        for q in queries:
+            writer.write(struct.pack("!H", len(q)) + q)
+        for _ in queries:
+            (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))
+            replies.append(await reader.readexactly(n))
+    finally:
+        writer.close()
+    assert calls == {}, calls
+    monkeypatch.undo()
+    for raw, q in zip(replies, queries * 2, strict=True):
+        assert raw is not None and raw[:2] == q[:2] and raw[12:12 + len(q) - 12] == q[12:]
+        reply = DNSRecord.parse(raw)
+        assert addrs(reply) == ["10.96.0.20"] and str(reply.rr[0].rname) == str(reply.q.qname)
+    assert env.cluster.total() == 1
+
+
+async def test_fast_path_keeps_lru_order_and_dies_with_its_entry(upstream: Any) -> None:
+    _, addr = upstream
+    cluster = ClusterDNS()
+    await cluster.start()
+    tunnel = Tunnel()
+    stub = DNSStub(make_rules(), tunnel.open_connection, (LOOP, cluster.port), upstream=[addr], cache_size=2)
+    try:
+        q = {n: _query_bytes(n, "A", qid=1) for n in ("tomcat", "kubernetes", "web.other")}
+        await stub.handle(q["tomcat"])
+        await stub.handle(q["kubernetes"])
+        await stub.handle(q["tomcat"])  # a fast hit: tomcat is now the most recently used
+        assert cluster.total() == 2
+        await stub.handle(q["web.other"])  # evicts kubernetes, not tomcat
+        await stub.handle(q["tomcat"])
+        assert cluster.total() == 3
+        await stub.handle(q["kubernetes"])
+        assert cluster.total() == 4
+        assert len(stub._cache.fast) == 2  # the evicted entries' packed replies went with them
+        assert list(stub._cache.exact) == [q["tomcat"][2:]]  # the repeated UDP query, byte for byte
+        stub.clear_cache()
+        assert stub._cache.fast == {} and stub._cache.exact == {}
+        await stub.handle(q["tomcat"])
+        assert cluster.total() == 5
+    finally:
+        await stub.close()
+        await cluster.stop()
+
+
+def _edns_query_bytes() -> st.SearchStrategy[bytes]:
+    return st.builds(
+        lambda data, do, size, options: _with_opt(data, do, size, options),
+        _valid_query_bytes(), st.booleans(), st.integers(0, 65535),
+        st.lists(st.tuples(st.integers(0, 65535), st.binary(max_size=8)), max_size=3),
+    )
+
+
+def _with_opt(data: bytes, do: bool, size: int, options: list[tuple[int, bytes]]) -> bytes:
+    rdata = b"".join(struct.pack("!HH", code, len(v)) + v for code, v in options)
+    opt = b"\0" + struct.pack("!HHIH", QTYPE.OPT, size, 0x8000 if do else 0, len(rdata)) + rdata
+    return data[:10] + b"\0\1" + data[12:] + opt
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        _valid_query_bytes(),
+        _edns_query_bytes(),
+        st.tuples(st.one_of(_valid_query_bytes(), _edns_query_bytes()), st.integers(0, 200), st.integers(0, 255)).map(
+            lambda t: t[0][: t[1] % (len(t[0]) + 1)] + bytes([t[2]]) + t[0][t[1] % (len(t[0]) + 1) + 1 :]
+        ),
+    ),
+    st.booleans(),
+)
+def test_fast_key_accepts_only_what_the_general_path_parses_alike(data: bytes, tcp: bool) -> None:
+    """fast_key never raises; a query it accepts parses (dnslib) to the question it keys, so equal keys
+    mean equal cache keys and equal replies up to id and the name's case."""
+    from ktproxy.dns.cache import cache_key
+    from ktproxy.dns.wire import Malformed, fast_key, parse_query
+
+    found = fast_key(data, tcp)
+    if found is None:
+        return
+    key, end = found
+    try:
+        record = parse_query(data)
+    except Malformed:
+        raise AssertionError(f"fast_key accepted what the general path refuses: {data!r}") from None
+    labels, qtype, qclass, do, cd = cache_key(record)
+    name = b"".join(bytes((len(raw),)) + raw for raw in labels) + b"\0"
+    assert key.startswith(bytes(data[2:12]) + name + struct.pack("!HH", qtype, qclass))
+    assert end == 12 + len(name) + 4
+    assert bool(key[1] & 0x10) == cd and record.header.rd == (key[0] & 1)
+    opt = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    assert len(key) == 10 + len(name) + 4 + (6 if opt else 0) + 1
+    if opt:
+        assert key[-7:-1] == struct.pack("!HI", opt[0].rclass, opt[0].ttl) and do == bool(opt[0].ttl & 0x8000)
