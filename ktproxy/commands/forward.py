@@ -16,8 +16,9 @@ import asyncssh
 
 from ktproxy import lifecycle
 from ktproxy.commands import check_timeout, open_kube, print_banner
-from ktproxy.errors import KtError
+from ktproxy.errors import KtError, UsageError
 from ktproxy.expose import Remote, parse_port_pair
+from ktproxy.routing import is_loopback_host
 
 log = logging.getLogger("ktproxy")
 
@@ -33,7 +34,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("ports", nargs="?", metavar="LOCAL[:REMOTE]",
                    help="local port, and the service port / target port / port name to reach "
                         "(default: the service's only port, on the same local port)")
-    p.add_argument("--address", default="127.0.0.1", help="local address to listen on (default 127.0.0.1)")
+    p.add_argument("--address", default="127.0.0.1", help="local address to listen on (default 127.0.0.1); "
+                   "anything but loopback needs --allow-remote-clients")
+    p.add_argument("--allow-remote-clients", dest="allow_remote_clients", action="store_true",
+                   help="let --address be reachable from other machines: the port has no authentication, so "
+                        "whoever reaches it reaches TARGET in the cluster")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the shadow pod")
     p.set_defaults(func=run)
 
@@ -53,9 +58,23 @@ def banner(plan: Any, address: str, port: int) -> str:
     return f"Now you can access port {plan.remote_port} of {plan.description} via '{where}:{port}'"
 
 
+def check_address(address: str, allow_remote_clients: bool) -> None:
+    """A forward port has no authentication (unlike connect's proxy, which asks --proxy-auth): beyond
+    loopback it opens TARGET to every machine that reaches this one, so the user must say so, and is
+    reminded."""
+    if is_loopback_host(address):
+        return
+    if not allow_remote_clients:
+        raise UsageError(f"--address {address} lets other machines reach the cluster through this port, "
+                         "without authentication; add --allow-remote-clients if that is what you want")
+    log.warning("Listening on %s: anyone who reaches this machine reaches the forwarded target (no "
+                "authentication)", address)
+
+
 def run(args: argparse.Namespace) -> int:
     local, remote = parse_ports(args.ports)
     check_timeout(args)
+    check_address(args.address, args.allow_remote_clients)
     return lifecycle.run(lambda life: _main(args, local, remote, life))
 
 

@@ -40,6 +40,10 @@ class Forwarder:
                 writer.close()
                 return
             await relay(reader, writer, *remote)
+        except TimeoutError:  # relay's inactivity limit: an ordinary end, not an error with a traceback
+            log.info("%s: no traffic either way for too long, closed", self.plan.description)
+        except (ConnectionError, OSError, asyncssh.Error) as exc:
+            log.debug("%s: stream ended: %s", self.plan.description, exc or type(exc).__name__)
         except asyncio.CancelledError:
             # Cancelled by close(): end normally. On Python 3.11 a cancelled client-connected task makes
             # asyncio's own done-callback (task.exception()) log a traceback at every Ctrl-C.

@@ -164,3 +164,78 @@ async def test_forward_closing_with_open_connections_logs_no_traceback() -> None
     for _ in range(5):
         await asyncio.sleep(0)
     assert errors == []
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.7", "my-laptop.example"])
+def test_forward_beyond_loopback_needs_the_explicit_flag(address: str) -> None:
+    # G9: connect asks --proxy-auth for a non-loopback bind; forward has no authentication at all and
+    # bound 0.0.0.0 silently.
+    from ktproxy.commands.forward import check_address
+
+    with pytest.raises(UsageError, match="--allow-remote-clients"):
+        check_address(address, allow_remote_clients=False)
+
+
+def test_forward_beyond_loopback_with_the_flag_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    from ktproxy.commands.forward import check_address
+
+    with caplog.at_level("WARNING", logger="ktproxy"):
+        check_address("0.0.0.0", allow_remote_clients=True)
+    assert any("no authentication" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_forward_on_loopback_needs_nothing(address: str, caplog: pytest.LogCaptureFixture) -> None:
+    from ktproxy.commands.forward import check_address
+
+    with caplog.at_level("WARNING", logger="ktproxy"):
+        check_address(address, allow_remote_clients=False)
+    assert not caplog.records
+
+
+def test_forward_refuses_a_wide_bind_on_the_command_line_before_any_api_call(tmp_path, capsys) -> None:
+    from ktproxy.cli import main
+
+    # No kubeconfig exists: the refusal must come first, as one line, exit 2.
+    rc = main(["--kubeconfig", str(tmp_path / "none"), "forward", "svc/x", "8080", "--address", "0.0.0.0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--allow-remote-clients" in err[0], err
+
+
+async def test_an_idle_forwarded_connection_ends_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # G9: a forward idle for the relay's timeout logged an ERROR traceback ("Unhandled exception in
+    # client_connected_cb"): the TimeoutError escaped Forwarder.handle.
+    import ktproxy.proxy.relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "IDLE_TIMEOUT", 0.2)
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+
+    class Plan(_Plan):
+        async def endpoints(self) -> list[tuple[str, int]]:
+            return [("127.0.0.1", up_port)]
+
+    class Direct:
+        async def open_connection(self, host: str, port: int) -> tuple[object, object]:
+            return await asyncio.open_connection(host, port)
+
+    forwarder = Forwarder(Plan(), Direct())
+    server = await asyncio.start_server(forwarder.handle, "127.0.0.1", 0)
+    with caplog.at_level("DEBUG"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the idle limit
+        for _ in range(5):
+            await asyncio.sleep(0)
+    writer.close()
+    server.close()
+    upstream.close()
+    assert errors == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
+    assert any("no traffic" in r.getMessage() for r in caplog.records)
