@@ -106,6 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.router_inproc")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--route", choices=[*REQUESTS, "both"], default="both")
     args = p.parse_args()
     try:
         import uvloop
@@ -113,7 +114,7 @@ def main() -> None:
     except ImportError:
         pass
     out = {}
-    for route in REQUESTS:
+    for route in REQUESTS if args.route == "both" else [args.route]:
         out[f"{route}_us_per_request"] = round(min(run(route, args.requests) for _ in range(args.runs)), 3)
     print(json.dumps(out))
 
