@@ -573,8 +573,14 @@ class ClientConnection(asyncio.Protocol):
         if conn is None:
             self._pause(_P_CONNECT)
             self.ctx.loop.create_task(self._connect(ex))
-        else:
-            self._attach(ex, conn)
+            return
+        # _attach, inlined: this runs for every request
+        ex.conn = conn
+        conn.begin(self, ex.is_head)
+        if self._write_paused:
+            conn.pause()
+        if conn.write_paused:
+            self._pause(_P_UPSTREAM)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.conn = conn

@@ -170,8 +170,11 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
                          else "an Upgrade request with a body")
     if upgrade:
         upgrade = _websocket(method, http11, protocols, headers)
-    xff.append(client)
-    out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
+    if xff:
+        xff.append(client)
+        out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
+    else:  # the usual case: no proxy before the router
+        out += (b"X-Forwarded-For: ", client, b"\r\n")
     if framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
