@@ -336,8 +336,10 @@ class Pool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
-        conns = self._idle.setdefault(conn.key, [])
-        if len(conns) >= POOL_MAX:
+        conns = self._idle.get(conn.key)
+        if conns is None:  # not setdefault: that would build a list for every put
+            conns = self._idle[conn.key] = []
+        elif len(conns) >= POOL_MAX:
             conn.close()
             return
         conn.idle_since = self.loop.time()

@@ -105,3 +105,27 @@ def test_a_head_answer_then_a_get_on_the_same_upstream_connection(wired):
     assert out == b"HTTP/1.1 200 Head\r\nX-Head: 1\r\nContent-Length: 9\r\n\r\n"
     out = exchange(wired, GET, b"HTTP/1.1 201 Made\r\nContent-Length: 1\r\n\r\nz")
     assert out == b"HTTP/1.1 201 Made\r\nContent-Length: 1\r\n\r\nz"
+
+
+def test_the_pool_keeps_at_most_pool_max_idle_connections_per_upstream(monkeypatch):
+    from shadow_image.router import upstream as upstream_mod
+
+    monkeypatch.setattr(upstream_mod, "POOL_MAX", 2)
+    loop = asyncio.new_event_loop()
+    pool = Pool(loop)
+    closed = []
+    conns = []
+    for i in range(3):
+        conn = UpstreamConnection(pool, ("127.0.0.2", 80))
+        conn.connection_made(FakeTransport())
+        conn.close = lambda i=i: closed.append(i)
+        conns.append(conn)
+        pool.put(conn)
+    other = UpstreamConnection(pool, ("127.0.0.3", 80))
+    other.connection_made(FakeTransport())
+    pool.put(other)
+    assert closed == [2]
+    up = RouteTable("svc", {8080: 80}, default_host="127.0.0.2").default(8080)
+    assert [pool.take(up), pool.take(up), pool.take(up)] == [conns[1], conns[0], None]
+    pool.close()
+    loop.close()
