@@ -1,6 +1,7 @@
 """The mesh router's own CPU per HTTP/1 request, without sockets: the Python side alone.
 
     python -m benchmarks.router_inproc [--requests 20000] [--runs 7]
+    python -m benchmarks.router_inproc --instructions     # per-request instruction counts (valgrind)
 
 A ClientConnection (shadow_image/router/downstream.py) and a pooled UpstreamConnection are wired to fake
 transports that only keep what is written; each request is the mesh case's request fed to the client
@@ -9,6 +10,11 @@ data_received, in the order a loop would deliver them. The figure is process CPU
 --runs (the machine is shared: the best run is the one least disturbed). No syscall is made per request,
 so this is what the router's Python code (our callbacks, httptools, head building, routing) costs; the
 socket reads and writes a real request adds come on top (see benchmarks.profile_router).
+
+--instructions runs this module under valgrind's callgrind twice per route (300 and 1,300 requests, one
+run, PYTHONHASHSEED=0) and prints the difference in instructions executed divided by 1,000: instructions
+per request, the same from run to run whatever else the machine does (the figure the router levers of
+issue 15 were judged by, as the shared machine's CPU times swing by +-25%).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 from shadow_image.router.downstream import ClientConnection, Context
@@ -102,12 +112,26 @@ def run(route: str, n: int) -> float:
         loop.close()
 
 
+def instructions(route: str) -> int:
+    def collected(n: int) -> int:
+        r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+                            "benchmarks.router_inproc", "--requests", str(n), "--runs", "1", "--route", route],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"), check=True)
+        return int(re.search(r"Collected : (\d+)", r.stderr).group(1))
+
+    return (collected(1300) - collected(300)) // 1000
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.router_inproc")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--route", choices=[*REQUESTS, "both"], default="both")
+    p.add_argument("--instructions", action="store_true", help="instructions per request, under valgrind")
     args = p.parse_args()
+    if args.instructions:
+        print(json.dumps({f"{route}_instructions_per_request": instructions(route) for route in REQUESTS}))
+        return
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
