@@ -573,8 +573,14 @@ class ClientConnection(asyncio.Protocol):
         if conn is None:
             self._pause(_P_CONNECT)
             self.ctx.loop.create_task(self._connect(ex))
-        else:
-            self._attach(ex, conn)
+            return
+        # _attach, inlined: this runs for every request
+        ex.conn = conn
+        conn.begin(self, ex.is_head)
+        if self._write_paused:
+            conn.pause()
+        if conn.write_paused:
+            self._pause(_P_UPSTREAM)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.conn = conn
@@ -660,8 +666,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self._queue[0]
         if status == 101 and not ex.upgrade:
             raise http1.UnexpectedSwitch
-        head, mode, close = http1.prepare_response(status, reason, headers, client_http11=ex.http11,
-                                                   head_request=ex.is_head, client_keep_alive=ex.keep_alive)
+        # positional (client_http11, head_request, client_keep_alive): this runs for every response
+        head, mode, close = http1.prepare_response(status, reason, headers, ex.http11, ex.is_head, ex.keep_alive)
         ex.resp_mode = mode
         ex.resp_started = True
         # A refused protocol switch: the bytes the client sent after its request cannot be trusted as HTTP.

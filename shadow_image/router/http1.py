@@ -170,8 +170,11 @@ def prepare_request(method: bytes, url: bytes, version: str, headers: Headers, c
                          else "an Upgrade request with a body")
     if upgrade:
         upgrade = _websocket(method, http11, protocols, headers)
-    xff.append(client)
-    out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
+    if xff:
+        xff.append(client)
+        out += (b"X-Forwarded-For: ", b", ".join(v for v in xff if v), b"\r\n")
+    else:  # the usual case: no proxy before the router
+        out += (b"X-Forwarded-For: ", client, b"\r\n")
     if framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
@@ -202,31 +205,72 @@ def format_trailers(trailers: Headers) -> bytes:
     return b"".join(out)
 
 
-def prepare_response(status: int, reason: bytes, headers: Headers, *, client_http11: bool, head_request: bool,
+# Response field name as received -> what prepare_response does with it (a dict lookup instead of a lower()
+# and set tests per field; bounded like _NAMES): copied, copied and noted as a Content-Length, noted as
+# Transfer-Encoding, noted as Connection, dropped (another hop-by-hop field).
+_R_COPY, _R_LENGTH, _R_TE, _R_CONNECTION, _R_DROP = range(5)
+_RESP_KINDS: dict[bytes, int] = {}
+# (status, reason) -> the response's status line: upstreams repeat the same few.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _resp_kind(name: bytes) -> int:
+    ln = name.lower()
+    if ln == b"transfer-encoding":
+        kind = _R_TE
+    elif ln == b"connection":
+        kind = _R_CONNECTION
+    elif ln in HOP_BY_HOP:
+        kind = _R_DROP
+    elif ln == b"content-length":
+        kind = _R_LENGTH
+    else:
+        kind = _R_COPY
+    if len(_RESP_KINDS) < _NAMES_MAX:
+        _RESP_KINDS[name] = kind
+    return kind
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if len(_STATUS_LINES) < 256:
+        _STATUS_LINES[(status, reason)] = line
+    return line
+
+
+def prepare_response(status: int, reason: bytes, headers: Headers, client_http11: bool, head_request: bool,
                      client_keep_alive: bool) -> tuple[bytes, int, bool]:
     """(head for the client, body mode, close the client connection after this response).
 
     A HEAD answer, 1xx, 204 and 304 have no body whatever their headers say. A chunked body is re-chunked
     for an HTTP/1.1 client and sent plain, delimited by close, to an HTTP/1.0 one; a body without length
-    is delimited by close."""
+    is delimited by close. (Positional parameters: the per-response call passes them so, which is cheaper
+    than keywords.)"""
     if 100 <= status < 200:
         return _verbatim(status, reason, headers), RESP_NONE, False
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = _status_line(status, reason)
+    out = [line]
     te: list[bytes] = []
     connection: list[bytes] = []
     has_length = False
+    kinds = _RESP_KINDS
     for name, value in headers:
-        ln = name.lower()
-        if ln in HOP_BY_HOP:
-            if ln == b"transfer-encoding":
-                te.append(value)
-            elif ln == b"connection":
-                connection.append(value)
-            continue
-        if ln == b"content-length":
-            has_length = True
-        out += (name, b": ", value, b"\r\n")
-    if connection and not _COMMON_CONNECTION.issuperset(connection):
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _resp_kind(name)
+        if kind <= _R_LENGTH:
+            if kind:
+                has_length = True
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _R_TE:
+            te.append(value)
+        elif kind == _R_CONNECTION:
+            connection.append(value)
+        # any other hop-by-hop field stays behind
+    if connection and (len(connection) > 1 or connection[0] not in _COMMON_CONNECTION) \
+            and not _COMMON_CONNECTION.issuperset(connection):
         named = _tokens(connection) - _CONNECTION_STANDARD
         if named:  # fields the upstream declared hop-by-hop: the rare second pass
             out = out[:1] + [line for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named

@@ -188,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # only if there was nothing: a fresh parser starts clean.
                 self._parser = httptools.HttpResponseParser(self)
                 reusable = self._nothing_after_heads(data) and http1.keep_alive(self._parser_version, self._headers)
+                self._reason, self._headers, self._in_body = b"", [], False
                 owner.up_done(self, reusable, b"")
             elif isinstance(cause, http1.UnexpectedSwitch):
                 owner.up_lost(self, "answered 101 to a request that asked for no protocol switch")
@@ -261,11 +262,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_full(False)
 
     # --- llhttp callbacks ---------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._reason = b""
-        self._headers = []
-        self._trailers = []
-        self._in_body = False
+    # No on_message_begin (one Python call less per response): the state a message collects (_reason,
+    # _headers, _trailers, _in_body) starts empty and is emptied again where each message ends
+    # (on_message_complete; a HEAD answer's head, where the parser is replaced).
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -287,10 +286,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._interim:
             owner.up_interim(self, status, self._reason, self._headers)
             return
-        self._parser_version = self._parser.get_http_version()
         mode = owner.up_head(self, status, self._reason, self._headers)
         self._close_delimited = mode == http1.RESP_EOF
         if self._head_request and status != 101:
+            self._parser_version = self._parser.get_http_version()  # only the HEAD path needs it
             raise _SkipBody
 
     def on_body(self, data: bytes) -> None:
@@ -304,13 +303,19 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._framing = 0
         self._framed = True
+        self._reason = b""
+        self._headers = []
+        self._in_body = False
         if self._interim:
             self._interim = False
             return
         if self._parser.should_upgrade():
             return  # a 101: HttpParserUpgrade follows with the bytes after the head
         self._close_delimited = False
-        trailers = http1.format_trailers(self._trailers) if self._trailers else b""
+        trailers = b""
+        if self._trailers:
+            trailers = http1.format_trailers(self._trailers)
+            self._trailers = []
         self.owner.up_done(self, self._parser.should_keep_alive(), trailers)
 
 
@@ -331,8 +336,10 @@ class Pool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
-        conns = self._idle.setdefault(conn.key, [])
-        if len(conns) >= POOL_MAX:
+        conns = self._idle.get(conn.key)
+        if conns is None:  # not setdefault: that would build a list for every put
+            conns = self._idle[conn.key] = []
+        elif len(conns) >= POOL_MAX:
             conn.close()
             return
         conn.idle_since = self.loop.time()

@@ -280,9 +280,14 @@ class _Tap:
     def __init__(self, raw: dict[int, bytearray], cid: int) -> None:
         self.raw = raw
         self.cid = cid
+        self.first = True
 
     def __iadd__(self, data: bytes) -> _Tap:
-        self.raw.setdefault(self.cid, bytearray()).extend(data)
+        # The first read always counts (a connection was made, bytes or not); a later empty read (EOF) adds
+        # nothing, so a previous test's connection closing late cannot leave an empty entry after a reset.
+        if data or self.first:
+            self.raw.setdefault(self.cid, bytearray()).extend(data)
+        self.first = False
         return self
 
 

@@ -206,6 +206,31 @@ def test_fields_an_upstream_names_in_connection_stay_behind():
     assert lines == [b"HTTP/1.1 200 OK", b"Content-Length: 1", b"X-Kept: 2"]
 
 
+def test_response_field_kinds_and_status_lines_are_the_same_once_cached():
+    """prepare_response remembers what each field name (as spelled) is and each status line: the answer for a
+    name or status seen before is the one computed the first time, whatever the spelling."""
+    http1._RESP_KINDS.clear()
+    http1._STATUS_LINES.clear()
+    headers = [(b"CONTENT-length", b"5"), (b"connection", b"Keep-Alive"), (b"KEEP-ALIVE", b"timeout=5"),
+               (b"X-Transfer-Encoding", b"gzip"), (b"Te", b"trailers"), (b"Proxy-Connection", b"x"),
+               (b"Upgrade", b"h2c"), (b"Content-Type", b"text/plain")]
+    first = [prepare_response(status, reason, headers, client_http11=True, head_request=False,
+                              client_keep_alive=True) for status, reason in ((200, b"OK"), (200, b"Fine"))]
+    assert b"CONTENT-length" in http1._RESP_KINDS and (200, b"OK") in http1._STATUS_LINES
+    again = [prepare_response(status, reason, headers, client_http11=True, head_request=False,
+                              client_keep_alive=True) for status, reason in ((200, b"OK"), (200, b"Fine"))]
+    assert first == again
+    assert _lines(again[0][0]) == [b"HTTP/1.1 200 OK", b"CONTENT-length: 5", b"X-Transfer-Encoding: gzip",
+                                   b"Content-Type: text/plain"]
+    assert _lines(again[1][0])[0] == b"HTTP/1.1 200 Fine" and again[0][1:] == (http1.RESP_RAW, False)
+    chunked = [(b"TRANSFER-ENCODING", b"chunked"), (b"Connection", b"x-hop"), (b"X-Hop", b"1")]
+    for _ in range(2):
+        out, mode, close = prepare_response(200, b"OK", chunked, client_http11=True, head_request=False,
+                                            client_keep_alive=True)
+        assert _lines(out) == [b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"]
+        assert (mode, close) == (http1.RESP_CHUNKED, False)
+
+
 @pytest.mark.parametrize(("status", "head"), [(204, False), (304, False), (200, True)])
 def test_no_body_answers_whatever_their_headers_say(status, head):
     lines, mode, close = _resp(status, [(b"Content-Length", b"100"), (b"Transfer-Encoding", b"chunked")],
