@@ -46,12 +46,31 @@ def kubectl(*args: str, input: str | None = None, check: bool = True) -> subproc
     return r
 
 
+def pod_pids(ns: str) -> list[int]:
+    """Host PIDs of the containers of the pods in namespace ns whose name starts with kt-connect-shadow."""
+    out = kubectl("-n", ns, "get", "pods", "-o", "json").stdout
+    uids = [p["metadata"]["uid"] for p in json.loads(out)["items"]
+            if p["metadata"]["name"].startswith("kt-connect-shadow")]
+    keys = [u for uid in uids for u in (uid, uid.replace("-", "_"))]
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cg = (d / "cgroup").read_text()
+            except OSError:
+                continue
+            if any(k in cg for k in keys):
+                pids.append(int(d.name))
+    return pids
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def download(via: str, target: str, nbytes: int, pids: list[int]) -> dict:
+def download(via: str, target: str, nbytes: int, pids: list[int], shadow: list[int] | None = None) -> dict:
     side = _component_pids()
+    h0 = cpu_seconds(shadow or [])
     c0, s0 = cpu_seconds(pids), cpu_seconds(side)
     each0 = [cpu_seconds([x]) for x in side]
     r = subprocess.run([PY, "-m", "benchmarks.load", "--via", via, "--target", target, "--mode", "down",
@@ -63,6 +82,7 @@ def download(via: str, target: str, nbytes: int, pids: list[int]) -> dict:
     gb = out["bytes"] / 1e9
     return {"mbps": round(out["mbps"], 1), "cpu_gb": round((cpu_seconds(pids) - c0) / gb, 2),
             "side_cpu_gb": round((cpu_seconds(side) - s0) / gb, 2),
+            "shadow_cpu_gb": round((cpu_seconds(shadow or []) - h0) / gb, 2),
             "each_side_cpu_gb": [round((cpu_seconds([x]) - c) / gb, 2) for x, c in zip(side, each0, strict=True)]}
 
 
@@ -127,14 +147,17 @@ def main() -> None:
                                       env={**_clean_env(), "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"})
             procs.append(sp)
             wait_for(lambda: "Forwarding from" in slog.read_text(errors="replace"), 30, "kubectl (SPDY)", sp)
+        shadows = pod_pids(ns)  # both ktctl connects' shadows when --ws: CPU of the one in use counts
+        result["shadow_pids"] = shadows
         n = a.mb * 2**20
         rounds = []
         for _ in range(a.rounds):
-            k = download(f"socks5:127.0.0.1:{proxy_port}", f"{ip}:{TARGET_PORT}", n, [kt.pid])
+            k = download(f"socks5:127.0.0.1:{proxy_port}", f"{ip}:{TARGET_PORT}", n, [kt.pid], shadows)
             q = download("direct", f"127.0.0.1:{pf_port}", n, [pf.pid])
             rounds.append({"ktctl": k, "kubectl": q, "ratio": round(k["mbps"] / q["mbps"], 2)})
             if kw is not None:
-                rounds[-1]["ktctl_ws"] = download(f"socks5:127.0.0.1:{wport}", f"{ip}:{TARGET_PORT}", n, [kw.pid])
+                rounds[-1]["ktctl_ws"] = download(f"socks5:127.0.0.1:{wport}", f"{ip}:{TARGET_PORT}", n, [kw.pid],
+                                                  shadows)
                 rounds[-1]["ratio_ws"] = round(rounds[-1]["ktctl_ws"]["mbps"] / q["mbps"], 2)
             if sp is not None:
                 rounds[-1]["kubectl_spdy"] = download("direct", f"127.0.0.1:{sport}", n, [sp.pid])
