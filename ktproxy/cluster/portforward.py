@@ -533,6 +533,7 @@ class SpdyPortForwardTransport(asyncio.Transport):
         self._buf = bytearray()  # an incomplete frame; before _start, everything after the response head
         self._started = False
         self._data_fin = self._error_fin = False
+        self._lost_exc: BaseException | None = None
         self._more = asyncio.Event()
         self._deflate = zlib.compressobj(zdict=SPDY_DICTIONARY)
         self._inflate = zlib.decompressobj(zdict=SPDY_DICTIONARY)
@@ -709,6 +710,10 @@ class SpdyPortForwardTransport(asyncio.Transport):
 
     def _start(self) -> None:
         self._started = True
+        if self._lost:  # lost between the upgrade and now: the app protocol still hears it, once
+            self._lost = False
+            self._connection_lost(self._lost_exc)
+            return
         if self._keepalive_interval:
             self._tasks.append(self._loop.create_task(self._keepalive(), name=f"pf-keepalive {self._label}"))
         if self._buf:
@@ -817,6 +822,7 @@ class SpdyPortForwardTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        self._lost_exc = exc
         self._closing = True
         for t in self._tasks:
             if t is not asyncio.current_task() and not t.done():

@@ -17,6 +17,7 @@ from ktproxy.cluster.portforward import (
     SPDY_DICTIONARY,
     PortForwardError,
     PortForwardTunnel,
+    SpdyPortForwardTransport,
     open_stream,
 )
 
@@ -71,6 +72,10 @@ class FakeSpdyKubelet:
             return
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
                      b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+        if "/pods/drop/" in head:  # upgraded, then gone at once
+            await writer.drain()
+            writer.close()
+            return
         inflate = zlib.decompressobj(zdict=SPDY_DICTIONARY)
         deflate = zlib.compressobj(zdict=SPDY_DICTIONARY)
         target_w = None
@@ -221,3 +226,29 @@ def test_tunnel_protocol_choice(monkeypatch):
     assert PortForwardTunnel(kube, "team", "p", 1).protocol == "spdy"
     monkeypatch.setenv("KTPROXY_PORTFORWARD_PROTOCOL", "websocket")
     assert PortForwardTunnel(kube, "team", "p", 1).protocol == "websocket"
+
+
+async def test_connection_lost_right_after_upgrade_reaches_the_protocol():
+    async with FakeSpdyKubelet() as kubelet:
+        try:
+            reader, writer = await open_stream(kubelet.kube(), "team", "drop", 2222)
+        except (KubeError, ConnectionError):
+            return  # lost before the upgrade finished: also fine, as long as nothing hangs
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+
+
+async def test_loss_before_start_is_told_to_the_protocol_once():
+    """The TLS connection may drop after the upgrade but before the app protocol is attached."""
+    seen = []
+
+    class Proto(asyncio.Protocol):
+        def connection_lost(self, exc):
+            seen.append(exc)
+    tr = SpdyPortForwardTransport(label="t", keepalive=None)
+    tr.connection_lost(None)  # the TLS transport's callback, protocol not yet set
+    tr.set_protocol(Proto())
+    tr._start()
+    tr.connection_lost(None)
+    assert len(seen) == 1 and isinstance(seen[0], ConnectionResetError)
