@@ -32,6 +32,12 @@ from ktproxy.cluster.portforward import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _websocket_protocol(monkeypatch):
+    """The stand-in kubelet below speaks v4.channel.k8s.io only (SPDY: test_kube_portforward_spdy.py)."""
+    monkeypatch.setenv("KTPROXY_PORTFORWARD_PROTOCOL", "websocket")
+
+
 class FakeKubelet:
     """Loopback WebSocket server with the kubelet's port-forward behaviour."""
 
