@@ -158,7 +158,10 @@ async def clean_hook(
             if not dry_run:
                 await takeover.restore_selector(kube, ns, name)
         age = lock.lock_age(svc, now.timestamp())
-        if age is not None and age >= lock.STALE_AFTER:
+        # A lock is stale after STALE_AFTER, or sooner when clean was asked to treat younger objects as
+        # stale (--threshold below it): a set-up SIGKILLed after it locked left the Service refusing
+        # everyone for 3 minutes after `clean --threshold-in-minutes 0` had removed all else it made.
+        if age is not None and age >= min(threshold, lock.STALE_AFTER):
             lines.append(f"remove stale kt-lock of service {ns}/{name}")
             if not dry_run:
                 await lock.release(kube, ns, name)

@@ -60,3 +60,18 @@ async def test_a_forced_release_drops_any_lock(kube: FakeKube, caplog: pytest.Lo
     assert held(kube) is None
     kube.store.delete("service", "tomcat", "default")
     assert await lock.release(kube, "default", "tomcat", held="12345") is False
+
+
+async def test_clean_drops_a_lock_younger_than_stale_after_when_its_threshold_says_so(kube: FakeKube) -> None:
+    # Found by the fault suite: an exchange SIGKILLed between locking and its shadow, then `ktctl clean
+    # --threshold-in-minutes 0`: pod and Secret went, the kt-lock stayed for STALE_AFTER (180 s).
+    from ktproxy.cleanup import recover
+
+    value = await lock.acquire(kube, "default", "tomcat", tries=1, retry_interval=0)
+    later = NOW + timedelta(seconds=10)
+    assert await recover.clean_hook(kube, "default", later, 300, dry_run=False) == []  # default: kept
+    assert held(kube) == value
+    assert await recover.clean_hook(kube, "default", later, 0, dry_run=False) == [
+        "remove stale kt-lock of service default/tomcat"]
+    ann = kube.store.get("service", "default", "tomcat")["metadata"].get("annotations") or {}
+    assert "kt-lock" not in ann and lock.KT_LOCK_OWNER not in ann
