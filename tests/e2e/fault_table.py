@@ -75,7 +75,9 @@ Written by `tests/e2e/test_faults.py` (its `fault_table` collector) at the end o
 - **seconds**: from the fault to the first request that works through the feature again (connect: curl
   through its HTTP proxy; exchange and mesh: the Service's cluster IP, fetched from the node as a pod
   would, answered by the laptop's server; forward: its local port). For the freeze it counts from
-  SIGCONT (nothing can happen while the process is stopped). For the SIGKILL + clean cycles it is the
+  SIGCONT (nothing can happen while the process is stopped); for the API server restart, from SIGTERM,
+  counting only requests after the old process is gone (the time to /readyz is in the fault's name);
+  for the SIGKILL + clean cycles it is the
   longest of the command's cycles, SIGKILL to the namespace being back to its snapshot.
 - **recovered**: the feature works again within the fault's budget (freeze: within one heartbeat, 60 s,
   of SIGCONT, with the objects the command owns back in the cluster, or the command exited with one clear
