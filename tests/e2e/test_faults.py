@@ -432,15 +432,18 @@ def _freeze(kt: Ktctl, s: Session, ns: str, owned: collections.Counter, table: F
             failures.append(f"{s.label}: after the freeze, {n} kt object(s) beyond its own: {objs}")
         return
     if not s.alive():
+        # A command that ends itself says so in one line (lifecycle.end logs it as a WRN) and exits non-zero;
+        # nothing else may be an error.
         errors = error_lines(after)
-        one_line = len(errors) == 1 and s.bg.proc.returncode != 0
+        ended = [line for line in after.splitlines() if (" WRN " in line or " ERR " in line) and "ended" in line]
+        one_line = s.bg.proc.returncode != 0 and len(ended) == 1 and all(e in ended for e in errors)
         left = wait_gone(ns, 30)
+        said = ended[0].split(" WRN ", 1)[-1].split(" ERR ", 1)[-1][:150] if ended else "no line saying it ended"
         table.add(Row(fault, s.command, one_line, time.monotonic() - t0 if one_line else None, len(left),
-                      f"exited {s.bg.proc.returncode}: " + (errors[0].split(" ERR ", 1)[-1][:150] if errors
-                                                             else "no ERR line")))
+                      f"exited {s.bg.proc.returncode}: {said}"))
         if not one_line:
-            failures.append(f"{s.label}: after SIGCONT it exited {s.bg.proc.returncode} with {len(errors)} ERR "
-                            f"line(s), not one clear line:\n{after[-3000:]}")
+            failures.append(f"{s.label}: after SIGCONT it exited {s.bg.proc.returncode} with {len(ended)} line(s) "
+                            f"saying it ended and {len(errors)} ERR line(s), not one clear line:\n{after[-3000:]}")
         return
     objs = kt_objects(ns)
     table.add(Row(fault, s.command, False, None, None,
